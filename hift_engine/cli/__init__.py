@@ -1,0 +1,1 @@
+"""The ``hift`` command: one small module per subcommand (demo, train, bench, env)."""

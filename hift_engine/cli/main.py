@@ -1,0 +1,34 @@
+"""Entry point of the ``hift`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import HiFTError
+from . import bench, demo, env
+
+__all__ = ["main", "build_parser"]
+
+SUBCOMMANDS = (demo, bench, env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hift", description="Hierarchical full-parameter fine-tuning (HiFT) engine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(m.NAME for m in SUBCOMMANDS) + "}")
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HiFTError as e:  # expected, user-facing errors: one clear line, no traceback
+        print(f"hift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""HiFTConfig: every engine option in one validated dataclass.
+
+The same object backs the Python API (HiFTOptimizer keyword arguments), config files and CLI overrides,
+so a value is checked once, in one place, with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS"]
+
+STRATEGIES = ("bottom2up", "top2down", "random")
+STATE_STORES = ("auto", "resident", "torch", "native")
+KERNEL_BACKENDS = ("auto", "triton", "reference")
+FUSED_OPTIMIZERS = ("adamw", "adagrad", "sgd")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _str_list(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name} must be a list of non-empty strings (module names or regexes), got {value!r}")
+    return tuple(value)
+
+
+@dataclass
+class HiFTConfig:
+    """All engine options. Defaults give per-layer HiFT with AdamW, bottom-to-top order.
+
+    optimizer:        "adamw" | "adagrad" | "sgd" (fused kernels on CUDA), or any torch.optim.Optimizer
+                      subclass (generic path; its state of idle groups is still moved off the device).
+    lr, weight_decay: base hyper-parameters; weight decay is decoupled for AdamW, L2 for AdaGrad/SGD
+                      (exactly as torch.optim); weight_decay=None takes the optimizer's torch default
+                      (AdamW 0.01, AdaGrad and SGD 0).
+    layers_per_group: consecutive units (embedding, each block, head) per group; k = ceil(units / m).
+    strategy:         "bottom2up" (embedding first), "top2down", or "random" (fresh permutation per cycle).
+    seed:             seeds the random order; the order is a pure function of (seed, cycle).
+    groups:           explicit groups: a list of groups, each a list of module/parameter names or regexes.
+    freeze:           names/regexes of units, modules or parameters that are never trained.
+    no_decay:         "auto" (biases and norm weights, like transformers), a list of name regexes, or [].
+    max_grad_norm:    clip the active group's gradient norm to this value (None: no clipping).
+    skip_nonfinite:   skip the active group's update when its gradients hold inf/NaN (state untouched).
+    max_consecutive_skips: raise NonFiniteError after this many skips in a row (0: never raise).
+    state_store:      "auto" (CUDA: native pinned store, else torch; CPU: resident), "resident" (all state
+                      on the device), "torch" (pure-torch pinned offload), "native" (C++ pinned offload).
+    slots:            device buffers for offloaded state, each the size of the largest group's state (>= 2).
+    kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
+    optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
+    """
+
+    optimizer: Any = "adamw"
+    lr: float = 1e-5
+    weight_decay: Any = None
+    layers_per_group: int = 1
+    strategy: str = "bottom2up"
+    seed: int = 0
+    groups: Any = None
+    freeze: Any = ()
+    no_decay: Any = "auto"
+    max_grad_norm: Any = None
+    skip_nonfinite: bool = True
+    max_consecutive_skips: int = 10
+    state_store: str = "auto"
+    slots: int = 2
+    kernels: str = "auto"
+    optimizer_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "HiFTConfig":
+        import torch
+
+        opt = self.optimizer
+        if isinstance(opt, str):
+            if opt.lower() not in FUSED_OPTIMIZERS:
+                raise ConfigError(
+                    f"optimizer={opt!r} is not a built-in optimizer; use one of {FUSED_OPTIMIZERS}"
+                    f"{_suggest(opt.lower(), FUSED_OPTIMIZERS)}, or pass a torch.optim.Optimizer subclass"
+                )
+            self.optimizer = opt.lower()
+        elif not (isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer)):
+            raise ConfigError(
+                f"optimizer must be a name {FUSED_OPTIMIZERS} or a torch.optim.Optimizer subclass, got {opt!r}"
+            )
+        if not _is_number(self.lr) or self.lr < 0:
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.weight_decay is not None and (not _is_number(self.weight_decay) or self.weight_decay < 0):
+            raise ConfigError(
+                f"weight_decay must be a finite number >= 0, or None for the optimizer's torch default, got {self.weight_decay!r}"
+            )
+        if not _is_int(self.layers_per_group) or self.layers_per_group < 1:
+            raise ConfigError(
+                f"layers_per_group must be an integer >= 1 (units per group), got {self.layers_per_group!r}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"strategy={self.strategy!r} is unknown; use one of {STRATEGIES}"
+                f"{_suggest(str(self.strategy), STRATEGIES)}"
+            )
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.groups is not None:
+            if not isinstance(self.groups, (list, tuple)) or not self.groups:
+                raise ConfigError(
+                    "groups must be a non-empty list of groups, each a list of module names or regexes, "
+                    f"got {self.groups!r}"
+                )
+            self.groups = [_str_list(f"groups[{i}]", g) for i, g in enumerate(self.groups)]
+        self.freeze = _str_list("freeze", self.freeze) if self.freeze else ()
+        if self.no_decay != "auto":
+            self.no_decay = _str_list("no_decay", self.no_decay) if self.no_decay else ()
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
+            raise ConfigError(f"max_grad_norm must be a number > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise ConfigError(f"skip_nonfinite must be true or false, got {self.skip_nonfinite!r}")
+        if not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 0:
+            raise ConfigError(
+                f"max_consecutive_skips must be an integer >= 0 (0 = never stop), got {self.max_consecutive_skips!r}"
+            )
+        if self.state_store not in STATE_STORES:
+            raise ConfigError(
+                f"state_store={self.state_store!r} is unknown; use one of {STATE_STORES}"
+                f"{_suggest(str(self.state_store), STATE_STORES)}"
+            )
+        if not _is_int(self.slots) or self.slots < 2:
+            raise ConfigError(f"slots must be an integer >= 2 (device buffers for streamed state), got {self.slots!r}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise ConfigError(
+                f"kernels={self.kernels!r} is unknown; use one of {KERNEL_BACKENDS}"
+                f"{_suggest(str(self.kernels), KERNEL_BACKENDS)}"
+            )
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
+        self.optimizer_kwargs = dict(self.optimizer_kwargs)
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HiFTConfig":
+        """Build from a mapping (config file section); unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the optimizer config must be a mapping of option names to values, got {type(data).__name__}")
+        names = cls.field_names()
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"unknown option {key!r}{_suggest(str(key), names)}; valid options: {', '.join(names)}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not isinstance(self.optimizer, str):
+            out["optimizer"] = f"{self.optimizer.__module__}.{self.optimizer.__qualname__}"
+        out["freeze"] = list(self.freeze)
+        if self.groups is not None:
+            out["groups"] = [list(g) for g in self.groups]
+        if self.no_decay != "auto":
+            out["no_decay"] = list(self.no_decay)
+        return out

@@ -1,0 +1,63 @@
+"""A scoreable task generated on the fly: "a+b=" -> "c" (or a-b, a*b), byte-level tokens.
+
+Tokens are raw bytes (vocab 128: ASCII), so no tokenizer download is needed. The loss covers only the answer
+and its terminator (prompt-masked), and accuracy is exact match of the greedy answer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ArithmeticTask", "VOCAB_SIZE", "PAD", "EOS"]
+
+VOCAB_SIZE = 128
+PAD = 0
+EOS = ord(";")
+IGNORE = -100
+
+
+@dataclass
+class ArithmeticTask:
+    max_operand: int = 9
+    ops: str = "+"
+    seq_len: int = 8
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        a, b, op = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand), rng.choice(self.ops)
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        return f"{a}{op}{b}=", f"{value};"
+
+    def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        ids = list((prompt + answer).encode("ascii"))
+        labels = [IGNORE] * len(prompt) + ids[len(prompt):]
+        if len(ids) > self.seq_len:
+            raise ValueError(f"example {prompt + answer!r} longer than seq_len={self.seq_len}")
+        pad = self.seq_len - len(ids)
+        return ids + [PAD] * pad, labels + [IGNORE] * pad
+
+    def batch(self, rng: random.Random, size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        rows = [self.encode(*self.sample(rng)) for _ in range(size)]
+        ids = torch.tensor([r[0] for r in rows], device=device)
+        labels = torch.tensor([r[1] for r in rows], device=device)
+        # Causal LMs shift labels inside the loss: label[t] is predicted from position t-1.
+        return {"input_ids": ids, "labels": labels, "attention_mask": (ids != PAD).long()}
+
+    @torch.no_grad()
+    def accuracy(self, model, rng: random.Random, n: int = 200, device: torch.device | str = "cpu") -> float:
+        """Exact-match accuracy of greedy decoding on ``n`` fresh problems."""
+        correct = 0
+        for _ in range(n):
+            prompt, answer = self.sample(rng)
+            ids = list(prompt.encode("ascii"))
+            for _ in range(len(answer) + 1):
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits
+                nxt = int(logits[0, -1].argmax())
+                ids.append(nxt)
+                if nxt == EOS:
+                    break
+            correct += bytes(ids[len(prompt):]).decode("ascii", "replace") == answer
+        return correct / n

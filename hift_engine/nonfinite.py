@@ -1,0 +1,80 @@
+"""Counting skipped steps (non-finite gradients) without a host sync in the step.
+
+The skip flag is decided on the device; each step copies it into a small pinned host buffer behind an event.
+The flags are read a step or two later, when their events have completed, so the host never waits for
+the GPU inside a step. After ``max_consecutive`` skips in a row, training stops with NonFiniteError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+
+__all__ = ["SkipMonitor"]
+
+log = logging.getLogger("hift_engine")
+
+
+class SkipMonitor:
+    MAX_PENDING = 4
+
+    def __init__(self, device: torch.device, max_consecutive: int) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+        self.last_skipped_step: int | None = None
+        self._pending: deque = deque()
+
+    def record(self, skip_flag: Tensor, step: int, group: int) -> None:
+        """Queue this step's flag. Never raises: poll() does, between steps, so a step is never left half done."""
+        if not self.cuda:
+            self._pending.append((None, skip_flag.detach().clone(), step, group))
+            return
+        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        host.copy_(skip_flag.reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host, step, group))
+
+    def poll(self, block: bool = False) -> None:
+        """Account for the flags whose copies finished (all of them with ``block``); may raise NonFiniteError."""
+        while self._pending:
+            event, host, step, group = self._pending[0]
+            must_wait = block or len(self._pending) > self.MAX_PENDING
+            if event is not None and not must_wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self._pending.popleft()
+            self._account(bool(host.item()), step, group)
+
+    def _account(self, skipped: bool, step: int, group: int) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        self.last_skipped_step = step
+        log.warning("step %d: non-finite gradients in group %d, update skipped (%d in a row)", step, group, self.consecutive)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.consecutive} consecutive optimizer steps had non-finite gradients (last: step {step}, group "
+                f"{group}); training stopped instead of drifting. Lower the learning rate, enable max_grad_norm, "
+                "check the data for bad samples, or raise max_consecutive_skips"
+            )
+
+    def state_dict(self) -> dict:
+        self.poll(block=True)
+        return {"total": self.total, "consecutive": self.consecutive, "last_skipped_step": self.last_skipped_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending.clear()
+        self.total = int(state.get("total", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+        self.last_skipped_step = state.get("last_skipped_step")

@@ -1,0 +1,150 @@
+"""Offloaded state: host memory for every group, a few device slots, and the policy that moves state.
+
+The policy (which group sits in which slot, when to write back, what to prefetch) is shared by every
+transport; a transport only moves bytes and orders work with streams and events:
+
+    transport.fetch(gid, s)      host[gid] -> slot s on the "in" stream, after the slot's previous users
+    transport.zero(s, n)         zero-fill slot s on the "in" stream (a group's first activation: no copy)
+    transport.writeback(gid, s)  slot s -> host[gid] on the "out" stream, after the update that wrote it
+    transport.mark_compute_done(s)  record that the current stream's work on slot s is queued
+    transport.wait_arrival(s)    the current stream waits until slot s's fetch/zero finished
+    transport.wait_host(gid)     the host waits until host[gid] holds the latest write-back
+
+Rules this enforces (DESIGN.md section 3): an update never reads a slot before its copy finished; a
+write-back starts only after the update that wrote the slot; a copy into a slot waits for the previous
+write-back out of it; a host read waits for the write-back. A group twice in a row moves nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import StateStore
+
+__all__ = ["OffloadStore"]
+
+
+class OffloadStore(StateStore):
+    def __init__(self, numels: list[int], device: torch.device, transport, num_slots: int = 2) -> None:
+        super().__init__(numels)
+        if num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2 (one for the active group, one to prefetch), got {num_slots}")
+        self.device = torch.device(device)
+        self.transport = transport
+        self.kind = f"offload-{transport.kind}"
+        slot_numel = max(self.numels) if self.numels else 0
+        # Allocated once, never per step. Each holds the largest group's state.
+        self.slots = [torch.empty(slot_numel, dtype=torch.float32, device=self.device) for _ in range(num_slots)]
+        transport.attach(self.slots, self.numels)
+        self.stats.device_bytes = slot_numel * 4 * num_slots
+        self._slot_gid: list[int | None] = [None] * num_slots
+        self._dirty = [False] * num_slots  # device copy newer than host copy
+        self._fresh = [False] * num_slots  # zero-filled, not yet activated
+        self._last_use = [0] * num_slots
+        self._clock = 0
+        self._initialized: set[int] = set()
+        self._active: int | None = None  # slot of the group being updated
+
+    # ------------------------------------------------------------------ policy
+    def _slot_of(self, gid: int) -> int | None:
+        for s, g in enumerate(self._slot_gid):
+            if g == gid:
+                return s
+        return None
+
+    def _victim(self) -> int:
+        candidates = [s for s in range(len(self.slots)) if s != self._active]
+        return min(candidates, key=lambda s: (self._slot_gid[s] is not None, self._last_use[s]))
+
+    def _evict(self, s: int) -> None:
+        gid = self._slot_gid[s]
+        if gid is not None and self._dirty[s]:
+            self._writeback(gid, s)
+        self._slot_gid[s] = None
+        self._fresh[s] = False
+
+    def _writeback(self, gid: int, s: int) -> None:
+        self.transport.writeback(gid, s)
+        self._dirty[s] = False
+        self.stats.writebacks += 1
+        self.stats.bytes_d2h += self.numels[gid] * 4
+        self.stats.host_bytes = self.transport.host_bytes
+
+    def prefetch(self, gid: int) -> None:
+        if self._slot_of(gid) is not None:
+            return
+        s = self._victim()
+        self._evict(s)
+        if gid in self._initialized:
+            self.transport.fetch(gid, s)
+            self.stats.fetches += 1
+            self.stats.bytes_h2d += self.numels[gid] * 4
+        else:
+            self.transport.zero(s, self.numels[gid])
+            self._fresh[s] = True
+            self.stats.zero_fills += 1
+        self._slot_gid[s] = gid
+
+    def activate(self, gid: int) -> tuple[Tensor, bool]:
+        s = self._slot_of(gid)
+        if s is None:  # not prefetched (first step, or after load_state): bring it in now
+            self.prefetch(gid)
+            s = self._slot_of(gid)
+        self.transport.wait_arrival(s)
+        self._active = s
+        self._clock += 1
+        self._last_use[s] = self._clock
+        fresh = self._fresh[s]
+        self._fresh[s] = False
+        self._initialized.add(gid)
+        return self.slots[s][: self.numels[gid]], fresh
+
+    def release(self, gid: int, keep: bool) -> None:
+        s = self._slot_of(gid)
+        if s is None:
+            raise RuntimeError(f"release({gid}): group {gid} is not on the device; call activate() first")
+        self.transport.mark_compute_done(s)
+        self._dirty[s] = True
+        self._active = None
+        if not keep:
+            # Write back at once: the copy overlaps the next forward/backward, and host memory is then
+            # always current for checkpoints without extra waiting.
+            self._writeback(gid, s)
+
+    def host_state(self, gid: int) -> Tensor | None:
+        if gid not in self._initialized:
+            return None
+        s = self._slot_of(gid)
+        if s is not None and self._dirty[s]:
+            self._writeback(gid, s)
+        self.transport.wait_host(gid)
+        return self.transport.host(gid)
+
+    def load_state(self, gid: int, flat: Tensor) -> None:
+        if flat.numel() != self.numels[gid]:
+            raise ValueError(f"load_state: group {gid} holds {self.numels[gid]} state elements, got {flat.numel()}")
+        self.synchronize()
+        s = self._slot_of(gid)
+        if s is not None:  # drop the device copy; the next activation fetches the loaded state
+            self._slot_gid[s] = None
+            self._dirty[s] = self._fresh[s] = False
+        self.transport.host(gid).copy_(flat.reshape(-1))
+        self._initialized.add(gid)
+        self.stats.host_bytes = self.transport.host_bytes
+
+    def reset(self, gid: int) -> None:
+        self.synchronize()
+        s = self._slot_of(gid)
+        if s is not None:
+            self._slot_gid[s] = None
+            self._dirty[s] = self._fresh[s] = False
+        self._initialized.discard(gid)
+
+    def synchronize(self) -> None:
+        self.transport.synchronize()
+
+    def close(self) -> None:
+        self.synchronize()
+        self.transport.close()
+        self.slots = []

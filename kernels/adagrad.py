@@ -1,0 +1,65 @@
+"""Fused AdaGrad over every tensor of a bucket in one launch (torch.optim.Adagrad semantics).
+
+20 bytes move per fp32 parameter (read p, g, sum; write p, sum).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
+from ._locate import locate_chunk
+from .table import TensorTable
+
+__all__ = ["adagrad_update"]
+
+
+@triton.jit
+def _adagrad_kernel(
+    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, flags_ptr,
+    lr, lr_decay, eps, weight_decay,
+    HAS_FLAGS: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    addr, soff, goff, sidx, offs, mask = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
+    p_ptr = addr.to(tl.pointer_type(grad_ptr.dtype.element_ty))
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + goff + offs, mask=mask).to(tl.float32)
+    s = tl.load(state_ptr + soff + offs, mask=mask)
+    if HAS_FLAGS:
+        g = g * tl.load(flags_ptr)
+    if MAXIMIZE:
+        g = -g
+    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # where(): 0 * inf must not make NaN
+    step = tl.load(steps_ptr + sidx)
+    clr = tl.div_rn(lr, 1.0 + (step - 1.0) * lr_decay)
+    s = s + g * g
+    p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(state_ptr + soff + offs, s, mask=mask)
+
+
+def adagrad_update(
+    table: TensorTable,
+    steps: Tensor,
+    grads: Tensor,
+    state: Tensor,
+    state_stride: int,
+    flags: Tensor | None,
+    *,
+    lr: float,
+    lr_decay: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    num_warps: int = DEFAULT_WARPS,
+) -> None:
+    """One AdaGrad step for every tensor in ``table``; state is the flat fp32 ``sum`` vector."""
+    check_update_args("adagrad_update", table, steps, grads, state, state_stride, 1, flags)
+    _adagrad_kernel[(table.num_chunks,)](
+        table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
+        lr, lr_decay, eps, weight_decay,
+        HAS_FLAGS=flags is not None, MAXIMIZE=maximize,
+        ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
+    )

@@ -1,0 +1,95 @@
+"""Fused AdamW over every tensor of a bucket in one launch (torch.optim.AdamW semantics).
+
+28 bytes move per fp32 parameter (read p, g, m, v; write p, m, v); the kernel is memory-bound, so the goal
+is the device's copy bandwidth. Hot-path scalars are runtime arguments: changing lr never recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
+from ._locate import locate_chunk
+from .table import TensorTable
+
+__all__ = ["adamw_update"]
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, state_stride, flags_ptr,
+    lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
+    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    addr, soff, goff, sidx, offs, mask = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
+    p_ptr = addr.to(tl.pointer_type(grad_ptr.dtype.element_ty))
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + goff + offs, mask=mask).to(tl.float32)
+    m = tl.load(state_ptr + soff + offs, mask=mask)
+    v = tl.load(state_ptr + state_stride + soff + offs, mask=mask)
+    if HAS_FLAGS:
+        g = g * tl.load(flags_ptr)
+    if MAXIMIZE:
+        g = -g
+    step = tl.load(steps_ptr + sidx)
+    p = p * decay_factor
+    m = m + one_minus_beta1 * (g - m)  # torch's lerp(m, g, w) for w < 0.5
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
+    bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    step_size = tl.div_rn(lr, bias_correction1)
+    if AMSGRAD:
+        vmax = tl.load(state_ptr + 2 * state_stride + soff + offs, mask=mask)
+        vmax = tl.maximum(vmax, v)
+        tl.store(state_ptr + 2 * state_stride + soff + offs, vmax, mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(state_ptr + soff + offs, m, mask=mask)
+    tl.store(state_ptr + state_stride + soff + offs, v, mask=mask)
+
+
+def adamw_update(
+    table: TensorTable,
+    steps: Tensor,
+    grads: Tensor,
+    state: Tensor,
+    state_stride: int,
+    flags: Tensor | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    num_warps: int = DEFAULT_WARPS,
+) -> None:
+    """One AdamW step for every tensor in ``table``.
+
+    steps:  float32 per-parameter step counts, already incremented for this step (indexed by table row 5)
+    grads:  flat gradient buffer of the parameters' dtype (offsets: table row 3)
+    state:  flat fp32 [exp_avg | exp_avg_sq | max_exp_avg_sq if amsgrad], each ``state_stride`` long
+    flags:  None, or float32 [clip_coef, skip] computed on the device (no host sync)
+    """
+    check_update_args("adamw_update", table, steps, grads, state, state_stride, 3 if amsgrad else 2, flags)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"adamw_update: betas must be in [0, 1), got ({beta1}, {beta2})")
+    # log2(0) is -inf; exp2(step * -inf) = 0 gives the right bias correction of 1 for beta = 0.
+    log2_b1 = math.log2(beta1) if beta1 > 0 else float("-inf")
+    log2_b2 = math.log2(beta2) if beta2 > 0 else float("-inf")
+    _adamw_kernel[(table.num_chunks,)](
+        table.table, table.num_tensors, steps, grads, state, state_stride, flags if flags is not None else steps,
+        lr, 1.0 - beta1, beta2, 1.0 - beta2, log2_b1, log2_b2, eps, 1.0 - lr * weight_decay,
+        HAS_FLAGS=flags is not None, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
+    )

@@ -1,0 +1,69 @@
+"""Tiny models and training loops shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def tiny_llama(layers: int = 3, hidden: int = 32, vocab: int = 64, seed: int = 0, tie: bool = False, device="cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).to(device)
+
+
+class MLPStack(nn.Module):
+    """A non-HF model: embedding, a ModuleList of blocks, a head (the generic grouping rule)."""
+
+    def __init__(self, dim: int = 16, depth: int = 4, vocab: int = 32, bias: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim, bias=bias), nn.GELU()) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=bias)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(self.norm(h))
+
+
+def lm_batch(vocab: int = 64, batch: int = 4, seq: int = 12, seed: int = 0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def mlp_loss(model, seed: int, vocab: int = 32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (4, 6), generator=g).to(device)
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits.reshape(-1, vocab), ids.reshape(-1))
+
+
+def twin(model):
+    return copy.deepcopy(model)
+
+
+def params_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def max_diff(a, b) -> float:
+    return max((x.detach().double() - y.detach().double()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
