@@ -6,13 +6,13 @@ import triton.language as tl
 
 @triton.jit
 def locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Return (address, state_off, grad_off, step_index, offsets, mask) for program_id(0)'s chunk.
+    """Return (address, state_off, grad_off, step_index, offsets, numel, full) for program_id(0)'s chunk.
 
-    With HAS_FLAGS, flags = [clip coefficient, skip]: skip != 0 (non-finite gradients) empties the mask, so
-    parameters and state stay untouched and nothing is even loaded.
-
-    Binary search over the chunk-start row (row 4) of the [6, T] table built by table.build_tensor_table;
-    log2(T) scalar loads, all from one small row that stays in L1/L2.
+    Binary search over the chunk-start row (row 4) of the [6, T] table built by table.build_tensor_table:
+    log2(T) scalar loads from one small row that stays in L1/L2. ``full`` is True when the whole chunk lies
+    inside its tensor: kernels then load and store without a mask, which keeps the accesses 16 bytes wide
+    (a mask against a loaded, unaligned numel would force 4-byte accesses). With HAS_FLAGS, flags =
+    [clip coefficient, skip]: skip != 0 (non-finite gradients) makes numel 0, so nothing is loaded or stored.
     """
     chunk = tl.program_id(0).to(tl.int64)
     starts = table_ptr + 4 * num_tensors
@@ -31,12 +31,25 @@ def locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS: tl.constexpr, ALI
     step_index = tl.load(table_ptr + 5 * num_tensors + lo)
     if ALIGNED:
         # The launcher checked: addresses 16-byte aligned, offsets multiples of 64 elements. Telling the
-        # compiler lets it emit 128-bit loads/stores; without it every access is scalar.
+        # compiler lets it emit 128-bit loads/stores.
         addr = tl.multiple_of(addr, 16)
         state_off = tl.multiple_of(state_off, 64)
         grad_off = tl.multiple_of(grad_off, 64)
     if HAS_FLAGS:
         numel = tl.where(tl.load(flags_ptr + 1) == 0, numel, 0)
-    offsets = (chunk - first) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    return addr, state_off, grad_off, step_index, offsets, mask
+    start = (chunk - first) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    full = start + BLOCK <= numel
+    return addr, state_off, grad_off, step_index, offsets, numel, full
+
+
+@triton.jit
+def to_pointer(addr, like_ptr, ALIGNED: tl.constexpr):
+    """The parameter address from the table as a pointer of ``like_ptr``'s element type.
+
+    The alignment hint must sit on the pointer: a hint on the integer does not survive the cast, and without
+    it every parameter access is a 4-byte load (seen in the sm_90 PTX)."""
+    ptr = addr.to(tl.pointer_type(like_ptr.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr

@@ -10,34 +10,46 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
-from ._locate import locate_chunk
+from ._locate import locate_chunk, to_pointer
 from .table import TensorTable
 
 __all__ = ["adagrad_update"]
 
 
 @triton.jit
+def _adagrad_apply(p_ptrs, g_ptrs, s_ptrs, mask, scale_ptr, step, lr, lr_decay, eps, weight_decay,
+                   HAS_FLAGS: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The update of one chunk; ``mask`` is None for chunks fully inside their tensor."""
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    s = tl.load(s_ptrs, mask=mask)
+    if HAS_FLAGS:
+        g = g * tl.load(scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # where(): 0 * inf must not make NaN
+    clr = tl.div_rn(lr, 1.0 + (step - 1.0) * lr_decay)
+    s = s + g * g
+    p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+    tl.store(s_ptrs, s, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
 def _adagrad_kernel(
     table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, flags_ptr,
     lr, lr_decay, eps, weight_decay,
     HAS_FLAGS: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    addr, soff, goff, sidx, offs, mask = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
-    p_ptr = addr.to(tl.pointer_type(grad_ptr.dtype.element_ty))
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + goff + offs, mask=mask).to(tl.float32)
-    s = tl.load(state_ptr + soff + offs, mask=mask)
-    if HAS_FLAGS:
-        g = g * tl.load(flags_ptr)
-    if MAXIMIZE:
-        g = -g
-    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # where(): 0 * inf must not make NaN
+    addr, soff, goff, sidx, offs, numel, full = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
+    p_ptrs = to_pointer(addr, grad_ptr, ALIGNED) + offs
+    g_ptrs = grad_ptr + goff + offs
+    s_ptrs = state_ptr + soff + offs
     step = tl.load(steps_ptr + sidx)
-    clr = tl.div_rn(lr, 1.0 + (step - 1.0) * lr_decay)
-    s = s + g * g
-    p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(state_ptr + soff + offs, s, mask=mask)
+    if full:
+        _adagrad_apply(p_ptrs, g_ptrs, s_ptrs, None, flags_ptr, step, lr, lr_decay, eps, weight_decay, HAS_FLAGS, MAXIMIZE)
+    else:
+        _adagrad_apply(p_ptrs, g_ptrs, s_ptrs, offs < numel, flags_ptr, step, lr, lr_decay, eps, weight_decay, HAS_FLAGS, MAXIMIZE)
 
 
 def adagrad_update(

@@ -8,36 +8,32 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
-from ._locate import locate_chunk
+from ._locate import locate_chunk, to_pointer
 from .table import TensorTable
 
 __all__ = ["adamw_update"]
 
 
 @triton.jit
-def _adamw_kernel(
-    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, state_stride, flags_ptr,
+def _adamw_apply(
+    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, mask, scale_ptr, step,
     lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
     HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    addr, soff, goff, sidx, offs, mask = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
-    p_ptr = addr.to(tl.pointer_type(grad_ptr.dtype.element_ty))
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + goff + offs, mask=mask).to(tl.float32)
-    m = tl.load(state_ptr + soff + offs, mask=mask)
-    v = tl.load(state_ptr + state_stride + soff + offs, mask=mask)
+    """The update of one chunk; ``mask`` is None for chunks fully inside their tensor (unmasked, wide accesses)."""
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask)
+    v = tl.load(v_ptrs, mask=mask)
     if HAS_FLAGS:
-        g = g * tl.load(flags_ptr)
+        g = g * tl.load(scale_ptr)
     if MAXIMIZE:
         g = -g
-    step = tl.load(steps_ptr + sidx)
     p = p * decay_factor
     m = m + one_minus_beta1 * (g - m)  # torch's lerp(m, g, w) for w < 0.5
     v = v * beta2 + one_minus_beta2 * (g * g)
@@ -45,16 +41,39 @@ def _adamw_kernel(
     bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
     step_size = tl.div_rn(lr, bias_correction1)
     if AMSGRAD:
-        vmax = tl.load(state_ptr + 2 * state_stride + soff + offs, mask=mask)
-        vmax = tl.maximum(vmax, v)
-        tl.store(state_ptr + 2 * state_stride + soff + offs, vmax, mask=mask)
+        vmax = tl.maximum(tl.load(vmax_ptrs, mask=mask), v)
+        tl.store(vmax_ptrs, vmax, mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p - step_size * tl.div_rn(m, denom)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(state_ptr + soff + offs, m, mask=mask)
-    tl.store(state_ptr + state_stride + soff + offs, v, mask=mask)
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
+def _adamw_kernel(
+    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, state_stride, flags_ptr,
+    lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
+    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    addr, soff, goff, sidx, offs, numel, full = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
+    p_ptrs = to_pointer(addr, grad_ptr, ALIGNED) + offs
+    g_ptrs = grad_ptr + goff + offs
+    m_ptrs = state_ptr + soff + offs
+    v_ptrs = state_ptr + state_stride + soff + offs
+    vmax_ptrs = state_ptr + 2 * state_stride + soff + offs
+    step = tl.load(steps_ptr + sidx)
+    if full:
+        _adamw_apply(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, None, flags_ptr, step,
+                     lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
+                     HAS_FLAGS, AMSGRAD, MAXIMIZE)
+    else:
+        _adamw_apply(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, offs < numel, flags_ptr, step,
+                     lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
+                     HAS_FLAGS, AMSGRAD, MAXIMIZE)
 
 
 def adamw_update(

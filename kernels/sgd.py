@@ -11,39 +11,53 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
-from ._locate import locate_chunk
+from ._locate import locate_chunk, to_pointer
 from .table import TensorTable
 
 __all__ = ["sgd_update"]
 
 
 @triton.jit
+def _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, momentum, one_minus_dampening, weight_decay,
+               HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The update of one chunk; ``mask`` is None for chunks fully inside their tensor."""
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if HAS_FLAGS:
+        g = g * tl.load(scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
+    if MOMENTUM:
+        buf = tl.load(buf_ptrs, mask=mask)
+        buf = tl.where(first, g, buf * momentum + one_minus_dampening * g)
+        tl.store(buf_ptrs, buf, mask=mask)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    p = p - lr * g
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
 def _sgd_kernel(
     table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, flags_ptr,
     lr, momentum, one_minus_dampening, weight_decay,
     HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    addr, soff, goff, sidx, offs, mask = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
-    p_ptr = addr.to(tl.pointer_type(grad_ptr.dtype.element_ty))
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + goff + offs, mask=mask).to(tl.float32)
-    if HAS_FLAGS:
-        g = g * tl.load(flags_ptr)
-    if MAXIMIZE:
-        g = -g
-    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
-    if MOMENTUM:
-        buf = tl.load(state_ptr + soff + offs, mask=mask)
-        first = tl.load(steps_ptr + sidx) == 1.0
-        buf = tl.where(first, g, buf * momentum + one_minus_dampening * g)
-        tl.store(state_ptr + soff + offs, buf, mask=mask)
-        if NESTEROV:
-            g = g + momentum * buf
-        else:
-            g = buf
-    p = p - lr * g
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    addr, soff, goff, sidx, offs, numel, full = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
+    p_ptrs = to_pointer(addr, grad_ptr, ALIGNED) + offs
+    g_ptrs = grad_ptr + goff + offs
+    buf_ptrs = state_ptr + soff + offs
+    first = tl.load(steps_ptr + sidx) == 1.0  # a parameter's first step: the buffer starts as the gradient
+    if full:
+        _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, None, flags_ptr, first, lr, momentum, one_minus_dampening, weight_decay,
+                   HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE)
+    else:
+        _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, offs < numel, flags_ptr, first, lr, momentum, one_minus_dampening,
+                   weight_decay, HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE)
 
 
 def sgd_update(

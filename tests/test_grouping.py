@@ -39,7 +39,7 @@ FAMILIES = {
     "qwen2": ("model.embed_tokens.weight", "lm_head.weight"),
     "gpt2": ("transformer.wpe.weight", "transformer.ln_f.weight"),
     "opt": ("model.decoder.embed_positions.weight", "model.decoder.final_layer_norm.weight"),
-    "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight"),
+    "gpt_neox": ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm.weight"),
     "bert": ("bert.embeddings.word_embeddings.weight", "classifier.weight"),
     "roberta": ("roberta.embeddings.word_embeddings.weight", "lm_head.dense.weight"),
 }

@@ -7,7 +7,7 @@ from torch import nn
 from hift_engine import ConfigError, GroupingError, HiFTOptimizer, NonFiniteError
 from tests.helpers import MLPStack, lm_batch, max_diff, mlp_loss, params_equal, tiny_llama, twin
 
-STORES = ["resident", "torch"]  # "torch" = the offloading slot policy over the pure-torch transport
+STORES = ["resident", "torch", "native"]  # offloading slot policy over the pure-torch / C++ transport
 
 TORCH_TWINS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05)),

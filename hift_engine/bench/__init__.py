@@ -1,0 +1,1 @@
+"""Benchmark implementations behind ``hift bench``; each prints a table and writes JSON (see common.py)."""

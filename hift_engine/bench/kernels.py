@@ -1,0 +1,178 @@
+"""Fused optimizer kernels vs torch.optim and a device-to-device copy of the same bytes (the ceiling).
+
+For a group shaped like one LLaMA-2-7B block (4 x 4096^2 + 3 x 4096*11008 = 202 M params) and for a whole
+7B model's worth of parameters (when the card holds it: ~108 GB for AdamW), measures in one run:
+  hift-kernel   our Triton update, one launch for the whole group (no gradient check)
+  hift-step     HiFTOptimizer.step() on that group: norm/non-finite reduction + step counts + the kernel
+  torch-fused   torch.optim.<Opt>(fused=True).step()   (AdamW, SGD)
+  torch-foreach torch.optim.<Opt>(foreach=True).step()
+  copy          dst.copy_(src) moving the same number of bytes (read + write)
+Effective bandwidth counts the bytes an update must move: AdamW 28 B/param in fp32, AdaGrad/SGD 20.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+
+from .common import median_ms, print_table, require_cuda, write_result
+
+LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096)] * 3
+
+
+def shapes_for(name: str) -> list[tuple[int, ...]]:
+    if name == "block":
+        return list(LLAMA_BLOCK)
+    if name == "7b":  # LLaMA-2-7B: embedding, 32 blocks (+2 norms each), final norm, LM head = 6.738 B params
+        return [(32000, 4096)] + (LLAMA_BLOCK + [(4096,), (4096,)]) * 32 + [(4096,), (32000, 4096)]
+    raise ValueError(name)
+
+
+TORCH = {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+HPARAMS = {
+    "adamw": dict(lr=1e-4, weight_decay=0.01),
+    "adagrad": dict(lr=1e-3, weight_decay=0.01),
+    "sgd": dict(lr=1e-3, momentum=0.9, weight_decay=0.01),
+}
+
+
+def bytes_per_param(optimizer: str, esize: int) -> int:
+    # read p, g and state; write p and state. AdamW has two fp32 state vectors, the others one.
+    state = 8 if optimizer == "adamw" else 4
+    return 3 * esize + 2 * state
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shape", choices=("block", "7b", "all"), default="all")
+    p.add_argument("--optimizers", default="adamw,adagrad,sgd", help="comma-separated subset of adamw,adagrad,sgd")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter dtype (state is fp32)")
+    p.add_argument("--rep-ms", type=int, default=400, help="timing budget per provider (ms)")
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _params(shapes, dtype, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    ps = [nn.Parameter(torch.randn(s, generator=g, device=dev, dtype=torch.float32).mul_(0.02).to(dtype)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32).mul_(1e-3).to(dtype)
+    return ps
+
+
+class _Holder(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.ps = nn.ParameterList(params)
+
+
+def _time_hift(opt_name, shapes, dtype, dev, rep_ms):
+    from ..optimizer import HiFTOptimizer
+
+    model = _Holder(_params(shapes, dtype, dev))
+    grads = [p.grad for p in model.ps]
+    opt = HiFTOptimizer(
+        model, opt_name, groups=[[".*"]], no_decay=[], state_store="resident", kernels="triton", **HPARAMS[opt_name]
+    )
+    lay = opt.layouts[0]
+    for view, g in zip(opt._grad_views[0], grads):  # what backward would have left in the arena
+        view.copy_(g)
+    del grads
+    opt.router.received.update(range(len(lay.params)))
+    opt.step()  # first step: state allocation + compilation
+    state, _ = opt.store.activate(0)
+    bucket = lay.buckets[0]
+    table = lay.table(bucket, opt._block)
+    hyper = opt.param_groups[0]
+
+    def kernel_only():
+        opt.spec.kernel(table, lay.steps, opt.arena.buffers[bucket.dtype], state, lay.state_stride, None, hyper)
+
+    t_kernel = median_ms(kernel_only, rep_ms=rep_ms)
+    t_step = median_ms(opt.step, rep_ms=rep_ms)
+    n = lay.numel
+    del opt, model, state, table
+    _free()
+    return n, t_kernel, t_step
+
+
+def _time_torch(opt_name, shapes, dtype, dev, rep_ms, mode):
+    params = _params(shapes, dtype, dev)
+    kw = dict(HPARAMS[opt_name])
+    try:
+        opt = TORCH[opt_name](params, **kw, **{mode: True})
+        opt.step()
+    except (RuntimeError, ValueError, TypeError) as e:
+        del params
+        _free()
+        return None, str(e).splitlines()[0][:80]
+    t = median_ms(opt.step, rep_ms=rep_ms)
+    del opt, params
+    _free()
+    return t, None
+
+
+def _time_copy(nbytes, dev, rep_ms):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t = median_ms(lambda: dst.copy_(src), rep_ms=rep_ms)
+    del src, dst
+    _free()
+    return t
+
+
+def run(args) -> int:
+    dev = require_cuda("kernels")
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    esize = torch.tensor([], dtype=dtype).element_size()
+    shapes_list = ["block", "7b"] if args.shape == "all" else [args.shape]
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    for o in optimizers:
+        if o not in TORCH:
+            raise SystemExit(f"hift bench kernels: unknown optimizer {o!r}; use adamw, adagrad, sgd")
+    rows, skipped = [], []
+    for shape in shapes_list:
+        shapes = shapes_for(shape)
+        n = sum(int(torch.Size(s).numel()) for s in shapes)
+        free, _ = torch.cuda.mem_get_info(dev)
+        for opt_name in optimizers:
+            bpp = bytes_per_param(opt_name, esize)
+            # p + g + state (+ the engine's grad arena copy for the hift provider) must fit
+            need = n * (2 * esize + (8 if opt_name == "adamw" else 4)) + n * esize
+            if need > 0.92 * free:
+                skipped.append(f"{shape}/{opt_name}: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
+                continue
+            moved = n * bpp
+            t_copy = _time_copy(moved // 2, dev, args.rep_ms)  # copy of moved/2 bytes moves `moved` bytes
+            base = dict(shape=shape, optimizer=opt_name, dtype=args.dtype, params=n, bytes_per_param=bpp)
+            rows.append({**base, "provider": "copy", "ms": t_copy})
+            n_h, t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms)
+            rows.append({**base, "provider": "hift-kernel", "ms": t_kernel})
+            rows.append({**base, "provider": "hift-step", "ms": t_step})
+            if dtype == torch.float32:
+                for mode in ("fused", "foreach"):
+                    t, err = _time_torch(opt_name, shapes, dtype, dev, args.rep_ms, mode)
+                    rows.append({**base, "provider": f"torch-{mode}", "ms": t, "note": err})
+            for r in rows:
+                if r["shape"] == shape and r["optimizer"] == opt_name and r.get("ms"):
+                    r["GB/s"] = moved / r["ms"] / 1e6
+                    r["of_copy"] = t_copy / r["ms"]
+            fused = next((r["ms"] for r in rows if r["shape"] == shape and r["optimizer"] == opt_name and r["provider"] == "torch-fused" and r.get("ms")), None)
+            for r in rows:
+                if r["shape"] == shape and r["optimizer"] == opt_name and fused and r.get("ms"):
+                    r["vs_torch_fused"] = fused / r["ms"]
+    cols = ["shape", "optimizer", "provider", "params", "ms", "GB/s", "of_copy", "vs_torch_fused", "note"]
+    print_table(rows, cols, title=f"hift bench kernels ({args.dtype} params, fp32 state)")
+    for s in skipped:
+        print(f"skipped {s}")
+    summary = {}
+    for r in rows:
+        if r["provider"] == "hift-kernel" and r.get("ms"):
+            key = f"{r['shape']}/{r['optimizer']}"
+            summary[key] = {"of_copy": r.get("of_copy"), "vs_torch_fused": r.get("vs_torch_fused")}
+    write_result(args.out, "kernels", rows, summary, skipped=skipped, dtype=args.dtype)
+    return 0

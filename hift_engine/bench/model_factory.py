@@ -1,0 +1,49 @@
+"""LLaMA-2-7B-shaped models for benchmarks: random init built directly on the GPU (no download, seconds).
+
+hidden 4096, 11008 MLP, 32 heads, vocab 32000, fp32; ``layers`` picks the depth (32 = 6.738 B params; fewer
+layers keep the width, for runs where baselines such as standard fine-tuning must fit on the card).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["llama7b_config", "build_llama", "random_batch", "LLAMA2_7B_PARAMS"]
+
+LLAMA2_7B_PARAMS = 6_738_415_616
+
+
+def llama7b_config(layers: int = 32, max_positions: int = 4096):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+
+
+def build_llama(layers: int = 32, device: str | torch.device = "cuda", seed: int = 0, max_positions: int = 8192):
+    """A randomly initialised fp32 LlamaForCausalLM allocated and initialised on ``device``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = llama7b_config(layers, max_positions)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model.train()
+
+
+def random_batch(batch: int, seq: int, device, seed: int = 0, vocab: int = 32000) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids}

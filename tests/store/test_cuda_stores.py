@@ -1,0 +1,108 @@
+"""The offloaded stores on CUDA: copies on side streams ordered by events.
+
+The race test makes compute slow (a GPU spin before every update) and transfers large, and gives every update
+an exactly representable value, so a missing wait shows up as stale or mixed state instead of passing by luck.
+HIFT_TEST_SABOTAGE=<wait_arrival|mark_compute_done|wait_host> turns one wait off, to show that the test then
+fails (used to demonstrate the test's power; never set it otherwise).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+from hift_engine.store import OffloadStore, TorchTransport
+
+pytestmark = pytest.mark.cuda
+
+
+def _transport(kind):
+    if kind == "torch":
+        t = TorchTransport("cuda")
+    else:
+        from hift_engine.store.native_transport import NativeTransport
+
+        t = NativeTransport("cuda")
+    sabotage = os.environ.get("HIFT_TEST_SABOTAGE")
+    if sabotage:
+        setattr(t, sabotage, lambda *a, **k: None)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["torch", "native"])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_orders_bit_exact_on_cuda(kind, seed):
+    rnd = random.Random(seed)
+    numels = [rnd.choice([1, 22, 4097, 1 << 20, 3_000_001]) for _ in range(rnd.randint(2, 6))]
+    order = [rnd.randrange(len(numels)) for _ in range(40)]
+    store = OffloadStore(numels, "cuda", _transport(kind), num_slots=rnd.choice([2, 3]))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ref = {}
+    for t, gid in enumerate(order):
+        state, _ = store.activate(gid)
+        delta = torch.randn(numels[gid], generator=g, device="cuda")
+        state.add_(delta)
+        ref[gid] = ref.get(gid, torch.zeros(numels[gid], device="cuda")) + delta
+        nxt = order[t + 1] if t + 1 < len(order) else None
+        store.release(gid, keep=nxt == gid)
+        if nxt is not None:
+            store.prefetch(nxt)
+    for gid in range(len(numels)):
+        got = store.host_state(gid)
+        assert (got is None) == (gid not in ref)
+        if got is not None:
+            assert got.is_pinned()
+            assert torch.equal(got, ref[gid].cpu())
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["torch", "native"])
+def test_race_slow_compute_large_transfers(kind):
+    numel = 48 << 20  # 192 MB per group: each copy takes milliseconds
+    groups = 5
+    store = OffloadStore([numel] * groups, "cuda", _transport(kind), num_slots=2)
+    rnd = random.Random(0)
+    order = [i % groups for i in range(3 * groups)] + [rnd.randrange(groups) for _ in range(20)]
+    count = [0] * groups
+    for t, gid in enumerate(order):
+        state, _ = store.activate(gid)
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU spin before the update: the compute stream lags
+        state.add_(float(gid + 1))  # exact in fp32: after n updates every element is n * (gid + 1)
+        count[gid] += 1
+        nxt = order[t + 1] if t + 1 < len(order) else None
+        store.release(gid, keep=nxt == gid)
+        if nxt is not None:
+            store.prefetch(nxt)
+    for gid in range(groups):
+        host = store.host_state(gid)
+        expected = float(count[gid] * (gid + 1))
+        bad = (host != expected).sum().item()
+        assert bad == 0, f"group {gid}: {bad} of {numel} elements stale or mixed (expected {expected})"
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["torch", "native"])
+def test_host_state_waits_for_writeback(kind):
+    store = OffloadStore([32 << 20, 32 << 20], "cuda", _transport(kind))
+    state, _ = store.activate(0)
+    torch.cuda._sleep(5_000_000)
+    state.fill_(7.0)
+    store.release(0, keep=False)
+    store.prefetch(1)
+    host = store.host_state(0)  # must block until the write-back after the slow update finished
+    assert torch.equal(host, torch.full_like(host, 7.0))
+    store.close()
+
+
+def test_native_register_allocation_is_exact_and_pinned():
+    from hift_engine import _native
+
+    mod = _native.load()
+    assert mod.with_cuda
+    n = (1 << 28) + 5  # 1 GiB + 20 bytes
+    store = mod.PinnedStore([n], [torch.empty(n, device="cuda")], "register", 0)
+    host = store.host(0)
+    assert host.is_pinned()
+    assert store.host_bytes == -(-n * 4 // 4096) * 4096
+    store.close()

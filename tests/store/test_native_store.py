@@ -1,0 +1,96 @@
+"""The C++ pinned store itself (CPU-only build here; tests/store/test_cuda_stores.py covers CUDA)."""
+
+import gc
+
+import pytest
+import torch
+
+from hift_engine import _native
+
+
+@pytest.fixture(scope="module")
+def native():
+    return _native.load()
+
+
+def test_host_bytes_are_exact_to_the_page(native):
+    numels = [1, 1024, 1025, 3_000_001]
+    store = native.PinnedStore(numels, [torch.empty(max(numels))], "register", 2)
+    assert store.host_bytes == 0  # lazily: nothing before a group is put away
+    for g in range(len(numels)):
+        store.host(g)
+    expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
+    assert store.host_bytes == expected
+    assert store.host_bytes <= 1.01 * sum(n * 4 for n in numels) + 4096 * len(numels)
+    store.close()
+
+
+def test_round_trip_is_bit_exact(native):
+    slots = [torch.empty(5000), torch.empty(5000)]
+    store = native.PinnedStore([5000, 3000], slots, "register", 0)
+    data = torch.randn(5000)
+    slots[0].copy_(data)
+    store.writeback(0, 0)
+    slots[0].fill_(float("nan"))
+    store.fetch(0, 1)
+    assert torch.equal(slots[1], data)
+    store.zero(1, 3000)
+    assert torch.equal(slots[1][:3000], torch.zeros(3000)) and torch.equal(slots[1][3000:], data[3000:])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda s: s.fetch(0, 0), "group 0 has no host state yet"),
+        (lambda s: s.fetch(5, 0), r"gid must be in \[0, 2\), got 5"),
+        (lambda s: s.writeback(0, 2), r"slot must be in \[0, 2\), got 2"),
+        (lambda s: s.zero(0, 11), r"numel must be in \[0, 10\], got 11"),
+        (lambda s: s.host(-1), r"gid must be in \[0, 2\), got -1"),
+    ],
+)
+def test_bad_arguments_name_the_argument(native, call, match):
+    store = native.PinnedStore([10, 4], [torch.empty(10), torch.empty(10)], "register", 0)
+    with pytest.raises(RuntimeError, match=match):
+        call(store)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([10], [torch.empty(5)], "register", 0), "slots\\[0\\] holds 5 elements, the largest group needs 10"),
+        (([10], [torch.empty(10, dtype=torch.float64)], "register", 0), "slots\\[0\\] must be float32"),
+        (([10], [torch.empty(10)], "mmap", 0), "alloc_mode must be 'register' or 'hostalloc'"),
+        (([-1], [torch.empty(10)], "register", 0), r"numels\[0\] must be >= 0"),
+        (([10], [], "register", 0), "at least one tensor"),
+    ],
+)
+def test_bad_construction_is_refused(native, args, match):
+    with pytest.raises(RuntimeError, match=match):
+        native.PinnedStore(*args)
+
+
+def test_closed_store_refuses_calls_and_views_stay_valid(native):
+    store = native.PinnedStore([8], [torch.empty(8)], "register", 0)
+    view = store.host(0)
+    view.fill_(2.0)
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.fetch(0, 0)
+    gc.collect()
+    assert torch.equal(view, torch.full((8,), 2.0))  # the view keeps its memory alive
+
+
+def test_fallback_keeps_the_original_error(monkeypatch):
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setenv(_native.DISABLE_ENV, "1")
+    assert not _native.available()
+    from hift_engine import NativeUnavailableError
+
+    with pytest.raises(NativeUnavailableError, match="disabled by HIFT_DISABLE_NATIVE=1"):
+        _native.load()
+    from hift_engine.store import make_store
+
+    with pytest.raises(NativeUnavailableError):
+        make_store("native", [4], "cpu")
+    assert type(make_store("auto", [4], "cpu")).__name__ == "ResidentStore"
