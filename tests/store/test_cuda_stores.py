@@ -3,7 +3,8 @@
 The race test makes compute slow (a GPU spin before every update) and transfers large, and gives every update
 an exactly representable value, so a missing wait shows up as stale or mixed state instead of passing by luck.
 HIFT_TEST_SABOTAGE=<wait_arrival|mark_compute_done|wait_host> turns one wait off, to show that the test then
-fails (used to demonstrate the test's power; never set it otherwise).
+fails (used to demonstrate the test's power; never set it otherwise). HIFT_TEST_SMALL=1 shrinks the sizes for
+runs under compute-sanitizer, which slows every kernel by orders of magnitude.
 """
 
 import os
@@ -34,7 +35,8 @@ def _transport(kind):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_orders_bit_exact_on_cuda(kind, seed):
     rnd = random.Random(seed)
-    numels = [rnd.choice([1, 22, 4097, 1 << 20, 3_000_001]) for _ in range(rnd.randint(2, 6))]
+    big = 1 << 16 if os.environ.get("HIFT_TEST_SMALL") == "1" else 3_000_001
+    numels = [rnd.choice([1, 22, 4097, 1 << 14, big]) for _ in range(rnd.randint(2, 6))]
     order = [rnd.randrange(len(numels)) for _ in range(40)]
     store = OffloadStore(numels, "cuda", _transport(kind), num_slots=rnd.choice([2, 3]))
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -59,7 +61,7 @@ def test_random_orders_bit_exact_on_cuda(kind, seed):
 
 @pytest.mark.parametrize("kind", ["torch", "native"])
 def test_race_slow_compute_large_transfers(kind):
-    numel = 48 << 20  # 192 MB per group: each copy takes milliseconds
+    numel = (2 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 48 << 20  # 192 MB: each copy takes ms
     groups = 5
     store = OffloadStore([numel] * groups, "cuda", _transport(kind), num_slots=2)
     rnd = random.Random(0)
@@ -84,7 +86,8 @@ def test_race_slow_compute_large_transfers(kind):
 
 @pytest.mark.parametrize("kind", ["torch", "native"])
 def test_host_state_waits_for_writeback(kind):
-    store = OffloadStore([32 << 20, 32 << 20], "cuda", _transport(kind))
+    n = (1 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 32 << 20
+    store = OffloadStore([n, n], "cuda", _transport(kind))
     state, _ = store.activate(0)
     torch.cuda._sleep(5_000_000)
     state.fill_(7.0)
@@ -100,7 +103,7 @@ def test_native_register_allocation_is_exact_and_pinned():
 
     mod = _native.load()
     assert mod.with_cuda
-    n = (1 << 28) + 5  # 1 GiB + 20 bytes
+    n = ((1 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else (1 << 28)) + 5  # 1 GiB + 20 bytes
     store = mod.PinnedStore([n], [torch.empty(n, device="cuda")], "register", 0)
     host = store.host(0)
     assert host.is_pinned()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# How the committed results were produced on the GPU machine (the device tool's H100/H200, no network).
+#   bash benchmarks/run_on_gpu.sh check   install, environment, whole test suite, kernels + offload benchmarks,
+#                                         the race test with one wait removed (must fail), compute-sanitizer
+#   bash benchmarks/run_on_gpu.sh train   the 7B memory and step benchmarks
+# Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
+set -uo pipefail
+stage=${1:-check}
+OUT=${OUT:-./gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+log="$OUT/$stage.log"
+run() { echo "=== $* ($(date +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; echo "=== rc=$rc" | tee -a "$log"; return $rc; }
+py=python3
+
+install() {
+  if HIFT_BUILD_NATIVE=1 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$log" 2>&1; then
+    echo "installed with the ahead-of-time native build" | tee -a "$log"
+  else
+    echo "AOT install failed (see log); installing without it (JIT build on first use)" | tee -a "$log"
+    HIFT_BUILD_NATIVE=0 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$log" 2>&1
+  fi
+}
+
+if [ "$stage" = check ]; then
+  run nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
+  run install
+  run $py -m hift_engine.cli.main env
+  run timeout 240 $py -m pytest -q -x -p no:cacheprovider tests
+  run timeout 90 $py -m hift_engine.cli.main bench kernels --shape all --out "$OUT"
+  run timeout 120 $py -m hift_engine.cli.main bench offload --out "$OUT"
+  for wait in wait_arrival mark_compute_done; do
+    echo "--- race test with $wait removed: expected to FAIL" | tee -a "$log"
+    HIFT_TEST_SABOTAGE=$wait run timeout 60 $py -m pytest -q -p no:cacheprovider tests/store/test_cuda_stores.py -k race
+  done
+  for tool in memcheck racecheck; do
+    HIFT_TEST_SMALL=1 run timeout 150 compute-sanitizer --tool $tool --print-limit 20 $py -m pytest -q -p no:cacheprovider tests/store/test_cuda_stores.py
+  done
+elif [ "$stage" = train ]; then
+  install
+  run timeout 330 $py -m hift_engine.cli.main bench memory --out "$OUT"
+  run timeout 240 $py -m hift_engine.cli.main bench step --out "$OUT"
+fi
