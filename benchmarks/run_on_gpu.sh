@@ -18,7 +18,11 @@ install() {
     echo "installed with the ahead-of-time native build" | tee -a "$log"
   else
     echo "AOT install failed (see log); installing without it (JIT build on first use)" | tee -a "$log"
-    HIFT_BUILD_NATIVE=0 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$log" 2>&1
+    HIFT_BUILD_NATIVE=0 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$log" 2>&1 || {
+      echo "pip install failed; using the source tree directly" | tee -a "$log"
+      ln -sfn ../kernels hift_engine/kernels
+      export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    }
   fi
 }
 
