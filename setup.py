@@ -23,7 +23,9 @@ def native_extensions():
     if os.environ.get("HIFT_BUILD_NATIVE", "auto") == "auto" and not cuda:
         return [], {}  # CPU machines JIT-build on demand; nothing to do at install time
     sources = ["csrc/pinned_store.cpp", "csrc/bindings.cpp"]
-    args = {"cxx": ["-O3", "-std=c++17"] + (["-DHIFT_WITH_CUDA"] if cuda else [])}
+    # No -std flag: torch chooses the standard its headers need (C++20 for torch 2.13; forcing C++17 made
+    # inline c10 types differ from libc10 and crashed on the first exception, seen with torch 2.11).
+    args = {"cxx": ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])}
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     ext = kind("hift_engine._C", sources, extra_compile_args=args)
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -2,7 +2,8 @@
 # How the committed results were produced on the GPU machine (the device tool's H100/H200, no network).
 #   bash benchmarks/run_on_gpu.sh check   install, environment, whole test suite, kernels + offload benchmarks,
 #                                         the race test with one wait removed (must fail), compute-sanitizer
-#   bash benchmarks/run_on_gpu.sh train   the 7B memory and step benchmarks
+#   bash benchmarks/run_on_gpu.sh memory  smoke runs, then the 7B memory benchmark
+#   bash benchmarks/run_on_gpu.sh step    the step benchmark, then the whole test suite
 # Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
 set -uo pipefail
 stage=${1:-check}
@@ -40,8 +41,14 @@ if [ "$stage" = check ]; then
   for tool in memcheck racecheck; do
     HIFT_TEST_SMALL=1 run timeout 150 compute-sanitizer --tool $tool --print-limit 20 $py -m pytest -q -p no:cacheprovider tests/store/test_cuda_stores.py
   done
-elif [ "$stage" = train ]; then
-  install
-  run timeout 330 $py -m hift_engine.cli.main bench memory --out "$OUT"
-  run timeout 240 $py -m hift_engine.cli.main bench step --out "$OUT"
+elif [ "$stage" = memory ]; then
+  run install
+  # smoke runs on a 2-layer model first: a bug costs seconds, not the 7B run
+  run timeout 120 $py -m hift_engine.cli.main bench memory --layers 2 --batches 1 --extra-steps 1 --flat-cycles 1 --seq-probe 1024 --out /tmp/smoke \
+    && run timeout 120 $py -m hift_engine.cli.main bench step --layers-small 2 --layers-full 0 --cycles 1 --out /tmp/smoke \
+    && run timeout 420 $py -m hift_engine.cli.main bench memory --out "$OUT"
+elif [ "$stage" = step ]; then
+  [ -d hift_engine.egg-info ] || run install
+  run timeout 300 $py -m hift_engine.cli.main bench step --out "$OUT"
+  run timeout 240 $py -m pytest -q -p no:cacheprovider tests
 fi

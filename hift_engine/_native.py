@@ -44,7 +44,7 @@ def _jit_build():
     if missing:
         raise FileNotFoundError(f"extension sources {missing} not found under {CSRC} (installed without csrc/?)")
     cuda = _want_cuda()
-    flags = ["-O3", "-std=c++17"] + (["-DHIFT_WITH_CUDA"] if cuda else [])
+    flags = ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])  # no -std: torch picks what its headers need
     name = f"hift_native_{'cuda' if cuda else 'cpu'}_{torch.__version__.replace('.', '_').replace('+', '_')}"
     build_dir = Path(os.environ.get("HIFT_BUILD_DIR", Path.home() / ".cache" / "hift_engine" / name))
     build_dir.mkdir(parents=True, exist_ok=True)

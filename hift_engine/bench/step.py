@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--layers-full", type=int, default=32, help="0 skips the full-size runs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--cycles", type=int, default=2, help="measured cycles (after one warm-up cycle)")
+    p.add_argument("--cycles", type=int, default=2, help="measured cycles on the small model (after one warm-up cycle)")
+    p.add_argument("--cycles-full", type=int, default=1, help="measured cycles at full size (the official baseline takes ~1.5 s/step)")
     p.add_argument("--modes", default="offload,resident,official,standard")
     p.add_argument("--store", default="native", choices=("native", "torch"))
     p.add_argument("--profile", action="store_true", help="trace a few offloaded steps with torch.profiler")
@@ -59,7 +60,7 @@ def _loop(model, opt, batches, steps):
         opt.zero_grad()
 
 
-def _measure(model, mode, args, dev, k_hint=None, profile_dir=None) -> dict:
+def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None) -> dict:
     batches = [random_batch(args.batch, args.seq, dev, seed=s) for s in range(4)]
     if mode == "standard":
         for p in model.parameters():
@@ -75,7 +76,7 @@ def _measure(model, mode, args, dev, k_hint=None, profile_dir=None) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         stats0 = _store_bytes(opt)
-        n = k * args.cycles
+        n = k * cycles
         t0 = time.perf_counter()
         _loop(model, opt, batches, n)
         torch.cuda.synchronize()
@@ -126,14 +127,15 @@ def run(args) -> int:
     dev = require_cuda("step")
     modes = [m for m in args.modes.split(",") if m]
     rows = []
-    for layers, allowed in ((args.layers_small, modes), (args.layers_full, [m for m in modes if m != "standard"])):
+    runs = ((args.layers_small, modes, args.cycles), (args.layers_full, [m for m in modes if m != "standard"], args.cycles_full))
+    for layers, allowed, cycles in runs:
         if not layers:
             continue
         model = build_llama(layers, dev)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {layers} layers, {n_params / 1e9:.3f} B params", flush=True)
         for mode in allowed:
-            row = _measure(model, mode, args, dev, k_hint=layers + 2, profile_dir=args.out if args.profile else None)
+            row = _measure(model, mode, args, dev, cycles, k_hint=layers + 2, profile_dir=args.out if args.profile else None)
             row.update(layers=layers, params=n_params)
             rows.append(row)
             print(row, flush=True)
