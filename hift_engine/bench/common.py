@@ -24,7 +24,7 @@ def gib(n: float) -> float:
 def require_cuda(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit(f"hift bench {name}: needs a CUDA GPU (none visible); run it on a GPU machine")
-    return torch.device("cuda")
+    return torch.device("cuda", torch.cuda.current_device())  # indexed: some torch.cuda APIs insist
 
 
 def _commit() -> str:
