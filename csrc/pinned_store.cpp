@@ -25,6 +25,20 @@ constexpr size_t kMaxRegistration = size_t(64) << 30;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+#ifdef HIFT_WITH_CUDA
+// One copy, or pieces of chunk bytes each (chunk == 0: one copy).
+void copy_async(void* dst, const void* src, size_t bytes, size_t chunk, cudaMemcpyKind kind, cudaStream_t stream) {
+  if (chunk == 0 || chunk >= bytes) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream));
+    return;
+  }
+  for (size_t off = 0; off < bytes; off += chunk) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off,
+                                   std::min(chunk, bytes - off), kind, stream));
+  }
+}
+#endif
+
 // First touch with several threads: the kernel maps and zeroes pages in parallel, which is what makes
 // malloc + touch + cudaHostRegister several times faster than cudaHostAlloc for many GiB.
 void parallel_touch(char* p, size_t bytes, int64_t threads) {
@@ -56,8 +70,13 @@ HostBuffer::~HostBuffer() {
 }
 
 PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
-                         int64_t touch_threads)
-    : numels_(std::move(numels)), slots_(std::move(slots)), mode_(alloc_mode), touch_threads_(touch_threads) {
+                         int64_t touch_threads, int64_t chunk_bytes)
+    : numels_(std::move(numels)),
+      slots_(std::move(slots)),
+      mode_(alloc_mode),
+      touch_threads_(touch_threads),
+      chunk_bytes_(chunk_bytes) {
+  TORCH_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
   TORCH_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
   TORCH_CHECK(mode_ == "register" || mode_ == "hostalloc",
               "PinnedStore: alloc_mode must be 'register' or 'hostalloc', got '", mode_, "'");
@@ -191,7 +210,7 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
     if (compute_done_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
     if (written_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
     if (host_written_set_[gid]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, host_written_[gid], 0));
-    C10_CUDA_CHECK(cudaMemcpyAsync(slot_ptr(slot), host_[gid]->ptr, bytes, cudaMemcpyHostToDevice, in_));
+    copy_async(slot_ptr(slot), host_[gid]->ptr, bytes, size_t(chunk_bytes_), cudaMemcpyHostToDevice, in_);
     C10_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
     arrived_set_[slot] = 1;
     return;
@@ -228,7 +247,7 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
     if (compute_done_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(out_, compute_done_[slot], 0));
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), slot_ptr(slot), bytes, cudaMemcpyDeviceToHost, out_));
+    copy_async(dst.data_ptr(), slot_ptr(slot), bytes, size_t(chunk_bytes_), cudaMemcpyDeviceToHost, out_);
     C10_CUDA_CHECK(cudaEventRecord(written_[slot], out_));
     C10_CUDA_CHECK(cudaEventRecord(host_written_[gid], out_));
     written_set_[slot] = 1;

@@ -39,9 +39,10 @@ class PinnedStore {
  public:
   // numels[g]: fp32 elements of group g's state. slots: device (or CPU) float32 tensors, each large enough
   // for the largest group. alloc_mode: "register" (default) or "hostalloc". touch_threads: threads for the
-  // first touch of "register" allocations (0: hardware concurrency, capped at 16).
+  // first touch of "register" allocations (0: hardware concurrency, capped at 16). chunk_bytes > 0 splits
+  // each copy into pieces of that size, so a small copy on another stream never waits behind a whole group.
   PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
-              int64_t touch_threads);
+              int64_t touch_threads, int64_t chunk_bytes = 0);
   ~PinnedStore();
   PinnedStore(const PinnedStore&) = delete;
   PinnedStore& operator=(const PinnedStore&) = delete;
@@ -74,6 +75,7 @@ class PinnedStore {
   std::vector<std::shared_ptr<HostBuffer>> host_;
   std::string mode_;
   int64_t touch_threads_;
+  int64_t chunk_bytes_;
   int64_t host_bytes_ = 0;
   double alloc_seconds_ = 0.0;
   bool cuda_ = false;

@@ -64,6 +64,9 @@ class HiFTConfig:
     state_store:      "auto" (CUDA: native pinned store, else torch; CPU: resident), "resident" (all state
                       on the device), "torch" (pure-torch pinned offload), "native" (C++ pinned offload).
     slots:            device buffers for offloaded state, each the size of the largest group's state (>= 2).
+    transfer_chunk_mib: split each state transfer into copies of this many MiB (0: one copy per group).
+                      Experimental: meant to stop small copies of the compute stream from queueing behind a
+                      whole group's copy on the same copy engine; not yet measured (see README limits).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
@@ -82,6 +85,7 @@ class HiFTConfig:
     max_consecutive_skips: int = 10
     state_store: str = "auto"
     slots: int = 2
+    transfer_chunk_mib: int = 0
     kernels: str = "auto"
     optimizer_kwargs: dict = field(default_factory=dict)
 
@@ -146,6 +150,8 @@ class HiFTConfig:
             )
         if not _is_int(self.slots) or self.slots < 2:
             raise ConfigError(f"slots must be an integer >= 2 (device buffers for streamed state), got {self.slots!r}")
+        if not _is_int(self.transfer_chunk_mib) or self.transfer_chunk_mib < 0:
+            raise ConfigError(f"transfer_chunk_mib must be an integer >= 0 (0: one copy per group), got {self.transfer_chunk_mib!r}")
         if self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(
                 f"kernels={self.kernels!r} is unknown; use one of {KERNEL_BACKENDS}"

@@ -168,7 +168,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.store: StateStore | None = None
         self.generic: GenericPath | None = None
         if self.spec is not None and self.state_names:
-            self.store = make_store(cfg.state_store, [lay.state_numel for lay in self.layouts], self.device, cfg.slots)
+            self.store = make_store(
+                cfg.state_store, [lay.state_numel for lay in self.layouts], self.device, cfg.slots,
+                chunk_bytes=cfg.transfer_chunk_mib << 20,
+            )
         elif self.spec is None:
             self.generic = GenericPath(cfg.optimizer, hyper, self.layouts, self.param_groups, self.device)
 

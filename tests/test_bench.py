@@ -57,7 +57,9 @@ def test_memory_plot_from_json(tmp_path):
     from hift_engine.bench.plot import plot_memory
 
     rows = [
-        {"run": f"batch{b}x512", "group": g, "peak_reserved_gib": 26 + b + g / 10} for b in (1, 2, 4) for g in range(34)
+        {"run": f"batch{b}x512", "group": g, "peak_allocated_gib": 25 + b, "peak_reserved_gib": 26 + b + g / 10}
+        for b in (1, 2, 4)
+        for g in range(34)
     ] + [{"run": "flat0", "group": 0, "peak_reserved_gib": 1.0}]
     path = write_result(tmp_path, "memory", rows, {"cap": {"cap_gib": 47.5}, "params": 6.7e9})
     png = plot_memory(path)

@@ -31,6 +31,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
         ({"max_consecutive_skips": -1}, "max_consecutive_skips must be an integer >= 0"),
         ({"optimizer_kwargs": [1]}, "optimizer_kwargs must be a mapping"),
+        ({"transfer_chunk_mib": -1}, "transfer_chunk_mib must be an integer >= 0"),
     ],
 )
 def test_bad_values_are_named(data, match):

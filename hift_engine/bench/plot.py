@@ -18,24 +18,28 @@ def plot_memory(json_path: str | Path) -> Path:
 
     json_path = Path(json_path)
     data = json.loads(json_path.read_text())
-    runs: dict[str, dict[int, float]] = {}
+    runs: dict[str, dict[int, tuple[float, float]]] = {}
     for r in data["rows"]:
         if r["run"].startswith("batch"):
             series = runs.setdefault(r["run"], {})
-            series[r["group"]] = max(series.get(r["group"], 0.0), r["peak_reserved_gib"])
+            alloc, reserved = series.get(r["group"], (0.0, 0.0))
+            series[r["group"]] = (max(alloc, r["peak_allocated_gib"]), max(reserved, r["peak_reserved_gib"]))
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, series in runs.items():
         xs = sorted(series)
-        ax.plot(xs, [series[x] for x in xs], marker=".", label=name)
+        line = ax.plot(xs, [series[x][0] for x in xs], marker=".", label=f"{name} allocated")[0]
+        ax.plot(xs, [series[x][1] for x in xs], linestyle=":", color=line.get_color(), label=f"{name} reserved")
     cap = data["summary"].get("cap", {}).get("cap_gib")
     if cap:
         ax.axhline(cap, color="red", linestyle="--", label=f"cap {cap} GiB (48 GB card)")
     env = data["env"]
     ax.set_xlabel("group position (0 = embedding, 1..32 = blocks, last = head)")
-    ax.set_ylabel("peak reserved GiB")
+    ax.set_ylabel("peak GiB per step (solid: allocated, dotted: reserved)")
+    ax.text(0.99, 0.02, "runs with the same tokens per step (e.g. 4x512 and 1x2048) overlap", transform=ax.transAxes,
+            ha="right", fontsize=7, color="gray")
     ax.set_title(f"HiFT AdamW fp32, {data['summary'].get('params', 0) / 1e9:.2f} B params — {env.get('device')}, torch {env.get('torch')}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     out = json_path.with_suffix(".png")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default="offload,resident,official,standard")
     p.add_argument("--store", default="native", choices=("native", "torch"))
     p.add_argument("--profile", action="store_true", help="trace a few offloaded steps with torch.profiler")
+    p.add_argument("--chunk-mib", default="0", help="comma-separated transfer_chunk_mib values for the offload mode "
+                   "(e.g. 0,64: measures both in the same run)")
 
 
 def _free():
@@ -38,12 +40,14 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def _hift(model, mode, store_kind):
+def _hift(model, mode, store_kind, chunk_mib=0):
     from ..optimizer import HiFTOptimizer
     from .baselines import OfficialStyleStore
 
     store = {"offload": store_kind, "resident": "resident", "official": "resident"}[mode]
-    opt = HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, state_store=store, max_grad_norm=1.0)
+    opt = HiFTOptimizer(
+        model, "adamw", lr=1e-5, weight_decay=0.0, state_store=store, max_grad_norm=1.0, transfer_chunk_mib=chunk_mib
+    )
     if mode == "official":
         opt.store.close()
         opt.store = OfficialStyleStore(
@@ -60,7 +64,7 @@ def _loop(model, opt, batches, steps):
         opt.zero_grad()
 
 
-def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None) -> dict:
+def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chunk_mib=0) -> dict:
     batches = [random_batch(args.batch, args.seq, dev, seed=s) for s in range(4)]
     if mode == "standard":
         for p in model.parameters():
@@ -68,9 +72,9 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None) -> d
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
         k = k_hint or 1
     else:
-        opt = _hift(model, mode, args.store)
+        opt = _hift(model, mode, args.store, chunk_mib)
         k = opt.num_groups
-    row = {"mode": mode, "groups": k, "batch": args.batch, "seq": args.seq}
+    row = {"mode": mode if not chunk_mib else f"{mode}-chunk{chunk_mib}", "groups": k, "batch": args.batch, "seq": args.seq}
     try:
         _loop(model, opt, batches, k)  # warm-up cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
@@ -135,10 +139,12 @@ def run(args) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {layers} layers, {n_params / 1e9:.3f} B params", flush=True)
         for mode in allowed:
-            row = _measure(model, mode, args, dev, cycles, k_hint=layers + 2, profile_dir=args.out if args.profile else None)
-            row.update(layers=layers, params=n_params)
-            rows.append(row)
-            print(row, flush=True)
+            for chunk in ([int(c) for c in args.chunk_mib.split(",") if c] if mode == "offload" else [0]):
+                row = _measure(model, mode, args, dev, cycles, k_hint=layers + 2,
+                               profile_dir=args.out if args.profile else None, chunk_mib=chunk)
+                row.update(layers=layers, params=n_params)
+                rows.append(row)
+                print(row, flush=True)
         del model
         _free()
     cols = ["layers", "mode", "groups", "step_ms", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "pcie_gib_per_step", "pcie_avg_GBps", "note"]

@@ -13,8 +13,9 @@ from .torch_transport import TorchTransport
 __all__ = ["StateStore", "StoreStats", "ResidentStore", "OffloadStore", "TorchTransport", "make_store"]
 
 
-def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2) -> StateStore:
-    """``kind``: "auto" | "resident" | "torch" | "native" (see HiFTConfig.state_store)."""
+def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0) -> StateStore:
+    """``kind``: "auto" | "resident" | "torch" | "native" (see HiFTConfig.state_store); ``chunk_bytes`` > 0
+    splits each transfer into pieces of that size (HiFTConfig.transfer_chunk_mib)."""
     device = torch.device(device)
     if kind == "auto":
         if device.type != "cuda":
@@ -26,9 +27,9 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
     if kind == "resident":
         return ResidentStore(numels, device)
     if kind == "torch":
-        return OffloadStore(numels, device, TorchTransport(device), slots)
+        return OffloadStore(numels, device, TorchTransport(device, chunk_bytes), slots)
     if kind == "native":
         from .native_transport import NativeTransport
 
-        return OffloadStore(numels, device, NativeTransport(device), slots)
+        return OffloadStore(numels, device, NativeTransport(device, chunk_bytes=chunk_bytes), slots)
     raise ConfigError(f"unknown state_store {kind!r}; use auto, resident, torch or native")

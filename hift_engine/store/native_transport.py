@@ -25,18 +25,18 @@ def _close_all() -> None:  # free pinned memory before CUDA tears down
 class NativeTransport:
     kind = "native"
 
-    def __init__(self, device: torch.device, alloc_mode: str = "register", touch_threads: int = 0) -> None:
+    def __init__(self, device: torch.device, alloc_mode: str = "register", touch_threads: int = 0, chunk_bytes: int = 0) -> None:
         self.module = _native.load()  # raises NativeUnavailableError with the original build/load error
         self.device = torch.device(device)
         if self.device.type == "cuda" and not self.module.with_cuda:
             from ..errors import NativeUnavailableError
 
             raise NativeUnavailableError("the native extension was built without CUDA; it cannot serve a CUDA device")
-        self.alloc_mode, self.touch_threads = alloc_mode, touch_threads
+        self.alloc_mode, self.touch_threads, self.chunk_bytes = alloc_mode, touch_threads, chunk_bytes
         self._store = None
 
     def attach(self, slots: list[Tensor], numels: list[int]) -> None:
-        self._store = self.module.PinnedStore(list(numels), list(slots), self.alloc_mode, self.touch_threads)
+        self._store = self.module.PinnedStore(list(numels), list(slots), self.alloc_mode, self.touch_threads, self.chunk_bytes)
         _live.add(self)
 
     @property

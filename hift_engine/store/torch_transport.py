@@ -16,8 +16,9 @@ __all__ = ["TorchTransport"]
 class TorchTransport:
     kind = "torch"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, chunk_bytes: int = 0) -> None:
         self.device = torch.device(device)
+        self.chunk = chunk_bytes // 4  # elements; 0 = one copy per group
         self.cuda = self.device.type == "cuda"
         self._host: dict[int, Tensor] = {}
         self.host_bytes = 0
@@ -43,6 +44,14 @@ class TorchTransport:
         return buf
 
     # ------------------------------------------------------------------ ordered copies
+    def _copy(self, dst: Tensor, src: Tensor) -> None:
+        """dst.copy_(src) as one non-blocking copy, or in pieces of ``chunk`` elements."""
+        if not self.chunk or self.chunk >= src.numel():
+            dst.copy_(src, non_blocking=True)
+            return
+        for start in range(0, src.numel(), self.chunk):
+            dst[start : start + self.chunk].copy_(src[start : start + self.chunk], non_blocking=True)
+
     def _slot_free(self, stream, s: int, gid: int | None = None) -> None:
         stream.wait_event(self._compute_done[s])  # last update that used the slot
         stream.wait_event(self._written[s])  # last write-back out of the slot
@@ -52,11 +61,11 @@ class TorchTransport:
     def fetch(self, gid: int, s: int) -> None:
         n, src = self.numels[gid], self.host(gid)
         if not self.cuda:
-            self.slots[s][:n].copy_(src)
+            self._copy(self.slots[s][:n], src)
             return
         with torch.cuda.stream(self.in_stream):
             self._slot_free(self.in_stream, s, gid)
-            self.slots[s][:n].copy_(src, non_blocking=True)
+            self._copy(self.slots[s][:n], src)
             self._arrived[s].record(self.in_stream)
 
     def zero(self, s: int, n: int) -> None:
@@ -71,11 +80,11 @@ class TorchTransport:
     def writeback(self, gid: int, s: int) -> None:
         n, dst = self.numels[gid], self.host(gid)
         if not self.cuda:
-            dst.copy_(self.slots[s][:n])
+            self._copy(dst, self.slots[s][:n])
             return
         with torch.cuda.stream(self.out_stream):
             self.out_stream.wait_event(self._compute_done[s])
-            dst.copy_(self.slots[s][:n], non_blocking=True)
+            self._copy(dst, self.slots[s][:n])
             self._written[s].record(self.out_stream)
             ev = self._host_written.setdefault(gid, torch.cuda.Event())
             ev.record(self.out_stream)

@@ -18,27 +18,28 @@ from hift_engine.store import OffloadStore, TorchTransport
 pytestmark = pytest.mark.cuda
 
 
-def _transport(kind):
+def _transport(kind, chunk_bytes=0):
     if kind == "torch":
-        t = TorchTransport("cuda")
+        t = TorchTransport("cuda", chunk_bytes)
     else:
         from hift_engine.store.native_transport import NativeTransport
 
-        t = NativeTransport("cuda")
+        t = NativeTransport("cuda", chunk_bytes=chunk_bytes)
     sabotage = os.environ.get("HIFT_TEST_SABOTAGE")
     if sabotage:
         setattr(t, sabotage, lambda *a, **k: None)
     return t
 
 
+@pytest.mark.parametrize("chunk", [0, 3 << 20], ids=["whole", "chunked"])
 @pytest.mark.parametrize("kind", ["torch", "native"])
 @pytest.mark.parametrize("seed", range(3))
-def test_random_orders_bit_exact_on_cuda(kind, seed):
+def test_random_orders_bit_exact_on_cuda(kind, seed, chunk):
     rnd = random.Random(seed)
     big = 1 << 16 if os.environ.get("HIFT_TEST_SMALL") == "1" else 3_000_001
     numels = [rnd.choice([1, 22, 4097, 1 << 14, big]) for _ in range(rnd.randint(2, 6))]
     order = [rnd.randrange(len(numels)) for _ in range(40)]
-    store = OffloadStore(numels, "cuda", _transport(kind), num_slots=rnd.choice([2, 3]))
+    store = OffloadStore(numels, "cuda", _transport(kind, chunk), num_slots=rnd.choice([2, 3]))
     g = torch.Generator(device="cuda").manual_seed(seed)
     ref = {}
     for t, gid in enumerate(order):

@@ -12,11 +12,14 @@ import torch
 from hift_engine.store import OffloadStore, ResidentStore, TorchTransport
 
 
-@pytest.fixture(params=["torch", "native"])
+@pytest.fixture(params=["torch", "native", "torch-chunked"])
 def transport(request):
-    """A factory of CPU transports; the native one is the C++ store (JIT-built CPU-only here)."""
+    """A factory of CPU transports; the native one is the C++ store (JIT-built CPU-only here). The chunked
+    variant splits every copy into 256-byte pieces (awkward against the group sizes on purpose)."""
     if request.param == "torch":
         return lambda: TorchTransport("cpu")
+    if request.param == "torch-chunked":
+        return lambda: TorchTransport("cpu", chunk_bytes=256)
     from hift_engine.store.native_transport import NativeTransport
 
     return lambda: NativeTransport("cpu")
