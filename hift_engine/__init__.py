@@ -4,12 +4,14 @@ Each optimizer step trains one group of layers; the optimizer state of idle grou
 memory and streams to and from the GPU on side streams, hidden behind forward and backward.
 """
 
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import HiFTConfig
 from .errors import (
     CheckpointError,
     ConfigError,
     GroupingError,
     HiFTError,
+    HostMemoryError,
     LayoutError,
     NativeUnavailableError,
     NonFiniteError,
@@ -23,6 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "HiFTOptimizer",
     "HiFTConfig",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
     "build_grouping",
     "Grouping",
     "GroupOrder",
@@ -35,4 +40,5 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "NativeUnavailableError",
+    "HostMemoryError",
 ]

@@ -8,6 +8,7 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "NativeUnavailableError",
+    "HostMemoryError",
 ]
 
 
@@ -37,3 +38,7 @@ class CheckpointError(HiFTError, RuntimeError):
 
 class NativeUnavailableError(HiFTError, RuntimeError):
     """A feature needs the C++/CUDA extension, which could not be built or loaded."""
+
+
+class HostMemoryError(HiFTError, MemoryError):
+    """The host cannot hold the optimizer state that the offloaded store would pin."""

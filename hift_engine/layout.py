@@ -88,6 +88,8 @@ class GroupLayout:
             self.grad_numel[p.dtype] = g + _align(p.numel())
         self.state_stride = off
         self.numel = sum(p.numel() for p in self.params)
+        self._dtypes = [p.dtype for p in self.params]
+        self._shapes = [p.shape for p in self.params]
         # Per-parameter step counts, on the device so the update never needs the host (non-finite skips are
         # decided on the device). float32 is exact for counts below 2**24.
         self.steps = torch.zeros(len(self.params), dtype=torch.float32, device=device)
@@ -120,14 +122,14 @@ class GroupLayout:
 
     def check_unchanged(self) -> None:
         """Parameters must not change device/dtype/shape after setup (model.to() after building the optimizer)."""
-        for name, p in zip(self.names, self.params):
-            if p.device != self.device:
+        for name, p, dtype, shape in zip(self.names, self.params, self._dtypes, self._shapes):
+            if p.device != self.device or p.dtype != dtype:
                 raise LayoutError(
-                    f"parameter {name!r} moved to {p.device} after the optimizer was created on {self.device}; "
-                    "create HiFTOptimizer after moving the model"
+                    f"parameter {name!r} is now {p.dtype} on {p.device}, but was {dtype} on {self.device} when the "
+                    "optimizer was created; create HiFTOptimizer after moving or casting the model"
                 )
-            if not p.is_contiguous():
-                raise LayoutError(f"parameter {name!r} became non-contiguous after the optimizer was created")
+            if p.shape != shape or not p.is_contiguous():
+                raise LayoutError(f"parameter {name!r} changed shape or became non-contiguous after the optimizer was created")
 
     def table(self, bucket: Bucket, block: int, members: Sequence[int] | None = None) -> TensorTable:
         """The cached kernel table for ``bucket`` (or a subset of it); rebuilt if a parameter's storage moved."""

@@ -413,17 +413,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             packed = {k: v for k, v in g.items() if k != "params"}
             packed["params"] = [index[id(p)] for p in g["params"]]
             groups.append(packed)
-        hift = {
-            "format": STATE_DICT_FORMAT,
-            "optimizer": self.spec.name if self.spec else self.config.optimizer.__name__,
-            "state_names": list(self.state_names),
-            "param_names": list(self._names_in_index_order()),
-            "groups": [list(lay.names) for lay in self.layouts],
-            "order": self.order.state_dict(),
-            "global_step": self.global_step,
-            "skips": self.monitor.state_dict(),
-        }
-        return {"state": state, "param_groups": groups, "hift": hift}
+        return {"state": state, "param_groups": groups, "hift": self.hift_meta()}
 
     def _names_in_index_order(self) -> list[str]:
         name_of = {id(p): n for lay in self.layouts for n, p in zip(lay.names, lay.params)}
@@ -444,30 +434,52 @@ class HiFTOptimizer(torch.optim.Optimizer):
             )
         hift = state_dict.get("hift")
         if hift is not None:
-            if hift.get("format") != STATE_DICT_FORMAT:
-                raise ConfigError(f"load_state_dict: unsupported hift format {hift.get('format')!r}")
-            mine = self.spec.name if self.spec else self.config.optimizer.__name__
-            if hift.get("optimizer") != mine:
-                raise ConfigError(f"load_state_dict: saved for optimizer {hift.get('optimizer')!r}, this one is {mine!r}")
-            if list(hift.get("param_names", [])) != self._names_in_index_order():
-                raise ConfigError(
-                    "load_state_dict: the saved parameter names differ from this model's; it belongs to another model"
-                )
-            if [list(g) for g in hift.get("groups", [])] != [list(lay.names) for lay in self.layouts]:
-                raise ConfigError(
-                    "load_state_dict: the saved group layout differs (layers_per_group, groups or freeze changed); "
-                    "resume with the same grouping options"
-                )
-        # Hyper-parameters: the saved ones win (as in torch.optim), structural ones must agree.
+            self.check_compatible(hift, "load_state_dict")
+        self._load_hyperparameters(saved_groups)
+        self._load_group_states(state_dict["state"], self._param_index())
+        self._restore_position(hift)
+
+    # ------------------------------------------------------------------------------------------ shared by
+    # load_state_dict and checkpoint.py
+    def hift_meta(self) -> dict[str, Any]:
+        """Everything but tensors: format, optimizer, names, groups, order position, step counter, skips."""
+        return {
+            "format": STATE_DICT_FORMAT,
+            "optimizer": self.spec.name if self.spec else self.config.optimizer.__name__,
+            "state_names": list(self.state_names),
+            "param_names": list(self._names_in_index_order()),
+            "groups": [list(lay.names) for lay in self.layouts],
+            "order": self.order.state_dict(),
+            "global_step": self.global_step,
+            "skips": self.monitor.state_dict(),
+        }
+
+    def check_compatible(self, hift: Mapping[str, Any], where: str) -> None:
+        """Raise ConfigError when saved state belongs to another model, optimizer or grouping."""
+        fmt = hift.get("format") if isinstance(hift, Mapping) else None
+        if fmt != STATE_DICT_FORMAT:
+            raise ConfigError(f"{where}: unsupported or missing hift state format {fmt!r}")
+        mine = self.spec.name if self.spec else self.config.optimizer.__name__
+        if hift.get("optimizer") != mine:
+            raise ConfigError(f"{where}: saved for optimizer {hift.get('optimizer')!r}, this one is {mine!r}")
+        if list(hift.get("param_names", [])) != self._names_in_index_order():
+            raise ConfigError(f"{where}: the saved parameter names differ from this model's; it belongs to another model")
+        if [list(g) for g in hift.get("groups", [])] != [list(lay.names) for lay in self.layouts]:
+            raise ConfigError(
+                f"{where}: the saved group layout differs (layers_per_group, groups or freeze changed); "
+                "resume with the same grouping options"
+            )
+
+    def _load_hyperparameters(self, saved_groups: list[Mapping[str, Any]]) -> None:
+        # The saved hyper-parameters win (as in torch.optim); structural ones must agree.
         for g, s in zip(self.param_groups, saved_groups):
             for k, v in s.items():
                 if k != "params":
-                    g[k] = tuple(v) if k == "betas" else v
+                    g[k] = tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v
         if self.spec is not None:
             self._check_structure()
-        saved_state = state_dict["state"]
-        index = self._param_index()
-        self._load_group_states(saved_state, index)
+
+    def _restore_position(self, hift: Mapping[str, Any] | None) -> None:
         old = self.order.current
         if hift is not None:
             self.order.load_state_dict(hift["order"])
@@ -479,6 +491,71 @@ class HiFTOptimizer(torch.optim.Optimizer):
         else:
             self.zero_grad()
         self._prefetch(self.order.current)
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """param_groups without the parameters (JSON-friendly: tuples become lists)."""
+        return [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in self.param_groups
+        ]
+
+    def group_tensors(self, gid: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Group gid's optimizer state as CPU tensors (+ non-tensor values for generic optimizers).
+
+        Fused optimizers: {"steps": float32 [T], "state": flat fp32 (absent if never initialised)}; the state
+        tensor is the store's host memory itself (read it before the next step). Generic optimizers:
+        "<i>.<key>" for tensor state of the group's i-th parameter, other values in the second dict."""
+        lay = self.layouts[gid]
+        if self.generic is not None:
+            tensors, values = {}, {}
+            index = {id(p): i for i, p in enumerate(lay.params)}
+            for p, entry in self.generic.state_entries(gid).items():
+                for key, v in entry.items():
+                    if torch.is_tensor(v):
+                        tensors[f"{index[id(p)]}.{key}"] = v.detach().cpu()
+                    else:
+                        values[f"{index[id(p)]}.{key}"] = v
+            return tensors, values
+        out = {"steps": lay.steps.detach().cpu()}
+        if self.store is not None:
+            flat = self.store.host_state(gid)
+            if flat is not None:
+                out["state"] = flat
+        return out, {}
+
+    def load_group_tensors(self, gid: int, tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> None:
+        """Inverse of group_tensors (shapes checked; ConfigError on mismatch)."""
+        lay = self.layouts[gid]
+        if self.generic is not None:
+            entries: dict[Any, dict[str, Any]] = {}
+            for key, v in list(tensors.items()) + list(values.items()):
+                i, _, name = key.partition(".")
+                if not i.isdigit() or int(i) >= len(lay.params):
+                    raise ConfigError(f"group {gid}: unexpected saved state key {key!r}")
+                entries.setdefault(lay.params[int(i)], {})[name] = v
+            self.generic.load_entries(gid, entries)
+            return
+        steps = tensors.get("steps")
+        if steps is None or tuple(steps.shape) != (len(lay.params),):
+            raise ConfigError(f"group {gid}: saved step counts have shape {getattr(steps, 'shape', None)}, expected ({len(lay.params)},)")
+        if self.store is not None:
+            flat = tensors.get("state")
+            if flat is None:
+                self.store.reset(gid)
+            elif flat.numel() != lay.state_numel or flat.dtype != torch.float32:
+                raise ConfigError(
+                    f"group {gid}: saved state has {flat.numel()} {flat.dtype} elements, expected {lay.state_numel} float32"
+                )
+            else:
+                self.store.load_state(gid, flat)
+        lay.steps.copy_(steps)
+
+    def load_meta(self, hyper: list[Mapping[str, Any]], hift: Mapping[str, Any]) -> None:
+        """Restore hyper-parameters and position (after load_group_tensors for every group)."""
+        if len(hyper) != len(self.param_groups):
+            raise ConfigError(f"saved {len(hyper)} param_groups, this optimizer has {len(self.param_groups)}")
+        self.check_compatible(hift, "load_meta")
+        self._load_hyperparameters(list(hyper))
+        self._restore_position(hift)
 
     def _load_group_states(self, saved_state: Mapping[Any, Any], index: dict[int, int]) -> None:
         def entry_for(p):

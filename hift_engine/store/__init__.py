@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HostMemoryError
 from .base import StateStore, StoreStats
 from .offload import OffloadStore
 from .resident import ResidentStore
 from .torch_transport import TorchTransport
 
-__all__ = ["StateStore", "StoreStats", "ResidentStore", "OffloadStore", "TorchTransport", "make_store"]
+__all__ = ["StateStore", "StoreStats", "ResidentStore", "OffloadStore", "TorchTransport", "make_store", "available_host_bytes"]
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(numels: list[int]) -> None:
+    """Refuse, before anything is allocated, an offloaded store whose state cannot fit in host memory."""
+    need = 4 * sum(numels)
+    have = available_host_bytes()
+    if have is not None and need > have:
+        raise HostMemoryError(
+            f"the offloaded optimizer state needs {need / 2**30:.1f} GiB of pinned host memory for {len(numels)} "
+            f"groups, but only {have / 2**30:.1f} GiB is available. Use a machine with more host memory, freeze "
+            "some units (freeze=[...]), or keep the state on the GPU (state_store='resident') if it fits there"
+        )
 
 
 def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0) -> StateStore:
@@ -26,6 +50,7 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
             kind = "native" if _native.available(warn=True) else "torch"
     if kind == "resident":
         return ResidentStore(numels, device)
+    check_host_memory(numels)
     if kind == "torch":
         return OffloadStore(numels, device, TorchTransport(device, chunk_bytes), slots)
     if kind == "native":

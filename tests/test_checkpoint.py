@@ -1,0 +1,233 @@
+"""Checkpoints: exact resume, atomic writes, verification, crash survival, clear errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hift_engine import CheckpointError, HiFTOptimizer, latest_checkpoint, load_checkpoint, save_checkpoint
+from hift_engine import checkpoint as ckpt
+from tests.helpers import lm_batch, params_equal, tiny_llama, twin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train(model, opt, sched, steps, start=0, accum=2):
+    losses = []
+    for step in range(start, start + steps):
+        total = 0.0
+        for micro in range(accum):
+            loss = model(**lm_batch(seed=1000 * step + micro)).loss / accum
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def _setup(strategy="random", optimizer="adamw", **kw):
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, optimizer, lr=1e-2, strategy=strategy, seed=5, **kw)
+    sched = opt.cycle_scheduler("cosine", total_steps=40, warmup_steps=5)
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", torch.optim.RMSprop])
+def test_resume_in_new_objects_is_bit_identical(tmp_path, strategy, optimizer):
+    kw = {"momentum": 0.9} if optimizer == "sgd" else {}
+    store = {"state_store": "torch"} if isinstance(optimizer, str) else {}
+    model, opt, sched = _setup(strategy, optimizer, **kw, **store)
+    _train(model, opt, sched, 7)
+    path = save_checkpoint(tmp_path, model, opt, sched, extra={"data_position": 7})
+    reference = _train(model, opt, sched, 9, start=7)
+
+    torch.manual_seed(123)  # the checkpoint must restore RNG state too
+    model2, opt2, sched2 = _setup(strategy, optimizer, **kw, **store)
+    info = load_checkpoint(path, model2, opt2, sched2)
+    assert info["step"] == 7 and info["extra"] == {"data_position": 7}
+    assert opt2.global_step == 7 and opt2.order.state_dict() == _order_at(strategy, opt.num_groups, 7)
+    resumed = _train(model2, opt2, sched2, 9, start=7)
+    assert resumed == reference
+    assert params_equal(model, model2)
+
+
+def _order_at(strategy, k, steps):
+    from hift_engine import GroupOrder
+
+    order = GroupOrder(k, strategy, seed=5)
+    for _ in range(steps):
+        order.advance()
+    return order.state_dict()
+
+
+def test_layout_on_disk_and_keep_last(tmp_path):
+    model, opt, sched = _setup()
+    for i in range(4):
+        _train(model, opt, sched, 2, start=2 * i)
+        save_checkpoint(tmp_path, model, opt, sched, keep_last=2)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["ckpt-00000006", "ckpt-00000008"]
+    files = sorted(str(p.relative_to(tmp_path / names[-1])) for p in (tmp_path / names[-1]).rglob("*") if p.is_file())
+    assert files == sorted(
+        ["manifest.json", "meta.json", "model.safetensors", "rng.safetensors", "scheduler.pt"]
+        + [f"optim/group-{g:04d}.safetensors" for g in range(opt.num_groups)]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000008"
+
+
+def test_crash_during_write_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 2)
+    good = save_checkpoint(tmp_path, model, opt, sched)
+    calls = {"n": 0}
+    real = ckpt._fsync
+
+    def failing(fd):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk full (simulated)")
+        real(fd)
+
+    monkeypatch.setattr(ckpt, "_fsync", failing)
+    _train(model, opt, sched, 2, start=2)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model, opt, sched)
+    assert [p.name for p in tmp_path.iterdir()] == [good.name]
+    assert latest_checkpoint(tmp_path) == good
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable manifest"),
+        (lambda d: (d / "optim" / "group-0001.safetensors").unlink(), "group-0001.safetensors: listed in the manifest but missing"),
+        (lambda d: _truncate(d / "model.safetensors"), "model.safetensors: size .*truncated"),
+        (lambda d: _flip_byte(d / "optim" / "group-0002.safetensors"), "group-0002.safetensors: checksum mismatch"),
+    ],
+)
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, match):
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 6)
+    path = save_checkpoint(tmp_path, model, opt, sched)
+    damage(path)
+    model2, opt2, sched2 = _setup()
+    before = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path, model2, opt2, sched2)
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), before))  # nothing half-loaded
+
+
+def _truncate(f: Path):
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(f: Path):
+    data = bytearray(f.read_bytes())
+    data[len(data) - 5] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_checkpoint_of_another_model_or_layout_is_refused(tmp_path):
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 2)
+    path = save_checkpoint(tmp_path, model, opt, sched)
+    other = tiny_llama(layers=4)
+    with pytest.raises(CheckpointError, match="another model|param_groups|does not match"):
+        load_checkpoint(path, other, HiFTOptimizer(other, "adamw", lr=1e-2))
+    regrouped = tiny_llama()
+    with pytest.raises(CheckpointError, match="group layout differs"):
+        load_checkpoint(path, regrouped, HiFTOptimizer(regrouped, "adamw", lr=1e-2, layers_per_group=2))
+    with pytest.raises(CheckpointError, match="optimizer 'adamw'"):
+        sgd_model = tiny_llama()
+        load_checkpoint(path, sgd_model, HiFTOptimizer(sgd_model, "sgd", lr=1e-2))
+
+
+def test_non_json_extra_is_a_clear_error(tmp_path):
+    model, opt, sched = _setup()
+    with pytest.raises(CheckpointError, match="JSON-serialisable"):
+        save_checkpoint(tmp_path, model, opt, sched, extra={"bad": object()})
+    assert not list(tmp_path.iterdir())
+
+
+def _run_worker(root, *extra, timeout=120):
+    cmd = [sys.executable, "-m", "tests.crash_worker", "--root", str(root), *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+    """Kill a training subprocess with SIGKILL at random moments (slow fsyncs make kills during checkpoint
+    writes likely), restart it from the latest good checkpoint, and require the exact final weights."""
+    from safetensors.torch import load_file
+
+    ref = _run_worker(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    reference = load_file(str(tmp_path / "ref" / "final.safetensors"))
+    rnd = random.Random(7)
+    during_write = 0
+    reps = 4
+    for rep in range(reps):
+        root = tmp_path / f"run{rep}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            # even reps: slow fsyncs, so kills tend to land inside checkpoint writes; odd reps: between them
+            [sys.executable, "-m", "tests.crash_worker", "--root", str(root), "--slow-fsync", "0.02" if rep % 2 == 0 else "0"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )
+        # wait until training has started (first checkpoint), then kill at a random moment
+        deadline = time.time() + 60
+        while time.time() < deadline and not (root.exists() and any(root.iterdir())):
+            time.sleep(0.05)
+        time.sleep(rnd.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if root.exists() and any(p.name.startswith(".tmp") for p in root.iterdir()):
+            during_write += 1
+        for d in ckpt.list_checkpoints(root):  # whatever looks complete must verify
+            ckpt.verify_checkpoint(d)
+        done = _run_worker(root)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        final = load_file(str(root / "final.safetensors"))
+        assert final.keys() == reference.keys()
+        assert all(torch.equal(final[k], reference[k]) for k in reference), f"rep {rep}: weights differ"
+    print(f"{reps} kills, {during_write} during a checkpoint write")
+
+
+@pytest.mark.cuda
+def test_resume_on_cuda_with_native_store_is_bit_identical(tmp_path):
+    model = tiny_llama(device="cuda")
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, strategy="random", seed=5, state_store="native")
+    sched = opt.cycle_scheduler("cosine", total_steps=40)
+    batches = [lm_batch(seed=s, device="cuda") for s in range(20)]
+
+    def run(m, o, s, steps, start):
+        out = []
+        for step in range(start, start + steps):
+            loss = m(**batches[step]).loss
+            out.append(loss.item())
+            loss.backward()
+            o.step()
+            s.step()
+            o.zero_grad()
+        return out
+
+    run(model, opt, sched, 8, 0)
+    path = save_checkpoint(tmp_path, model, opt, sched)
+    reference = run(model, opt, sched, 8, 8)
+    model2 = tiny_llama(device="cuda")
+    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-2, strategy="random", seed=5, state_store="native")
+    sched2 = opt2.cycle_scheduler("cosine", total_steps=40)
+    load_checkpoint(path, model2, opt2, sched2)
+    assert run(model2, opt2, sched2, 8, 8) == reference and params_equal(model, model2)
