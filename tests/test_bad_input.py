@@ -133,3 +133,21 @@ def test_checkpoint_reader_fuzz_only_raises_checkpoint_errors(saved, which, mode
     finally:
         for name, content in original.items():
             (path / name).write_bytes(content)
+
+
+_EXAMPLES = {p: open(p).read() for p in ("configs/tiny.yaml", "configs/llama2-7b-fp32-48gb.yaml")}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(source=st.sampled_from(sorted(_EXAMPLES)), cut=st.floats(0.0, 1.0), junk=st.text(max_size=40),
+       suffix=st.sampled_from([".yaml", ".toml"]))
+def test_config_file_loader_fuzz_only_raises_config_errors(tmp_path, source, cut, junk, suffix):
+    from hift_engine.recipe import load_run_config
+
+    text = _EXAMPLES[source]
+    f = tmp_path / f"fuzz{suffix}"
+    f.write_text(text[: int(len(text) * cut)] + junk)
+    try:
+        load_run_config(f)
+    except ConfigError:
+        pass

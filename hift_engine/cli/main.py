@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from ..errors import HiFTError
-from . import bench, demo, env
+from . import bench, demo, env, train
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (demo, bench, env)
+SUBCOMMANDS = (demo, train, bench, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except HiFTError as e:  # expected, user-facing errors: one clear line, no traceback

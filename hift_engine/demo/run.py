@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .task import VOCAB_SIZE, ArithmeticTask
 
@@ -31,19 +32,6 @@ def tiny_llama(hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).to(device)
-
-
-def memory_bytes(device: torch.device) -> int:
-    """Allocated bytes on a CUDA device; resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 @dataclass
