@@ -176,7 +176,7 @@ class HiFTConfig:
         for key in data:
             if key not in names:
                 raise ConfigError(f"unknown option {key!r}{_suggest(str(key), names)}; valid options: {', '.join(names)}")
-        return cls(**dict(data))
+        return cls(**{str(k): v for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -113,7 +113,7 @@ class RunConfig:
         known = list(SECTIONS) + ["optimizer"]
         for key in data:
             if key not in known:
-                raise ConfigError(f"unknown section {key!r}{_suggest(key, known)}; sections: {', '.join(known)}")
+                raise ConfigError(f"unknown section {key!r}{_suggest(str(key), known)}; sections: {', '.join(known)}")
         kwargs = {}
         for name, section_cls in SECTIONS.items():
             values = data.get(name) or {}
@@ -125,6 +125,8 @@ class RunConfig:
                     raise ConfigError(f"unknown option {name}.{key}{_suggest(str(key), fields)}; options: {', '.join(fields)}")
             kwargs[name] = section_cls(**values)
         opt = data.get("optimizer") or {}
+        if not isinstance(opt, Mapping):
+            raise ConfigError(f"section 'optimizer' must be a mapping, got {type(opt).__name__}")
         kwargs["optimizer"] = HiFTConfig.from_dict({"lr": 3e-3, "weight_decay": 0.0, **opt})
         return cls(**kwargs)
 
