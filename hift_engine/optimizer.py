@@ -14,7 +14,6 @@ transformers.Trainer work unchanged; the HiFT layer groups are a separate partit
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import HiFTConfig
-from .errors import ConfigError, LayoutError
+from .errors import ConfigError
 from .grouping import Grouping, build_grouping, name_matches
 from .hooks import GradRouter
 from .layout import GradArena, GroupLayout, check_params

@@ -7,7 +7,6 @@ at random moments and checks that resuming ends with exactly the weights of an u
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 

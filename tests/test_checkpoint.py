@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, atomic writes, verification, crash survival, clear errors."""
 
-import json
 import os
 import random
 import signal
@@ -14,7 +13,7 @@ import torch
 
 from hift_engine import CheckpointError, HiFTOptimizer, latest_checkpoint, load_checkpoint, save_checkpoint
 from hift_engine import checkpoint as ckpt
-from tests.helpers import lm_batch, params_equal, tiny_llama, twin
+from tests.helpers import lm_batch, params_equal, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,6 @@
 """Units and groups for Hugging Face families, generic ModuleList models, explicit groups and freezing."""
 
 import pytest
-import torch
 from torch import nn
 
 from hift_engine import GroupingError, build_grouping

@@ -11,7 +11,7 @@ from hift_engine import ConfigError, CycleLR, DelayedScheduler, GroupOrder
 @pytest.mark.parametrize("strategy", ["bottom2up", "top2down", "random"])
 def test_each_group_once_per_cycle_and_peek_is_next(strategy):
     order = GroupOrder(7, strategy, seed=3)
-    for cycle in range(5):
+    for _cycle in range(5):
         seen = []
         for _ in range(7):
             seen.append(order.current)

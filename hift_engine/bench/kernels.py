@@ -95,10 +95,7 @@ def _time_hift(opt_name, shapes, dtype, dev, rep_ms):
 
     t_kernel = median_ms(kernel_only, rep_ms=rep_ms)
     t_step = median_ms(opt.step, rep_ms=rep_ms)
-    n = lay.numel
-    del opt, model, state, table
-    _free()
-    return n, t_kernel, t_step
+    return lay.numel, t_kernel, t_step  # the caller frees the memory (_free) once these locals are gone
 
 
 def _time_torch(opt_name, shapes, dtype, dev, rep_ms, mode):
@@ -108,13 +105,8 @@ def _time_torch(opt_name, shapes, dtype, dev, rep_ms, mode):
         opt = TORCH[opt_name](params, **kw, **{mode: True})
         opt.step()
     except (RuntimeError, ValueError, TypeError) as e:
-        del params
-        _free()
         return None, str(e).splitlines()[0][:80]
-    t = median_ms(opt.step, rep_ms=rep_ms)
-    del opt, params
-    _free()
-    return t, None
+    return median_ms(opt.step, rep_ms=rep_ms), None
 
 
 COPY_BYTES = 2 << 30  # the ceiling is measured on a 2 GiB copy: far beyond L2, and size-independent here
@@ -124,10 +116,7 @@ def _copy_GBps(dev, rep_ms) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    t = median_ms(lambda: dst.copy_(src), rep_ms=rep_ms)
-    del src, dst
-    _free()
-    return 2 * COPY_BYTES / t / 1e6
+    return 2 * COPY_BYTES / median_ms(lambda: dst.copy_(src), rep_ms=rep_ms) / 1e6
 
 
 def run(args) -> int:
@@ -141,6 +130,7 @@ def run(args) -> int:
             raise SystemExit(f"hift bench kernels: unknown optimizer {o!r}; use adamw, adagrad, sgd")
     rows, skipped = [], []
     copy_GBps = _copy_GBps(dev, args.rep_ms)
+    _free()
     for shape in shapes_list:
         shapes = shapes_for(shape)
         n = sum(int(torch.Size(s).numel()) for s in shapes)
@@ -155,12 +145,14 @@ def run(args) -> int:
             t_copy = moved / copy_GBps / 1e6  # the time a copy moving the same bytes takes
             base = dict(shape=shape, optimizer=opt_name, dtype=args.dtype, params=n, bytes_per_param=bpp)
             rows.append({**base, "provider": "copy", "ms": t_copy, "note": f"{COPY_BYTES >> 30} GiB d2d copy"})
-            n_h, t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms)
+            _, t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms)
+            _free()
             rows.append({**base, "provider": "hift-kernel", "ms": t_kernel})
             rows.append({**base, "provider": "hift-step", "ms": t_step})
             if dtype == torch.float32:
                 for mode in ("fused", "foreach"):
                     t, err = _time_torch(opt_name, shapes, dtype, dev, args.rep_ms, mode)
+                    _free()
                     rows.append({**base, "provider": f"torch-{mode}", "ms": t, "note": err})
             for r in rows:
                 if r["shape"] == shape and r["optimizer"] == opt_name and r.get("ms"):

@@ -129,7 +129,6 @@ def _raw_rows(reps: int, dev) -> list[dict]:
         {"provider": "raw-pinned", "direction": "d2h", "seconds": _median_s(d2h, reps), "bytes": nbytes},
         {"provider": "raw-pinned", "direction": "both", "seconds": _median_s(both, reps), "bytes": 2 * nbytes},
     ]
-    del host_a, host_b, dev_a, dev_b
     return rows
 
 
@@ -151,7 +150,6 @@ def _pageable_rows(reps: int, dev) -> list[dict]:
         {"provider": "pageable-sync", "direction": "h2d", "seconds": _median_s(h2d, max(2, reps // 2)), "bytes": nbytes},
         {"provider": "pageable-sync", "direction": "d2h", "seconds": _median_s(d2h, max(2, reps // 2)), "bytes": nbytes},
     ]
-    del dev_state, host_state
     return rows
 
 

@@ -107,3 +107,20 @@ def assert_low_precision_close(kernel, reference, steps: int) -> None:
         ulp = torch.finfo(b.dtype).eps * b.float().abs().max().item()
         diff = (a.float() - b.float()).abs().max().item()
         assert diff <= steps * ulp + 1e-7, f"low-precision params differ by {diff:.3e} > {steps} x ulp {ulp:.3e}"
+
+
+ODD_MIX = [1, 22, 4097, 1000, 3, 65537]
+
+
+def assert_nonfinite_skip_leaves_state(update, hyper, num_state, device):
+    """A step whose flags say skip (what the engine computes for inf/NaN gradients) must leave parameters and
+    state bit-identical, even with a NaN actually present in the gradients."""
+    grp = Group(ODD_MIX, torch.float32, device, num_state, 5)
+    grp.set_grads(random_grads(ODD_MIX, 1))
+    grp.steps += 1
+    update(grp.table, grp.steps, grp.grads, grp.state, grp.stride, None, **hyper)
+    params, state = [p.clone() for p in grp.params], grp.state.clone()
+    grp.set_grads(random_grads(ODD_MIX, 2, nan_at=3))
+    update(grp.table, grp.steps, grp.grads, grp.state, grp.stride, torch.tensor([1.0, 1.0], device=device), **hyper)
+    assert all(torch.equal(a, b) for a, b in zip(grp.params, params))
+    assert torch.equal(grp.state, state)

@@ -7,7 +7,7 @@ import torch
 
 from hift_engine.kernels.reference import sgd_reference
 from hift_engine.kernels.sgd import _sgd_kernel, sgd_update
-from tests.kernels.harness import DEVICES, Group, assert_low_precision_close, assert_within_twice_torch, device_param, random_grads, runtime_scalars_are_not_constexpr
+from tests.kernels.harness import assert_nonfinite_skip_leaves_state, DEVICES, Group, assert_low_precision_close, assert_within_twice_torch, device_param, random_grads, runtime_scalars_are_not_constexpr
 
 SIZES = {"1": [1], "22": [22], "4097": [4097], "1_000_003": [1_000_003], "odd_mix": [1, 22, 4097, 1000, 3, 65537]}
 VARIANTS = {
@@ -73,16 +73,7 @@ def test_sgd_bf16_params(device):
 
 @pytest.mark.parametrize("device", [device_param(d) for d in DEVICES])
 def test_sgd_nonfinite_gradient_leaves_everything_untouched(device):
-    sizes = SIZES["odd_mix"]
-    grp = Group(sizes, torch.float32, device, 1, 5)
-    h = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0)
-    grp.set_grads(random_grads(sizes, 1))
-    grp.steps += 1
-    sgd_update(grp.table, grp.steps, grp.grads, grp.state, grp.stride, None, **h)
-    params, state = [p.clone() for p in grp.params], grp.state.clone()
-    grp.set_grads(random_grads(sizes, 2, nan_at=5))
-    sgd_update(grp.table, grp.steps, grp.grads, grp.state, grp.stride, torch.tensor([1.0, 1.0], device=device), **h)
-    assert all(torch.equal(a, b) for a, b in zip(grp.params, params)) and torch.equal(grp.state, state)
+    assert_nonfinite_skip_leaves_state(sgd_update, dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0), 1, device)
 
 
 def test_hot_path_scalars_are_runtime_arguments():
