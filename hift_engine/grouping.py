@@ -165,14 +165,13 @@ def _auto_units(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> tupl
             "regexes that cover every trainable parameter."
         )
     list_name, blocks = located
-    base = list_name[: -len(family[0])].rstrip(".") if family else list_name.rsplit(".", 1)[0] if "." in list_name else ""
     prefix = f"{list_name}."
-    block_of: dict[str, str] = {}
-    for i, _ in enumerate(blocks):
-        block_of[f"{list_name}.{i}"] = f"{list_name}.{i}"
-
-    emb_prefixes = tuple(f"{base}.{e}" if base else e for e in family[1]) if family else ()
-    emb, head, per_block = [], [], {k: [] for k in block_of}
+    emb_prefixes: tuple[str, ...] = ()
+    if family:  # embedding modules are children of the model that holds the block list
+        base = list_name[: -len(family[0])].rstrip(".")
+        emb_prefixes = tuple(f"{base}.{e}" if base else e for e in family[1])
+    emb, head = [], []
+    per_block: dict[str, list[str]] = {f"{prefix}{i}": [] for i in range(len(blocks))}
     seen_blocks = False
     for name, _ in named:
         if name.startswith(prefix):

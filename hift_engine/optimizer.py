@@ -26,6 +26,7 @@ from .config import HiFTConfig
 from .errors import ConfigError
 from .grouping import Grouping, build_grouping, name_matches
 from .hooks import GradRouter
+from .kernels._launch import DEFAULT_BLOCK
 from .layout import GradArena, GroupLayout, check_params
 from .nonfinite import SkipMonitor
 from .optim import FUSED_SPECS, FusedSpec
@@ -178,7 +179,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.global_step = 0
         self.last_grad_norm: Tensor | None = None
-        self._block = 1024
+        self._block = DEFAULT_BLOCK  # elements per kernel program (kernels/_launch.py)
         self._activate(self.order.current)
         self._prefetch(self.order.current)
 

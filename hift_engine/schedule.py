@@ -69,10 +69,6 @@ class GroupOrder:
             return self.cycle_order(self.cycle)[self.position + 1]
         return self.cycle_order(self.cycle + 1)[0]
 
-    @property
-    def steps_taken(self) -> int:
-        return self.cycle * self.num_groups + self.position
-
     def advance(self) -> int:
         """Move to the next step; returns the new current group."""
         self.position += 1
