@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # How the committed results were produced on the GPU machine (the device tool's H100/H200, no network).
-#   bash benchmarks/run_on_gpu.sh check   install, environment, whole test suite, kernels + offload benchmarks,
-#                                         the race test with one wait removed (must fail), compute-sanitizer
-#   bash benchmarks/run_on_gpu.sh memory  smoke runs, then the 7B memory benchmark
-#   bash benchmarks/run_on_gpu.sh step    the step benchmark, then the whole test suite
+#   bash benchmarks/run_on_gpu.sh STAGE...   (several stages run in order, in one call)
+#   check     install, environment, the native store's tests alone (a cuda-gdb backtrace if one crashes),
+#             whole test suite, offload benchmark, the race test with one wait removed (must fail),
+#             compute-sanitizer on the store tests
+#   kernels   the kernel benchmark
+#   diagnose  offload vs resident step variants with profiler trace summaries (benchmarks/diagnose_offload.py)
+#   memory    smoke runs, then the 7B memory benchmark
+#   step      the step benchmark
 # Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
 set -uo pipefail
-stage=${1:-check}
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-log="$OUT/$stage.log"
 run() { echo "=== $* ($(date +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; echo "=== rc=$rc" | tee -a "$log"; return $rc; }
 py=python3
 
@@ -27,12 +29,21 @@ install() {
   fi
 }
 
+installed=0
+ensure_installed() { [ $installed = 1 ] || { run install; installed=1; }; }
+
+for stage in "${@:-check}"; do
+log="$OUT/$stage.log"
 if [ "$stage" = check ]; then
   run nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
-  run install
+  ensure_installed
   run $py -m hift_engine.cli.main env
-  run timeout 240 $py -m pytest -q -x -p no:cacheprovider tests
-  run timeout 90 $py -m hift_engine.cli.main bench kernels --shape all --out "$OUT"
+  if ! run timeout 60 $py -X faulthandler -m pytest -q -p no:cacheprovider tests/store/test_native_store.py; then
+    run timeout 120 cuda-gdb -batch -ex run -ex bt --args $py -m pytest -q -x -p no:cacheprovider tests/store/test_native_store.py
+  fi
+  # the CPU-only tests run in CI; here: everything CUDA, and the native store (now a CUDA build) on CPU tensors too
+  run timeout 330 $py -m pytest -q -p no:cacheprovider tests -m cuda -rs
+  run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m "not cuda"
   run timeout 120 $py -m hift_engine.cli.main bench offload --out "$OUT"
   for wait in wait_arrival mark_compute_done; do
     echo "--- race test with $wait removed: expected to FAIL" | tee -a "$log"
@@ -41,14 +52,22 @@ if [ "$stage" = check ]; then
   for tool in memcheck racecheck; do
     HIFT_TEST_SMALL=1 run timeout 150 compute-sanitizer --tool $tool --print-limit 20 $py -m pytest -q -p no:cacheprovider tests/store/test_cuda_stores.py
   done
+elif [ "$stage" = kernels ]; then
+  ensure_installed
+  run timeout 90 $py -m hift_engine.cli.main bench kernels --shape all --out "$OUT"
+elif [ "$stage" = diagnose ]; then
+  ensure_installed
+  run timeout 300 $py benchmarks/diagnose_offload.py --layers 8 --profile --out "$OUT" --trace-dir /tmp/traces
 elif [ "$stage" = memory ]; then
-  run install
+  ensure_installed
   # smoke runs on a 2-layer model first: a bug costs seconds, not the 7B run
   run timeout 120 $py -m hift_engine.cli.main bench memory --layers 2 --batches 1 --extra-steps 1 --flat-cycles 1 --seq-probe 1024 --out /tmp/smoke \
-    && run timeout 120 $py -m hift_engine.cli.main bench step --layers-small 2 --layers-full 0 --cycles 1 --out /tmp/smoke \
     && run timeout 420 $py -m hift_engine.cli.main bench memory --out "$OUT"
 elif [ "$stage" = step ]; then
-  [ -d hift_engine.egg-info ] || run install
-  run timeout 300 $py -m hift_engine.cli.main bench step --out "$OUT"
-  run timeout 240 $py -m pytest -q -p no:cacheprovider tests
+  ensure_installed
+  run timeout 120 $py -m hift_engine.cli.main bench step --layers-small 2 --layers-full 0 --cycles 1 --out /tmp/smoke \
+    && run timeout 420 $py -m hift_engine.cli.main bench step --out "$OUT"
+else
+  echo "unknown stage: $stage (check, kernels, diagnose, memory, step)"; exit 2
 fi
+done

@@ -1,17 +1,17 @@
 // Host logic of the pinned state store: argument checks, allocation, and ordered copies (see pinned_store.h).
 #include "pinned_store.h"
 
-#include <c10/util/Exception.h>
+#include "check.h"
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 
+#include <sys/mman.h>
+
 #ifdef HIFT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -19,6 +19,7 @@ namespace hift {
 
 namespace {
 constexpr size_t kPage = 4096;
+constexpr size_t kHugePage = size_t(2) << 20;
 // cudaHostRegister is called on pieces of at most this size (large single registrations have failed on
 // some drivers; 64 GiB is the documented safe bound we chose).
 constexpr size_t kMaxRegistration = size_t(64) << 30;
@@ -29,25 +30,42 @@ size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 // One copy, or pieces of chunk bytes each (chunk == 0: one copy).
 void copy_async(void* dst, const void* src, size_t bytes, size_t chunk, cudaMemcpyKind kind, cudaStream_t stream) {
   if (chunk == 0 || chunk >= bytes) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream));
+    HIFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream));
     return;
   }
   for (size_t off = 0; off < bytes; off += chunk) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off,
+    HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off,
                                    std::min(chunk, bytes - off), kind, stream));
   }
 }
 #endif
 
-// First touch with several threads: the kernel maps and zeroes pages in parallel, which is what makes
-// malloc + touch + cudaHostRegister several times faster than cudaHostAlloc for many GiB.
+// Reserve address space for `bytes` (whole pages) without touching it. Anonymous mmap rather than malloc so
+// that large buffers can ask for transparent huge pages: 512x fewer page faults to take and pages to pin.
+void* map_pages(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+#ifdef MADV_HUGEPAGE
+  if (bytes >= kHugePage) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: ignored where THP is switched off
+#endif
+  return p;
+}
+
+// First touch with several threads, one write per 4 KiB page: the kernel maps (and zeroes) pages in
+// parallel, which makes mmap + touch + cudaHostRegister several times faster than cudaHostAlloc for many
+// GiB. Writing a byte per page instead of memset-ing the buffer halves the memory traffic (the kernel has
+// already zeroed each page). Each thread's share is a whole number of huge pages, so no two threads fault
+// the same huge page.
 void parallel_touch(char* p, size_t bytes, int64_t threads) {
   size_t n = threads > 0 ? size_t(threads) : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  size_t per = round_up((bytes + n - 1) / n, kPage);
+  size_t per = round_up((bytes + n - 1) / n, kHugePage);
   std::vector<std::thread> pool;
   for (size_t start = 0; start < bytes; start += per) {
-    size_t len = std::min(per, bytes - start);
-    pool.emplace_back([p, start, len] { std::memset(p + start, 0, len); });
+    size_t end = std::min(start + per, bytes);
+    pool.emplace_back([p, start, end] {
+      volatile char* v = p;
+      for (size_t off = start; off < end; off += kPage) v[off] = 0;
+    });
   }
   for (auto& t : pool) t.join();
 }
@@ -66,7 +84,7 @@ HostBuffer::~HostBuffer() {
   }
   cudaGetLastError();
 #endif
-  std::free(ptr);
+  munmap(ptr, reserved);
 }
 
 PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
@@ -76,23 +94,23 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
       mode_(alloc_mode),
       touch_threads_(touch_threads),
       chunk_bytes_(chunk_bytes) {
-  TORCH_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
-  TORCH_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
-  TORCH_CHECK(mode_ == "register" || mode_ == "hostalloc",
+  HIFT_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
+  HIFT_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
+  HIFT_CHECK(mode_ == "register" || mode_ == "hostalloc",
               "PinnedStore: alloc_mode must be 'register' or 'hostalloc', got '", mode_, "'");
-  TORCH_CHECK(touch_threads_ >= 0, "PinnedStore: touch_threads must be >= 0, got ", touch_threads_);
+  HIFT_CHECK(touch_threads_ >= 0, "PinnedStore: touch_threads must be >= 0, got ", touch_threads_);
   int64_t largest = 0;
   for (size_t g = 0; g < numels_.size(); ++g) {
-    TORCH_CHECK(numels_[g] >= 0, "PinnedStore: numels[", g, "] must be >= 0, got ", numels_[g]);
+    HIFT_CHECK(numels_[g] >= 0, "PinnedStore: numels[", g, "] must be >= 0, got ", numels_[g]);
     largest = std::max(largest, numels_[g]);
   }
   const auto device = slots_[0].device();
   for (size_t s = 0; s < slots_.size(); ++s) {
     const auto& t = slots_[s];
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "PinnedStore: slots[", s, "] must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "PinnedStore: slots[", s, "] must be contiguous");
-    TORCH_CHECK(t.device() == device, "PinnedStore: slots[", s, "] is on ", t.device(), ", slots[0] on ", device);
-    TORCH_CHECK(t.numel() >= largest, "PinnedStore: slots[", s, "] holds ", t.numel(),
+    HIFT_CHECK(t.scalar_type() == at::kFloat, "PinnedStore: slots[", s, "] must be float32, got ", t.scalar_type());
+    HIFT_CHECK(t.is_contiguous(), "PinnedStore: slots[", s, "] must be contiguous");
+    HIFT_CHECK(t.device() == device, "PinnedStore: slots[", s, "] is on ", t.device(), ", slots[0] on ", device);
+    HIFT_CHECK(t.numel() >= largest, "PinnedStore: slots[", s, "] holds ", t.numel(),
                 " elements, the largest group needs ", largest);
   }
   host_.resize(numels_.size());
@@ -101,12 +119,12 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   if (cuda_) {
     device_ = device.index();
     c10::cuda::CUDAGuard guard(device_);
-    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&in_, cudaStreamNonBlocking));
-    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&out_, cudaStreamNonBlocking));
+    HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&in_, cudaStreamNonBlocking));
+    HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&out_, cudaStreamNonBlocking));
     auto make = [](std::vector<cudaEvent_t>& evs, std::vector<char>& set, size_t n) {
       evs.resize(n);
       set.assign(n, 0);
-      for (auto& e : evs) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      for (auto& e : evs) HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     };
     make(compute_done_, compute_done_set_, slots_.size());
     make(arrived_, arrived_set_, slots_.size());
@@ -114,9 +132,9 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
     make(host_written_, host_written_set_, numels_.size());
   }
 #else
-  TORCH_CHECK(!device.is_cuda(), "PinnedStore: this build has no CUDA support but slots are on ", device,
+  HIFT_CHECK(!device.is_cuda(), "PinnedStore: this build has no CUDA support but slots are on ", device,
               "; rebuild the extension with a CUDA toolchain");
-  TORCH_CHECK(mode_ != "hostalloc", "PinnedStore: alloc_mode 'hostalloc' needs a CUDA build");
+  HIFT_CHECK(mode_ != "hostalloc", "PinnedStore: alloc_mode 'hostalloc' needs a CUDA build");
 #endif
 }
 
@@ -128,18 +146,18 @@ PinnedStore::~PinnedStore() {
 }
 
 void PinnedStore::check_open(const char* fn) const {
-  TORCH_CHECK(!closed_, "PinnedStore.", fn, ": the store is closed");
+  HIFT_CHECK(!closed_, "PinnedStore.", fn, ": the store is closed");
 }
 
 void PinnedStore::check_gid(int64_t gid, const char* fn) const {
   check_open(fn);
-  TORCH_CHECK(gid >= 0 && gid < num_groups(), "PinnedStore.", fn, ": gid must be in [0, ", num_groups(), "), got ",
+  HIFT_CHECK(gid >= 0 && gid < num_groups(), "PinnedStore.", fn, ": gid must be in [0, ", num_groups(), "), got ",
               gid);
 }
 
 void PinnedStore::check_slot(int64_t slot, const char* fn) const {
   check_open(fn);
-  TORCH_CHECK(slot >= 0 && slot < static_cast<int64_t>(slots_.size()), "PinnedStore.", fn, ": slot must be in [0, ",
+  HIFT_CHECK(slot >= 0 && slot < static_cast<int64_t>(slots_.size()), "PinnedStore.", fn, ": slot must be in [0, ",
               slots_.size(), "), got ", slot);
 }
 
@@ -153,15 +171,16 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_ && mode_ == "hostalloc") {
     c10::cuda::CUDAGuard guard(device_);
-    C10_CUDA_CHECK(cudaHostAlloc(&buf->ptr, buf->reserved, cudaHostAllocDefault));
+    HIFT_CUDA_CHECK(cudaHostAlloc(&buf->ptr, buf->reserved, cudaHostAllocDefault));
     buf->host_alloc = true;
     alloc_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return buf;
   }
 #endif
-  buf->ptr = std::aligned_alloc(kPage, buf->reserved);
-  TORCH_CHECK(buf->ptr != nullptr, "PinnedStore: could not allocate ", buf->reserved,
-              " bytes of host memory for optimizer state; free host memory or train fewer groups");
+  buf->ptr = map_pages(buf->reserved);
+  if (buf->ptr == nullptr)
+    throw std::runtime_error(c10::str("PinnedStore: could not reserve ", buf->reserved,
+                                      " bytes of host memory for optimizer state; free host memory or train fewer groups"));
   parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, touch_threads_);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
@@ -172,8 +191,8 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
       if (err != cudaSuccess) {
         for (size_t undo = 0; undo < off; undo += kMaxRegistration) cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
         cudaGetLastError();
-        TORCH_CHECK(false, "PinnedStore: cudaHostRegister of ", len, " bytes failed: ", cudaGetErrorString(err),
-                    " (is the locked-memory limit too low? see `ulimit -l`)");
+        throw std::runtime_error(c10::str("PinnedStore: cudaHostRegister of ", len, " bytes failed: ",
+                                          cudaGetErrorString(err), " (is the locked-memory limit too low? see `ulimit -l`)"));
       }
     }
     buf->registered = true;
@@ -202,16 +221,16 @@ bool PinnedStore::has_host(int64_t gid) const {
 void PinnedStore::fetch(int64_t gid, int64_t slot) {
   check_gid(gid, "fetch");
   check_slot(slot, "fetch");
-  TORCH_CHECK(host_[gid], "PinnedStore.fetch: group ", gid, " has no host state yet (zero-fill it instead)");
+  HIFT_CHECK(host_[gid], "PinnedStore.fetch: group ", gid, " has no host state yet (zero-fill it instead)");
   const size_t bytes = static_cast<size_t>(numels_[gid]) * sizeof(float);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
-    if (written_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
-    if (host_written_set_[gid]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, host_written_[gid], 0));
+    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
+    if (written_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
+    if (host_written_set_[gid]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, host_written_[gid], 0));
     copy_async(slot_ptr(slot), host_[gid]->ptr, bytes, size_t(chunk_bytes_), cudaMemcpyHostToDevice, in_);
-    C10_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
+    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
     arrived_set_[slot] = 1;
     return;
   }
@@ -221,16 +240,16 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
 
 void PinnedStore::zero(int64_t slot, int64_t numel) {
   check_slot(slot, "zero");
-  TORCH_CHECK(numel >= 0 && numel <= slots_[slot].numel(), "PinnedStore.zero: numel must be in [0, ",
+  HIFT_CHECK(numel >= 0 && numel <= slots_[slot].numel(), "PinnedStore.zero: numel must be in [0, ",
               slots_[slot].numel(), "], got ", numel);
   const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
-    if (written_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
-    C10_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_));
-    C10_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
+    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
+    if (written_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
+    HIFT_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_));
+    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
     arrived_set_[slot] = 1;
     return;
   }
@@ -246,10 +265,10 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) C10_CUDA_CHECK(cudaStreamWaitEvent(out_, compute_done_[slot], 0));
+    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_, compute_done_[slot], 0));
     copy_async(dst.data_ptr(), slot_ptr(slot), bytes, size_t(chunk_bytes_), cudaMemcpyDeviceToHost, out_);
-    C10_CUDA_CHECK(cudaEventRecord(written_[slot], out_));
-    C10_CUDA_CHECK(cudaEventRecord(host_written_[gid], out_));
+    HIFT_CUDA_CHECK(cudaEventRecord(written_[slot], out_));
+    HIFT_CUDA_CHECK(cudaEventRecord(host_written_[gid], out_));
     written_set_[slot] = 1;
     host_written_set_[gid] = 1;
     return;
@@ -263,7 +282,7 @@ void PinnedStore::mark_compute_done(int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    C10_CUDA_CHECK(cudaEventRecord(compute_done_[slot], at::cuda::getCurrentCUDAStream(device_).stream()));
+    HIFT_CUDA_CHECK(cudaEventRecord(compute_done_[slot], at::cuda::getCurrentCUDAStream(device_).stream()));
     compute_done_set_[slot] = 1;
   }
 #endif
@@ -274,7 +293,7 @@ void PinnedStore::wait_arrival(int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_ && arrived_set_[slot]) {
     c10::cuda::CUDAGuard guard(device_);
-    C10_CUDA_CHECK(cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), arrived_[slot], 0));
+    HIFT_CUDA_CHECK(cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), arrived_[slot], 0));
   }
 #endif
 }
@@ -282,7 +301,7 @@ void PinnedStore::wait_arrival(int64_t slot) {
 void PinnedStore::wait_host(int64_t gid) {
   check_gid(gid, "wait_host");
 #ifdef HIFT_WITH_CUDA
-  if (cuda_ && host_written_set_[gid]) C10_CUDA_CHECK(cudaEventSynchronize(host_written_[gid]));
+  if (cuda_ && host_written_set_[gid]) HIFT_CUDA_CHECK(cudaEventSynchronize(host_written_[gid]));
 #endif
 }
 
@@ -290,8 +309,8 @@ void PinnedStore::synchronize() {
   check_open("synchronize");
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
-    C10_CUDA_CHECK(cudaStreamSynchronize(in_));
-    C10_CUDA_CHECK(cudaStreamSynchronize(out_));
+    HIFT_CUDA_CHECK(cudaStreamSynchronize(in_));
+    HIFT_CUDA_CHECK(cudaStreamSynchronize(out_));
   }
 #endif
 }

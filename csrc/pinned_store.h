@@ -3,8 +3,8 @@
 // The Python side (hift_engine/store/offload.py) decides which group goes into which slot and when; this
 // class owns the memory and orders the copies:
 //   host buffers  exactly sized (4 KiB pages), allocated lazily per group, page-locked either by
-//                 malloc + multi-threaded first touch + cudaHostRegister (<= 64 GiB per registration) or by
-//                 cudaHostAlloc
+//                 mmap (transparent huge pages) + multi-threaded first touch + cudaHostRegister (<= 64 GiB
+//                 per registration) or by cudaHostAlloc
 //   streams       host-to-device copies on one stream, device-to-host on another, so both run at once
 //   events        per slot: compute_done (the update that used it), arrived (its fetch/zero), written (its
 //                 write-back); per group: host_written (its latest write-back into host memory)
@@ -25,7 +25,8 @@
 
 namespace hift {
 
-// Page-aligned host memory, optionally page-locked; unregistered and freed when the last owner goes.
+// Page-aligned host memory (mmap, or cudaHostAlloc), optionally page-locked; unregistered and freed when the
+// last owner goes.
 struct HostBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;     // requested

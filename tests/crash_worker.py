@@ -32,6 +32,7 @@ def main() -> None:
     model = tiny_llama(layers=3, device=args.device)
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, strategy=args.strategy, seed=3, max_grad_norm=1.0)
     sched = opt.cycle_scheduler("cosine", total_steps=args.steps, warmup_steps=4)
+    print(f"store={opt.store.kind} kernels={opt.kernel_backend}", flush=True)
     start = 0
     latest = checkpoint.latest_checkpoint(args.root, verify=True)
     if latest is not None:

@@ -77,3 +77,45 @@ def test_official_style_baseline_store_round_trips():
     assert store.stats.bytes_d2h == 40 and torch.equal(store.host_state(0), torch.arange(10.0))
     again, fresh = store.activate(0)
     assert not fresh and torch.equal(again, torch.arange(10.0))
+
+
+def _trace(tmp_path, events):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    return path
+
+
+def _gpu(cat, name, stream, ts, dur, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream, **args}}
+
+
+def test_trace_summary_finds_the_gap_behind_a_queued_copy(tmp_path):
+    from hift_engine.bench.trace import summarize_trace
+
+    big = 1_500_000_000
+    events = [
+        _gpu("kernel", "gemm", 7, 0, 10_000),
+        _gpu("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 20, 10_000, 28_000, bytes=big),
+        # a 4-byte copy on the compute stream that could only start when the big copy finished
+        _gpu("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 7, 38_000, 2, bytes=4),
+        _gpu("kernel", "gemm", 7, 38_010, 10_000),
+        _gpu("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 21, 12_000, 28_000, bytes=big),
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 9_000, "dur": 29_000, "args": {}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5, "args": {}},
+    ]
+    s = summarize_trace(_trace(tmp_path, events))
+    assert s["compute_stream"] == 7
+    assert s["streams"]["20"]["copy_bytes"] == big and s["streams"]["20"]["role"] == "side"
+    (gap,) = s["largest_compute_gaps"]
+    assert gap["gap_ms"] == 28.0 and gap["after"].startswith("Memcpy DtoH") and gap["after_cat"] == "gpu_memcpy"
+    assert s["compute_gap_total_ms"] == pytest.approx(28.0)
+    assert s["compute_stream_copies"][0]["bytes"] == 4
+    assert [c["stream"] for c in s["side_copies"]] == [20, 21]
+    assert s["blocking_runtime_calls"][0]["name"] == "cudaStreamSynchronize"
+    assert 0 < s["compute_busy_fraction"] < 1
+
+
+def test_trace_summary_without_gpu_events(tmp_path):
+    from hift_engine.bench.trace import summarize_trace
+
+    assert "error" in summarize_trace(_trace(tmp_path, [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]))

@@ -166,13 +166,17 @@ def _run_worker(root, *extra, timeout=120):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, device):
     """Kill a training subprocess with SIGKILL at random moments (slow fsyncs make kills during checkpoint
-    writes likely), restart it from the latest good checkpoint, and require the exact final weights."""
+    writes likely), restart it from the latest good checkpoint, and require the exact final weights. On CUDA
+    the worker uses the default store (the native pinned store) and the Triton kernels."""
     from safetensors.torch import load_file
 
-    ref = _run_worker(tmp_path / "ref")
+    ref = _run_worker(tmp_path / "ref", "--device", device)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    if device == "cuda":  # the run under test is the one with the extension and the fused kernels
+        assert "store=offload-native kernels=triton" in ref.stdout, ref.stdout
     reference = load_file(str(tmp_path / "ref" / "final.safetensors"))
     rnd = random.Random(7)
     during_write = 0
@@ -182,7 +186,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
             # even reps: slow fsyncs, so kills tend to land inside checkpoint writes; odd reps: between them
-            [sys.executable, "-m", "tests.crash_worker", "--root", str(root), "--slow-fsync", "0.02" if rep % 2 == 0 else "0"],
+            [sys.executable, "-m", "tests.crash_worker", "--root", str(root), "--device", device,
+             "--slow-fsync", "0.02" if rep % 2 == 0 else "0"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         )
         # wait until training has started (first checkpoint), then kill at a random moment
@@ -196,12 +201,12 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
             during_write += 1
         for d in ckpt.list_checkpoints(root):  # whatever looks complete must verify
             ckpt.verify_checkpoint(d)
-        done = _run_worker(root)
+        done = _run_worker(root, "--device", device)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         final = load_file(str(root / "final.safetensors"))
         assert final.keys() == reference.keys()
         assert all(torch.equal(final[k], reference[k]) for k in reference), f"rep {rep}: weights differ"
-    print(f"{reps} kills, {during_write} during a checkpoint write")
+    print(f"{device}: {reps} kills, {during_write} during a checkpoint write")
 
 
 @pytest.mark.cuda

@@ -46,6 +46,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": "cpu",
+        "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     try:
         import triton

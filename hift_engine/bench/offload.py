@@ -7,7 +7,7 @@ state (2 x 202,383,360 fp32 = 1.51 GiB), all in one run:
                 (the ceiling a store can reach)
   pageable-sync per-parameter synchronous .to() copies from/to pageable memory (how the official HiFT code
                 moves state)
-Allocation: seconds per GiB to get pinned host memory (ours: malloc + threaded first touch + cudaHostRegister;
+Allocation: seconds per GiB to get pinned host memory (ours: mmap with huge pages + threaded first touch + cudaHostRegister;
 ours with cudaHostAlloc; torch pin_memory=True) and host bytes reserved per byte asked for.
 """
 
