@@ -22,7 +22,7 @@ def native_extensions():
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("HIFT_BUILD_NATIVE", "auto") == "auto" and not cuda:
         return [], {}  # CPU machines JIT-build on demand; nothing to do at install time
-    sources = ["csrc/pinned_store.cpp", "csrc/bindings.cpp"]
+    sources = ["csrc/pinned_store.cpp", "csrc/paced_copier.cpp", "csrc/bindings.cpp"]
     # No -std flag: torch chooses the standard its headers need (C++20 for torch 2.13; forcing C++17 made
     # inline c10 types differ from libc10 and crashed on the first exception, seen with torch 2.11).
     args = {"cxx": ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])}

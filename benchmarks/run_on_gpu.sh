@@ -38,9 +38,11 @@ if [ "$stage" = check ]; then
   run nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
   ensure_installed
   run $py -m hift_engine.cli.main env
-  if ! run timeout 60 $py -X faulthandler -m pytest -q -p no:cacheprovider tests/store/test_native_store.py; then
-    run timeout 120 cuda-gdb -batch -ex run -ex bt --args $py -m pytest -q -x -p no:cacheprovider tests/store/test_native_store.py
+  if ! run timeout 60 $py -X faulthandler benchmarks/native_error_probe.py; then
+    run gcc --version; run ldd hift_engine/_C*.so
+    run timeout 150 cuda-gdb -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary" --args $py benchmarks/native_error_probe.py
   fi
+  run timeout 60 $py -X faulthandler -m pytest -q -p no:cacheprovider tests/store/test_native_store.py
   # the CPU-only tests run in CI; here: everything CUDA, and the native store (now a CUDA build) on CPU tensors too
   run timeout 330 $py -m pytest -q -p no:cacheprovider tests -m cuda -rs
   run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m "not cuda"

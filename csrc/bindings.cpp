@@ -26,15 +26,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("host", &S::host, py::arg("gid"), release(),
            "CPU float32 view of a group's host buffer; allocates (and pins) it on first use.")
       .def("has_host", &S::has_host, py::arg("gid"), "Whether a group's host buffer exists.")
-      .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"),
+      .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"), release(),
            "Copy a group's host state into a slot on the in-stream, after the slot's previous users.")
-      .def("zero", &S::zero, py::arg("slot"), py::arg("numel"),
+      .def("zero", &S::zero, py::arg("slot"), py::arg("numel"), release(),
            "Zero-fill the first numel elements of a slot on the in-stream (a first activation).")
-      .def("writeback", &S::writeback, py::arg("gid"), py::arg("slot"),
+      .def("writeback", &S::writeback, py::arg("gid"), py::arg("slot"), release(),
            "Copy a slot into a group's host buffer on the out-stream, after the update that wrote it.")
-      .def("mark_compute_done", &S::mark_compute_done, py::arg("slot"),
+      .def("mark_compute_done", &S::mark_compute_done, py::arg("slot"), release(),
            "Record that the current stream's work on a slot has been queued.")
-      .def("wait_arrival", &S::wait_arrival, py::arg("slot"),
+      .def("wait_arrival", &S::wait_arrival, py::arg("slot"), release(),
            "Make the current stream wait until a slot's fetch or zero-fill finished.")
       .def("wait_host", &S::wait_host, py::arg("gid"), release(),
            "Block until a group's host buffer holds its latest write-back.")

@@ -11,7 +11,7 @@
 #include <sys/mman.h>
 
 #ifdef HIFT_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -26,19 +26,6 @@ constexpr size_t kMaxRegistration = size_t(64) << 30;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-#ifdef HIFT_WITH_CUDA
-// One copy, or pieces of chunk bytes each (chunk == 0: one copy).
-void copy_async(void* dst, const void* src, size_t bytes, size_t chunk, cudaMemcpyKind kind, cudaStream_t stream) {
-  if (chunk == 0 || chunk >= bytes) {
-    HIFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream));
-    return;
-  }
-  for (size_t off = 0; off < bytes; off += chunk) {
-    HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off,
-                                   std::min(chunk, bytes - off), kind, stream));
-  }
-}
-#endif
 
 // Reserve address space for `bytes` (whole pages) without touching it. Anonymous mmap rather than malloc so
 // that large buffers can ask for transparent huge pages: 512x fewer page faults to take and pages to pin.
@@ -119,8 +106,8 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   if (cuda_) {
     device_ = device.index();
     c10::cuda::CUDAGuard guard(device_);
-    HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&in_, cudaStreamNonBlocking));
-    HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&out_, cudaStreamNonBlocking));
+    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_));
+    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_));
     auto make = [](std::vector<cudaEvent_t>& evs, std::vector<char>& set, size_t n) {
       evs.resize(n);
       set.assign(n, 0);
@@ -130,6 +117,9 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
     make(arrived_, arrived_set_, slots_.size());
     make(written_, written_set_, slots_.size());
     make(host_written_, host_written_set_, numels_.size());
+    arrived_ticket_.assign(slots_.size(), 0);
+    written_ticket_.assign(slots_.size(), 0);
+    host_written_ticket_.assign(numels_.size(), 0);
   }
 #else
   HIFT_CHECK(!device.is_cuda(), "PinnedStore: this build has no CUDA support but slots are on ", device,
@@ -160,6 +150,17 @@ void PinnedStore::check_slot(int64_t slot, const char* fn) const {
   HIFT_CHECK(slot >= 0 && slot < static_cast<int64_t>(slots_.size()), "PinnedStore.", fn, ": slot must be in [0, ",
               slots_.size(), "), got ", slot);
 }
+
+#ifdef HIFT_WITH_CUDA
+// The in-stream waits until the slot's last update and its last write-back are done (in_ already drained).
+void PinnedStore::wait_slot_free(int64_t slot) {
+  if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), compute_done_[slot], 0));
+  if (written_set_[slot]) {
+    out_->wait_submitted(written_ticket_[slot]);
+    HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), written_[slot], 0));
+  }
+}
+#endif
 
 float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<float>(); }
 
@@ -226,11 +227,13 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
-    if (written_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
-    if (host_written_set_[gid]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, host_written_[gid], 0));
-    copy_async(slot_ptr(slot), host_[gid]->ptr, bytes, size_t(chunk_bytes_), cudaMemcpyHostToDevice, in_);
-    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
+    in_->drain();  // our waits go between jobs, never between a job's pieces
+    wait_slot_free(slot);
+    if (host_written_set_[gid]) {  // the latest write-back of this group has reached host memory
+      out_->wait_submitted(host_written_ticket_[gid]);
+      HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), host_written_[gid], 0));
+    }
+    arrived_ticket_[slot] = in_->submit(slot_ptr(slot), host_[gid]->ptr, bytes, cudaMemcpyHostToDevice, {arrived_[slot]});
     arrived_set_[slot] = 1;
     return;
   }
@@ -246,10 +249,11 @@ void PinnedStore::zero(int64_t slot, int64_t numel) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, compute_done_[slot], 0));
-    if (written_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_, written_[slot], 0));
-    HIFT_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_));
-    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_));
+    in_->drain();
+    wait_slot_free(slot);
+    HIFT_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_->stream()));
+    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_->stream()));
+    arrived_ticket_[slot] = 0;  // recorded here, not by a job
     arrived_set_[slot] = 1;
     return;
   }
@@ -265,10 +269,11 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_, compute_done_[slot], 0));
-    copy_async(dst.data_ptr(), slot_ptr(slot), bytes, size_t(chunk_bytes_), cudaMemcpyDeviceToHost, out_);
-    HIFT_CUDA_CHECK(cudaEventRecord(written_[slot], out_));
-    HIFT_CUDA_CHECK(cudaEventRecord(host_written_[gid], out_));
+    out_->drain();
+    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_->stream(), compute_done_[slot], 0));
+    uint64_t ticket = out_->submit(dst.data_ptr(), slot_ptr(slot), bytes, cudaMemcpyDeviceToHost,
+                                   {written_[slot], host_written_[gid]});
+    written_ticket_[slot] = host_written_ticket_[gid] = ticket;
     written_set_[slot] = 1;
     host_written_set_[gid] = 1;
     return;
@@ -282,7 +287,7 @@ void PinnedStore::mark_compute_done(int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    HIFT_CUDA_CHECK(cudaEventRecord(compute_done_[slot], at::cuda::getCurrentCUDAStream(device_).stream()));
+    HIFT_CUDA_CHECK(cudaEventRecord(compute_done_[slot], c10::cuda::getCurrentCUDAStream(device_).stream()));
     compute_done_set_[slot] = 1;
   }
 #endif
@@ -293,7 +298,8 @@ void PinnedStore::wait_arrival(int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_ && arrived_set_[slot]) {
     c10::cuda::CUDAGuard guard(device_);
-    HIFT_CUDA_CHECK(cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), arrived_[slot], 0));
+    in_->wait_submitted(arrived_ticket_[slot]);
+    HIFT_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), arrived_[slot], 0));
   }
 #endif
 }
@@ -301,7 +307,10 @@ void PinnedStore::wait_arrival(int64_t slot) {
 void PinnedStore::wait_host(int64_t gid) {
   check_gid(gid, "wait_host");
 #ifdef HIFT_WITH_CUDA
-  if (cuda_ && host_written_set_[gid]) HIFT_CUDA_CHECK(cudaEventSynchronize(host_written_[gid]));
+  if (cuda_ && host_written_set_[gid]) {
+    out_->wait_submitted(host_written_ticket_[gid]);
+    HIFT_CUDA_CHECK(cudaEventSynchronize(host_written_[gid]));
+  }
 #endif
 }
 
@@ -309,8 +318,10 @@ void PinnedStore::synchronize() {
   check_open("synchronize");
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
-    HIFT_CUDA_CHECK(cudaStreamSynchronize(in_));
-    HIFT_CUDA_CHECK(cudaStreamSynchronize(out_));
+    in_->drain();
+    out_->drain();
+    HIFT_CUDA_CHECK(cudaStreamSynchronize(in_->stream()));
+    HIFT_CUDA_CHECK(cudaStreamSynchronize(out_->stream()));
   }
 #endif
 }
@@ -319,13 +330,11 @@ void PinnedStore::close() {
   if (closed_) return;
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
-    // Copies in flight read or write the buffers: finish them before the memory can go.
-    cudaStreamSynchronize(in_);
-    cudaStreamSynchronize(out_);
+    // Copies in flight read or write the buffers: the copiers finish them before the memory can go.
+    if (in_) in_->close();
+    if (out_) out_->close();
     for (auto* evs : {&compute_done_, &arrived_, &written_, &host_written_})
       for (auto e : *evs) cudaEventDestroy(e);
-    cudaStreamDestroy(in_);
-    cudaStreamDestroy(out_);
     cudaGetLastError();
   }
 #endif

@@ -5,7 +5,8 @@
 //   host buffers  exactly sized (4 KiB pages), allocated lazily per group, page-locked either by
 //                 mmap (transparent huge pages) + multi-threaded first touch + cudaHostRegister (<= 64 GiB
 //                 per registration) or by cudaHostAlloc
-//   streams       host-to-device copies on one stream, device-to-host on another, so both run at once
+//   streams       host-to-device copies on one stream, device-to-host on another, so both run at once; each
+//                 transfer is paced (paced_copier.h) so small copies of other streams never wait behind it
 //   events        per slot: compute_done (the update that used it), arrived (its fetch/zero), written (its
 //                 write-back); per group: host_written (its latest write-back into host memory)
 // Built without CUDA (HIFT_WITH_CUDA undefined) the same class uses plain memory and synchronous copies, so
@@ -21,6 +22,8 @@
 
 #ifdef HIFT_WITH_CUDA
 #include <cuda_runtime.h>
+
+#include "paced_copier.h"
 #endif
 
 namespace hift {
@@ -40,8 +43,9 @@ class PinnedStore {
  public:
   // numels[g]: fp32 elements of group g's state. slots: device (or CPU) float32 tensors, each large enough
   // for the largest group. alloc_mode: "register" (default) or "hostalloc". touch_threads: threads for the
-  // first touch of "register" allocations (0: hardware concurrency, capped at 16). chunk_bytes > 0 splits
-  // each copy into pieces of that size, so a small copy on another stream never waits behind a whole group.
+  // first touch of "register" allocations (0: hardware concurrency, capped at 16). chunk_bytes > 0 paces each
+  // transfer in pieces of that size, at most two queued at a time, so a small copy on another stream waits
+  // for at most two pieces instead of a whole group; 0 issues each transfer as one copy.
   PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
               int64_t touch_threads, int64_t chunk_bytes = 0);
   ~PinnedStore();
@@ -70,6 +74,9 @@ class PinnedStore {
   void check_slot(int64_t slot, const char* fn) const;
   std::shared_ptr<HostBuffer> allocate(size_t bytes);
   float* slot_ptr(int64_t slot) const;
+#ifdef HIFT_WITH_CUDA
+  void wait_slot_free(int64_t slot);
+#endif
 
   std::vector<int64_t> numels_;
   std::vector<at::Tensor> slots_;
@@ -83,10 +90,11 @@ class PinnedStore {
   bool closed_ = false;
 #ifdef HIFT_WITH_CUDA
   int device_ = 0;
-  cudaStream_t in_ = nullptr;
-  cudaStream_t out_ = nullptr;
+  std::unique_ptr<PacedCopier> in_, out_;  // host-to-device, device-to-host
   std::vector<cudaEvent_t> compute_done_, arrived_, written_, host_written_;
   std::vector<char> compute_done_set_, arrived_set_, written_set_, host_written_set_;
+  // The copier job that records each event (0: recorded directly): wait for it before waiting on the event.
+  std::vector<uint64_t> arrived_ticket_, written_ticket_, host_written_ticket_;
 #endif
 };
 

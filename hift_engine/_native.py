@@ -21,7 +21,7 @@ __all__ = ["load", "available", "status", "SOURCES", "CSRC"]
 
 DISABLE_ENV = "HIFT_DISABLE_NATIVE"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("pinned_store.cpp", "bindings.cpp")
+SOURCES = ("pinned_store.cpp", "paced_copier.cpp", "bindings.cpp")
 
 _lock = threading.Lock()
 _module = None

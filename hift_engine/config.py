@@ -64,9 +64,11 @@ class HiFTConfig:
     state_store:      "auto" (CUDA: native pinned store, else torch; CPU: resident), "resident" (all state
                       on the device), "torch" (pure-torch pinned offload), "native" (C++ pinned offload).
     slots:            device buffers for offloaded state, each the size of the largest group's state (>= 2).
-    transfer_chunk_mib: split each state transfer into copies of this many MiB (0: one copy per group).
-                      Experimental: meant to stop small copies of the compute stream from queueing behind a
-                      whole group's copy on the same copy engine; not yet measured (see README limits).
+    transfer_chunk_mib: the native store paces each state transfer: a worker thread issues it in pieces of
+                      this many MiB, at most two queued at a time, so a small copy of the compute stream
+                      (loss.item(), a check inside the model's forward) waits for two pieces, not for a
+                      whole group's state on the same copy engine. 0: one copy per transfer (the torch
+                      store always does that).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
@@ -85,7 +87,7 @@ class HiFTConfig:
     max_consecutive_skips: int = 10
     state_store: str = "auto"
     slots: int = 2
-    transfer_chunk_mib: int = 0
+    transfer_chunk_mib: int = 16
     kernels: str = "auto"
     optimizer_kwargs: dict = field(default_factory=dict)
 

@@ -39,7 +39,7 @@ def check_host_memory(numels: list[int]) -> None:
 
 def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0) -> StateStore:
     """``kind``: "auto" | "resident" | "torch" | "native" (see HiFTConfig.state_store); ``chunk_bytes`` > 0
-    splits each transfer into pieces of that size (HiFTConfig.transfer_chunk_mib)."""
+    makes the native store pace each transfer in pieces of that size (HiFTConfig.transfer_chunk_mib)."""
     device = torch.device(device)
     if kind == "auto":
         if device.type != "cuda":
@@ -52,7 +52,7 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
         return ResidentStore(numels, device)
     check_host_memory(numels)
     if kind == "torch":
-        return OffloadStore(numels, device, TorchTransport(device, chunk_bytes), slots)
+        return OffloadStore(numels, device, TorchTransport(device), slots)
     if kind == "native":
         from .native_transport import NativeTransport
 

@@ -2,7 +2,9 @@
 
 On a CPU device the same code runs with plain host tensors and synchronous copies (what CI exercises).
 Host buffers come from torch's pinned allocator, which rounds large requests up to a power of two (a 9 GiB
-request reserved 16 GiB on the H100 machine); the native transport allocates exactly.
+request reserved 16 GiB on the H100 machine); the native transport allocates exactly. Transfers are issued
+whole: pacing them (so small copies of other streams do not queue behind a whole group) needs the native
+transport's worker thread, which a Python thread holding the GIL could not replace.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ __all__ = ["TorchTransport"]
 class TorchTransport:
     kind = "torch"
 
-    def __init__(self, device: torch.device, chunk_bytes: int = 0) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.chunk = chunk_bytes // 4  # elements; 0 = one copy per group
         self.cuda = self.device.type == "cuda"
         self._host: dict[int, Tensor] = {}
         self.host_bytes = 0
@@ -44,14 +45,6 @@ class TorchTransport:
         return buf
 
     # ------------------------------------------------------------------ ordered copies
-    def _copy(self, dst: Tensor, src: Tensor) -> None:
-        """dst.copy_(src) as one non-blocking copy, or in pieces of ``chunk`` elements."""
-        if not self.chunk or self.chunk >= src.numel():
-            dst.copy_(src, non_blocking=True)
-            return
-        for start in range(0, src.numel(), self.chunk):
-            dst[start : start + self.chunk].copy_(src[start : start + self.chunk], non_blocking=True)
-
     def _slot_free(self, stream, s: int, gid: int | None = None) -> None:
         stream.wait_event(self._compute_done[s])  # last update that used the slot
         stream.wait_event(self._written[s])  # last write-back out of the slot
@@ -61,11 +54,11 @@ class TorchTransport:
     def fetch(self, gid: int, s: int) -> None:
         n, src = self.numels[gid], self.host(gid)
         if not self.cuda:
-            self._copy(self.slots[s][:n], src)
+            self.slots[s][:n].copy_(src, non_blocking=True)
             return
         with torch.cuda.stream(self.in_stream):
             self._slot_free(self.in_stream, s, gid)
-            self._copy(self.slots[s][:n], src)
+            self.slots[s][:n].copy_(src, non_blocking=True)
             self._arrived[s].record(self.in_stream)
 
     def zero(self, s: int, n: int) -> None:
@@ -80,11 +73,11 @@ class TorchTransport:
     def writeback(self, gid: int, s: int) -> None:
         n, dst = self.numels[gid], self.host(gid)
         if not self.cuda:
-            self._copy(dst, self.slots[s][:n])
+            dst.copy_(self.slots[s][:n], non_blocking=True)
             return
         with torch.cuda.stream(self.out_stream):
             self.out_stream.wait_event(self._compute_done[s])
-            self._copy(dst, self.slots[s][:n])
+            dst.copy_(self.slots[s][:n], non_blocking=True)
             self._written[s].record(self.out_stream)
             ev = self._host_written.setdefault(gid, torch.cuda.Event())
             ev.record(self.out_stream)

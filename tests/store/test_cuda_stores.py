@@ -18,28 +18,32 @@ from hift_engine.store import OffloadStore, TorchTransport
 pytestmark = pytest.mark.cuda
 
 
-def _transport(kind, chunk_bytes=0):
+KINDS = ["torch", "native", "native-paced"]
+
+
+def _transport(kind, paced_chunk=(1 << 18) + 4):
+    """``native-paced``: copies issued by the store's worker threads in pieces (odd-sized on purpose, so
+    pieces straddle element boundaries), at most two in flight: the ordering must survive that too."""
     if kind == "torch":
-        t = TorchTransport("cuda", chunk_bytes)
+        t = TorchTransport("cuda")
     else:
         from hift_engine.store.native_transport import NativeTransport
 
-        t = NativeTransport("cuda", chunk_bytes=chunk_bytes)
+        t = NativeTransport("cuda", chunk_bytes=paced_chunk if kind == "native-paced" else 0)
     sabotage = os.environ.get("HIFT_TEST_SABOTAGE")
     if sabotage:
         setattr(t, sabotage, lambda *a, **k: None)
     return t
 
 
-@pytest.mark.parametrize("chunk", [0, 3 << 20], ids=["whole", "chunked"])
-@pytest.mark.parametrize("kind", ["torch", "native"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(3))
-def test_random_orders_bit_exact_on_cuda(kind, seed, chunk):
+def test_random_orders_bit_exact_on_cuda(kind, seed):
     rnd = random.Random(seed)
     big = 1 << 16 if os.environ.get("HIFT_TEST_SMALL") == "1" else 3_000_001
     numels = [rnd.choice([1, 22, 4097, 1 << 14, big]) for _ in range(rnd.randint(2, 6))]
     order = [rnd.randrange(len(numels)) for _ in range(40)]
-    store = OffloadStore(numels, "cuda", _transport(kind, chunk), num_slots=rnd.choice([2, 3]))
+    store = OffloadStore(numels, "cuda", _transport(kind), num_slots=rnd.choice([2, 3]))
     g = torch.Generator(device="cuda").manual_seed(seed)
     ref = {}
     for t, gid in enumerate(order):
@@ -60,7 +64,7 @@ def test_random_orders_bit_exact_on_cuda(kind, seed, chunk):
     store.close()
 
 
-@pytest.mark.parametrize("kind", ["torch", "native"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_race_slow_compute_large_transfers(kind):
     numel = (2 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 48 << 20  # 192 MB: each copy takes ms
     groups = 5
@@ -85,7 +89,7 @@ def test_race_slow_compute_large_transfers(kind):
     store.close()
 
 
-@pytest.mark.parametrize("kind", ["torch", "native"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_host_state_waits_for_writeback(kind):
     n = (1 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 32 << 20
     store = OffloadStore([n, n], "cuda", _transport(kind))

@@ -1,0 +1,126 @@
+// Paced copies on one side stream (see paced_copier.h).
+#ifdef HIFT_WITH_CUDA
+#include "paced_copier.h"
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "check.h"
+
+namespace hift {
+
+PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth)
+    : device_(device), chunk_(chunk_bytes), depth_(std::max(1, depth)) {
+  c10::cuda::CUDAGuard guard(device_);
+  HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (chunk_ == 0) return;
+  pieces_.resize(depth_);
+  // Blocking-sync events: the worker sleeps while a piece is in flight instead of spinning on a core.
+  for (auto& e : pieces_) HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync));
+  worker_ = std::thread([this] { run(); });
+}
+
+PacedCopier::~PacedCopier() { close(); }
+
+uint64_t PacedCopier::submit(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                             std::vector<cudaEvent_t> done) {
+  std::unique_lock<std::mutex> lock(mu_);
+  raise_if_failed();
+  HIFT_CHECK(!closed_, "PacedCopier.submit: the copier is closed");
+  Job job{dst, src, bytes, kind, std::move(done), ++next_ticket_};
+  if (chunk_ == 0) {  // unpaced: issue here, in one call
+    lock.unlock();
+    c10::cuda::CUDAGuard guard(device_);
+    issue(job);
+    lock.lock();
+    submitted_ = job.ticket;
+    return job.ticket;
+  }
+  queue_.push_back(std::move(job));
+  cv_.notify_all();
+  return next_ticket_;
+}
+
+void PacedCopier::issue(const Job& job) {
+  const size_t piece = chunk_ == 0 ? std::max<size_t>(job.bytes, 1) : chunk_;
+  for (size_t off = 0; off < job.bytes; off += piece) {
+    const size_t len = std::min(piece, job.bytes - off);
+    if (chunk_ != 0) {
+      cudaEvent_t& slot = pieces_[piece_count_ % depth_];
+      // The ring slot holds the piece issued `depth` pieces ago: wait for it before queueing another.
+      if (piece_count_ >= static_cast<uint64_t>(depth_)) HIFT_CUDA_CHECK(cudaEventSynchronize(slot));
+      HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(job.dst) + off, static_cast<const char*>(job.src) + off, len,
+                                      job.kind, stream_));
+      HIFT_CUDA_CHECK(cudaEventRecord(slot, stream_));
+      ++piece_count_;
+    } else {
+      HIFT_CUDA_CHECK(cudaMemcpyAsync(job.dst, job.src, len, job.kind, stream_));
+    }
+  }
+  for (cudaEvent_t e : job.done) HIFT_CUDA_CHECK(cudaEventRecord(e, stream_));
+}
+
+void PacedCopier::run() {
+  cudaSetDevice(device_);
+  for (;;) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stop_ and nothing left
+    Job job = queue_.front();
+    bool failed = !error_.empty();
+    lock.unlock();
+    if (!failed) {  // after a failure, jobs are only retired so that nobody waits forever
+      try {
+        issue(job);
+      } catch (const std::exception& e) {
+        lock.lock();
+        error_ = e.what();
+        lock.unlock();
+      }
+    }
+    lock.lock();
+    queue_.pop_front();
+    submitted_ = job.ticket;
+    cv_.notify_all();
+  }
+}
+
+void PacedCopier::raise_if_failed() {
+  if (!error_.empty()) throw std::runtime_error("PacedCopier: a copy failed on the worker thread: " + error_);
+}
+
+void PacedCopier::wait_submitted(uint64_t ticket) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return submitted_ >= ticket; });
+  raise_if_failed();
+}
+
+void PacedCopier::drain() {
+  uint64_t last;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    last = next_ticket_;
+  }
+  wait_submitted(last);
+}
+
+void PacedCopier::close() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();  // issues whatever was queued, then returns
+  // Never throw from here (also runs from destructors and at interpreter exit).
+  cudaStreamSynchronize(stream_);
+  for (auto e : pieces_) cudaEventDestroy(e);
+  pieces_.clear();
+  cudaStreamDestroy(stream_);
+  cudaGetLastError();
+}
+
+}  // namespace hift
+#endif
