@@ -7,6 +7,7 @@ toolkit is found, CppExtension otherwise). HIFT_BUILD_NATIVE=0 skips the build e
 """
 
 import os
+import sys
 
 from setuptools import setup
 
@@ -26,8 +27,11 @@ def native_extensions():
     # No -std flag: torch chooses the standard its headers need (C++20 for torch 2.13; forcing C++17 made
     # inline c10 types differ from libc10 and crashed on the first exception, seen with torch 2.11).
     args = {"cxx": ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])}
+    # The C++ runtime linked dynamically, as in hift_engine/_native.py (LINK_FLAGS): a static libstdc++ beside
+    # torch's shared one crashed the first error message on the GPU machine.
+    link = ["-Wl,--no-as-needed", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-    ext = kind("hift_engine._C", sources, extra_compile_args=args)
+    ext = kind("hift_engine._C", sources, extra_compile_args=args, extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

@@ -19,9 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   using S = PinnedStore;
   py::class_<S>(m, "PinnedStore")
-      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, const std::string&, int64_t, int64_t>(),
+      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, const std::string&, int64_t, int64_t, int64_t>(),
            py::arg("numels"), py::arg("slots"), py::arg("alloc_mode") = "register", py::arg("touch_threads") = 0,
-           py::arg("chunk_bytes") = 0,
+           py::arg("chunk_bytes") = 0, py::arg("pace_depth") = 1,
            "Store for len(numels) groups of fp32 state, streamed into the given device slots.")
       .def("host", &S::host, py::arg("gid"), release(),
            "CPU float32 view of a group's host buffer; allocates (and pins) it on first use.")

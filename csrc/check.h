@@ -1,32 +1,62 @@
-// Argument and CUDA checks that throw plain standard exceptions.
+// Argument and CUDA checks that throw plain standard exceptions, with messages built without iostreams.
 //
-// pybind11 turns std::invalid_argument into ValueError and std::runtime_error into RuntimeError. We avoid
-// c10::Error (TORCH_CHECK / C10_CUDA_CHECK) on purpose: on the GPU machine's toolchain (torch 2.11, GCC 13.3,
-// Python 3.12) a c10::Error raised from this extension crashed the process, while a standard exception
-// crossed cleanly; c10::Error also captures and symbolises a C++ backtrace that a bad argument does not need.
+// pybind11 turns std::invalid_argument into ValueError and std::runtime_error into RuntimeError.
+//
+// Why not TORCH_CHECK / c10::str: on the GPU machine (torch 2.11, GCC 13.3) the extension came out linked
+// against a static copy of libstdc++ while torch uses the shared one. Two libstdc++ copies in one process
+// disagree about std::locale state, and the first integer streamed into an ostream (c10::str builds messages
+// that way) crashed in std::codecvt::do_unshift (cuda-gdb backtrace, 2026-11-28). The build now links
+// libstdc++ dynamically (_native.py, setup.py); messages are also built by plain string appends so that no
+// error path depends on locale machinery.
 #pragma once
 
-#include <c10/util/StringUtil.h>  // c10::str
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 #include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace hift {
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
+// Concatenates strings, integers, scalar types and devices into one message.
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+}  // namespace hift
 
 // Throws std::invalid_argument (Python ValueError) with the message built from the remaining arguments.
-#define HIFT_CHECK(cond, ...)                                  \
-  do {                                                         \
-    if (!(cond)) throw std::invalid_argument(c10::str(__VA_ARGS__)); \
+#define HIFT_CHECK(cond, ...)                                               \
+  do {                                                                      \
+    if (!(cond)) throw std::invalid_argument(::hift::cat(__VA_ARGS__));     \
   } while (0)
 
 #ifdef HIFT_WITH_CUDA
 #include <cuda_runtime.h>
 
 // Throws std::runtime_error (Python RuntimeError) naming the failed call and CUDA's error string.
-#define HIFT_CUDA_CHECK(expr)                                                                       \
-  do {                                                                                              \
-    cudaError_t hift_err_ = (expr);                                                                 \
-    if (hift_err_ != cudaSuccess) {                                                                 \
-      cudaGetLastError(); /* clear the sticky-free error so later calls start clean */             \
-      throw std::runtime_error(c10::str(#expr, " failed: ", cudaGetErrorString(hift_err_), " (", \
-                                        __FILE__, ":", __LINE__, ")"));                           \
-    }                                                                                               \
+#define HIFT_CUDA_CHECK(expr)                                                                          \
+  do {                                                                                                 \
+    cudaError_t hift_err_ = (expr);                                                                    \
+    if (hift_err_ != cudaSuccess) {                                                                    \
+      cudaGetLastError(); /* clear the error so later calls start clean */                            \
+      throw std::runtime_error(::hift::cat(#expr, " failed: ", cudaGetErrorString(hift_err_), " (",   \
+                                           __FILE__, ":", __LINE__, ")"));                             \
+    }                                                                                                  \
   } while (0)
 #endif

@@ -16,8 +16,7 @@ PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth)
   HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   if (chunk_ == 0) return;
   pieces_.resize(depth_);
-  // Blocking-sync events: the worker sleeps while a piece is in flight instead of spinning on a core.
-  for (auto& e : pieces_) HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync));
+  for (auto& p : pieces_) HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&p.done, cudaEventDisableTiming));
   worker_ = std::thread([this] { run(); });
 }
 
@@ -47,18 +46,38 @@ void PacedCopier::issue(const Job& job) {
   for (size_t off = 0; off < job.bytes; off += piece) {
     const size_t len = std::min(piece, job.bytes - off);
     if (chunk_ != 0) {
-      cudaEvent_t& slot = pieces_[piece_count_ % depth_];
       // The ring slot holds the piece issued `depth` pieces ago: wait for it before queueing another.
-      if (piece_count_ >= static_cast<uint64_t>(depth_)) HIFT_CUDA_CHECK(cudaEventSynchronize(slot));
+      if (piece_count_ >= static_cast<uint64_t>(depth_)) wait_piece(piece_count_ - depth_);
+      Piece& slot = pieces_[piece_count_ % depth_];
       HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(job.dst) + off, static_cast<const char*>(job.src) + off, len,
                                       job.kind, stream_));
-      HIFT_CUDA_CHECK(cudaEventRecord(slot, stream_));
+      HIFT_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
+      slot.issued = std::chrono::steady_clock::now();
+      slot.bytes = len;
       ++piece_count_;
     } else {
       HIFT_CUDA_CHECK(cudaMemcpyAsync(job.dst, job.src, len, job.kind, stream_));
     }
   }
   for (cudaEvent_t e : job.done) HIFT_CUDA_CHECK(cudaEventRecord(e, stream_));
+}
+
+void PacedCopier::wait_piece(uint64_t k) {
+  Piece& p = pieces_[k % depth_];
+  if (ns_per_byte_ > 0) {  // sleep through most of the piece, then poll: wake-ups are late, polls are not
+    auto expected = std::chrono::nanoseconds(static_cast<int64_t>(0.85 * ns_per_byte_ * double(p.bytes)));
+    std::this_thread::sleep_until(p.issued + expected);
+  }
+  cudaError_t st;
+  while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::yield();
+  HIFT_CUDA_CHECK(st);
+  // Update the estimate, ignoring pieces that waited on something else (a dependency, a busy link).
+  double observed = double((std::chrono::steady_clock::now() - p.issued).count()) / double(std::max<size_t>(p.bytes, 1));
+  if (ns_per_byte_ == 0) {
+    ns_per_byte_ = observed;
+  } else if (observed < 2 * ns_per_byte_) {
+    ns_per_byte_ = 0.75 * ns_per_byte_ + 0.25 * observed;
+  }
 }
 
 void PacedCopier::run() {
@@ -116,7 +135,7 @@ void PacedCopier::close() {
   if (worker_.joinable()) worker_.join();  // issues whatever was queued, then returns
   // Never throw from here (also runs from destructors and at interpreter exit).
   cudaStreamSynchronize(stream_);
-  for (auto e : pieces_) cudaEventDestroy(e);
+  for (auto& p : pieces_) cudaEventDestroy(p.done);
   pieces_.clear();
   cudaStreamDestroy(stream_);
   cudaGetLastError();

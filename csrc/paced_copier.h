@@ -1,11 +1,16 @@
 // Paced copies: a large host<->device copy issued piece by piece from a worker thread, with at most `depth`
-// pieces queued on the stream at any time.
+// pieces queued on the stream at any time (default 1: the next piece is issued when the last one finished).
 //
 // Why: copies from different streams in the same direction share a copy engine, and a copy submitted behind
 // a whole group's state (1.5 GiB, 29 ms on an H100 link) waits for all of it. Issuing the group's copy in one
 // call, or in pieces all submitted at once, made every small copy on the compute stream (a loss.item(), a
 // 1-byte check in a model's forward) wait the full 29 ms: measured, the offloaded step was 1.39x the resident
-// one. With pieces fed as earlier ones complete, a small copy waits for at most `depth` pieces.
+// one. Measured next (8 layers, 1.5 GiB groups, H100): pieces of 16 or 64 MiB with two queued at a time did
+// not help either (the copy engine kept serving the stream that still had work queued), while 4 MiB pieces
+// with two queued did (1.02x), because the worker's wake-ups left the queue briefly empty between pieces:
+// what lets another stream's copy in is a moment when this stream has nothing queued. So the worker waits
+// for each piece by sleeping for most of its expected duration and then polling, which keeps those moments
+// short (microseconds) instead of a blocking-sync wake-up's 50-150 us.
 //
 // Ordering contract (PinnedStore keeps it): the caller issues its own stream operations (cudaStreamWaitEvent,
 // memsets) on `stream()` only after drain(), so they land between jobs, never between a job's pieces; and it
@@ -15,6 +20,7 @@
 #ifdef HIFT_WITH_CUDA
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,7 +34,7 @@ namespace hift {
 class PacedCopier {
  public:
   // chunk_bytes == 0: no worker; submit() issues each copy whole from the calling thread.
-  PacedCopier(int device, size_t chunk_bytes, int depth = 2);
+  PacedCopier(int device, size_t chunk_bytes, int depth = 1);
   ~PacedCopier();
   PacedCopier(const PacedCopier&) = delete;
   PacedCopier& operator=(const PacedCopier&) = delete;
@@ -50,6 +56,7 @@ class PacedCopier {
     uint64_t ticket;
   };
   void issue(const Job& job);  // all pieces + done events; runs on the worker (or the caller if unpaced)
+  void wait_piece(uint64_t k);  // piece k finished (sleep, then poll); updates the duration estimate
   void run();                  // worker loop
   void raise_if_failed();      // rethrow a worker error on the caller's thread (lock held)
 
@@ -57,8 +64,14 @@ class PacedCopier {
   size_t chunk_;
   int depth_;
   cudaStream_t stream_ = nullptr;
-  std::vector<cudaEvent_t> pieces_;  // ring of `depth` events: completion of the pieces in flight
+  struct Piece {
+    cudaEvent_t done = nullptr;
+    std::chrono::steady_clock::time_point issued;
+    size_t bytes = 0;
+  };
+  std::vector<Piece> pieces_;  // ring of `depth`: the pieces in flight
   uint64_t piece_count_ = 0;
+  double ns_per_byte_ = 0.0;  // running estimate of a piece's duration per byte (0: none yet)
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job> queue_;

@@ -75,13 +75,15 @@ HostBuffer::~HostBuffer() {
 }
 
 PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
-                         int64_t touch_threads, int64_t chunk_bytes)
+                         int64_t touch_threads, int64_t chunk_bytes, int64_t pace_depth)
     : numels_(std::move(numels)),
       slots_(std::move(slots)),
       mode_(alloc_mode),
       touch_threads_(touch_threads),
-      chunk_bytes_(chunk_bytes) {
+      chunk_bytes_(chunk_bytes),
+      pace_depth_(pace_depth) {
   HIFT_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
+  HIFT_CHECK(pace_depth_ >= 1 && pace_depth_ <= 64, "PinnedStore: pace_depth must be in [1, 64], got ", pace_depth_);
   HIFT_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
   HIFT_CHECK(mode_ == "register" || mode_ == "hostalloc",
               "PinnedStore: alloc_mode must be 'register' or 'hostalloc', got '", mode_, "'");
@@ -106,8 +108,8 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   if (cuda_) {
     device_ = device.index();
     c10::cuda::CUDAGuard guard(device_);
-    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_));
-    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_));
+    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), static_cast<int>(pace_depth_));
+    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), static_cast<int>(pace_depth_));
     auto make = [](std::vector<cudaEvent_t>& evs, std::vector<char>& set, size_t n) {
       evs.resize(n);
       set.assign(n, 0);
@@ -180,7 +182,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
 #endif
   buf->ptr = map_pages(buf->reserved);
   if (buf->ptr == nullptr)
-    throw std::runtime_error(c10::str("PinnedStore: could not reserve ", buf->reserved,
+    throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,
                                       " bytes of host memory for optimizer state; free host memory or train fewer groups"));
   parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, touch_threads_);
 #ifdef HIFT_WITH_CUDA
@@ -192,7 +194,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
       if (err != cudaSuccess) {
         for (size_t undo = 0; undo < off; undo += kMaxRegistration) cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
         cudaGetLastError();
-        throw std::runtime_error(c10::str("PinnedStore: cudaHostRegister of ", len, " bytes failed: ",
+        throw std::runtime_error(hift::cat("PinnedStore: cudaHostRegister of ", len, " bytes failed: ",
                                           cudaGetErrorString(err), " (is the locked-memory limit too low? see `ulimit -l`)"));
       }
     }

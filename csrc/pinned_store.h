@@ -44,10 +44,10 @@ class PinnedStore {
   // numels[g]: fp32 elements of group g's state. slots: device (or CPU) float32 tensors, each large enough
   // for the largest group. alloc_mode: "register" (default) or "hostalloc". touch_threads: threads for the
   // first touch of "register" allocations (0: hardware concurrency, capped at 16). chunk_bytes > 0 paces each
-  // transfer in pieces of that size, at most two queued at a time, so a small copy on another stream waits
-  // for at most two pieces instead of a whole group; 0 issues each transfer as one copy.
+  // transfer in pieces of that size, `pace_depth` queued at a time, so a small copy on another stream waits
+  // for at most `pace_depth` pieces instead of a whole group; 0 issues each transfer as one copy.
   PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
-              int64_t touch_threads, int64_t chunk_bytes = 0);
+              int64_t touch_threads, int64_t chunk_bytes = 0, int64_t pace_depth = 1);
   ~PinnedStore();
   PinnedStore(const PinnedStore&) = delete;
   PinnedStore& operator=(const PinnedStore&) = delete;
@@ -84,6 +84,7 @@ class PinnedStore {
   std::string mode_;
   int64_t touch_threads_;
   int64_t chunk_bytes_;
+  int64_t pace_depth_;
   int64_t host_bytes_ = 0;
   double alloc_seconds_ = 0.0;
   bool cuda_ = false;

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 from .errors import NativeUnavailableError
 
-__all__ = ["load", "available", "status", "SOURCES", "CSRC"]
+__all__ = ["CSRC", "LINK_FLAGS", "SOURCES", "available", "load", "status"]
 
 DISABLE_ENV = "HIFT_DISABLE_NATIVE"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("pinned_store.cpp", "paced_copier.cpp", "bindings.cpp")
+# Link the C++ runtime dynamically, whatever the toolchain defaults to: on the GPU machine the extension came
+# out with a static libstdc++ beside torch's shared one, and the two copies' locale state crashed the first
+# error message (see csrc/check.h). Naming the shared library first leaves nothing for a static copy to supply.
+LINK_FLAGS = ["-Wl,--no-as-needed", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 _lock = threading.Lock()
 _module = None
@@ -52,6 +57,7 @@ def _jit_build():
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=flags,
+        extra_ldflags=LINK_FLAGS,
         with_cuda=cuda,
         build_directory=str(build_dir),
         verbose=os.environ.get("HIFT_VERBOSE_BUILD") == "1",

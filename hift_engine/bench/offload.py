@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--reps", type=int, default=8, help="timed repetitions per measurement (median reported)")
     p.add_argument("--alloc-gib", type=float, default=8.0, help="size of the pinned-allocation test")
     p.add_argument("--skip-pageable", action="store_true", help="skip the slow pageable synchronous baseline")
+    p.add_argument("--chunk-mib", type=int, default=None,
+                   help="pacing piece size of the 'native' row (default: the engine's transfer_chunk_mib); "
+                        "a 'native-unpaced' row is always measured too")
 
 
 def _rss_bytes() -> int:
@@ -51,13 +54,13 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _store_rows(kind: str, reps: int, dev) -> list[dict]:
+def _store_rows(kind: str, reps: int, dev, chunk_mib: int = 0, label: str | None = None) -> list[dict]:
     from ..store import OffloadStore, TorchTransport
 
     if kind == "native":
         from ..store.native_transport import NativeTransport
 
-        transport = NativeTransport(dev)
+        transport = NativeTransport(dev, chunk_bytes=chunk_mib << 20)
     else:
         transport = TorchTransport(dev)
     # Two groups of one block's state each; the policy's slots are what the engine uses.
@@ -83,11 +86,15 @@ def _store_rows(kind: str, reps: int, dev) -> list[dict]:
         t.synchronize()
 
     nbytes = BLOCK_STATE * 4
+    label = label or kind
     rows = [
-        {"provider": kind, "direction": "h2d", "seconds": _median_s(h2d, reps), "bytes": nbytes},
-        {"provider": kind, "direction": "d2h", "seconds": _median_s(d2h, reps), "bytes": nbytes},
-        {"provider": kind, "direction": "both", "seconds": _median_s(both, reps), "bytes": 2 * nbytes},
+        {"provider": label, "direction": "h2d", "seconds": _median_s(h2d, reps), "bytes": nbytes},
+        {"provider": label, "direction": "d2h", "seconds": _median_s(d2h, reps), "bytes": nbytes},
+        {"provider": label, "direction": "both", "seconds": _median_s(both, reps), "bytes": 2 * nbytes},
     ]
+    if kind == "native":
+        for r in rows:
+            r["chunk_mib"] = chunk_mib
     # bit-exactness of a round trip through the store
     store.slots[1].copy_(transport.host(0).to(dev, non_blocking=False))
     t.mark_compute_done(1)
@@ -208,9 +215,13 @@ def _alloc_rows(size_gib: float, dev) -> list[dict]:
 
 def run(args) -> int:
     dev = require_cuda("offload")
+    from ..config import HiFTConfig
+
+    chunk = HiFTConfig.transfer_chunk_mib if args.chunk_mib is None else args.chunk_mib
     rows = _raw_rows(args.reps, dev)
-    for kind in ("native", "torch-store"):
-        rows += _store_rows("native" if kind == "native" else "torch", args.reps, dev)
+    rows += _store_rows("native", args.reps, dev, chunk)  # paced, as the engine runs it
+    rows += _store_rows("native", args.reps, dev, 0, label="native-unpaced")
+    rows += _store_rows("torch", args.reps, dev)
     if not args.skip_pageable:
         rows += _pageable_rows(args.reps, dev)
     for r in rows:
@@ -228,6 +239,7 @@ def run(args) -> int:
                 title="pinned host allocation")
     native = {r["direction"]: r.get("of_raw") for r in rows if r["provider"] == "native"}
     summary = {
+        "native_chunk_mib": chunk,
         "native_of_raw": native,
         "native_register_s_per_gib": next(r["s_per_gib"] for r in alloc if r["allocator"] == "native-register"),
         "native_host_bytes_per_state_byte": next(r["reserved_per_requested"] for r in alloc if r["allocator"] == "native-register"),

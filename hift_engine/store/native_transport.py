@@ -4,6 +4,7 @@ side streams ordered by CUDA events, with the GIL released in blocking calls. Sa
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
 
 import torch
@@ -25,7 +26,10 @@ def _close_all() -> None:  # free pinned memory before CUDA tears down
 class NativeTransport:
     kind = "native"
 
-    def __init__(self, device: torch.device, alloc_mode: str = "register", touch_threads: int = 0, chunk_bytes: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, alloc_mode: str = "register", touch_threads: int = 0, chunk_bytes: int = 0,
+        pace_depth: int | None = None,
+    ) -> None:
         self.module = _native.load()  # raises NativeUnavailableError with the original build/load error
         self.device = torch.device(device)
         if self.device.type == "cuda" and not self.module.with_cuda:
@@ -33,10 +37,14 @@ class NativeTransport:
 
             raise NativeUnavailableError("the native extension was built without CUDA; it cannot serve a CUDA device")
         self.alloc_mode, self.touch_threads, self.chunk_bytes = alloc_mode, touch_threads, chunk_bytes
+        # Pieces queued at a time when pacing (csrc/paced_copier.h); HIFT_PACE_DEPTH is a diagnostic knob.
+        self.pace_depth = pace_depth if pace_depth is not None else int(os.environ.get("HIFT_PACE_DEPTH", "1"))
         self._store = None
 
     def attach(self, slots: list[Tensor], numels: list[int]) -> None:
-        self._store = self.module.PinnedStore(list(numels), list(slots), self.alloc_mode, self.touch_threads, self.chunk_bytes)
+        self._store = self.module.PinnedStore(
+            list(numels), list(slots), self.alloc_mode, self.touch_threads, self.chunk_bytes, self.pace_depth
+        )
         _live.add(self)
 
     @property
