@@ -6,6 +6,7 @@
 #             compute-sanitizer on the store tests
 #   kernels   the kernel benchmark
 #   diagnose  offload vs resident step variants with profiler trace summaries (benchmarks/diagnose_offload.py)
+#   offload   the offload (transfer bandwidth, pinned allocation) benchmark
 #   memory    smoke runs, then the 7B memory benchmark
 #   step      the step benchmark
 # Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
@@ -60,6 +61,9 @@ elif [ "$stage" = kernels ]; then
 elif [ "$stage" = diagnose ]; then
   ensure_installed
   run timeout 300 $py benchmarks/diagnose_offload.py --layers 8 --profile --out "$OUT" --trace-dir /tmp/traces
+elif [ "$stage" = offload ]; then
+  ensure_installed
+  run timeout 120 $py -m hift_engine.cli.main bench offload --out "$OUT"
 elif [ "$stage" = memory ]; then
   ensure_installed
   # smoke runs on a 2-layer model first: a bug costs seconds, not the 7B run
@@ -70,6 +74,6 @@ elif [ "$stage" = step ]; then
   run timeout 120 $py -m hift_engine.cli.main bench step --layers-small 2 --layers-full 0 --cycles 1 --out /tmp/smoke \
     && run timeout 420 $py -m hift_engine.cli.main bench step --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, memory, step)"; exit 2
+  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step)"; exit 2
 fi
 done

@@ -6,6 +6,10 @@
 
 #include <algorithm>
 
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 #include "check.h"
 
 namespace hift {
@@ -65,23 +69,34 @@ void PacedCopier::issue(const Job& job) {
 void PacedCopier::wait_piece(uint64_t k) {
   Piece& p = pieces_[k % depth_];
   if (ns_per_byte_ > 0) {  // sleep through most of the piece, then poll: wake-ups are late, polls are not
-    auto expected = std::chrono::nanoseconds(static_cast<int64_t>(0.85 * ns_per_byte_ * double(p.bytes)));
+    auto expected = std::chrono::nanoseconds(static_cast<int64_t>(0.9 * ns_per_byte_ * double(p.bytes)));
     std::this_thread::sleep_until(p.issued + expected);
   }
-  cudaError_t st;
+  cudaError_t st = cudaEventQuery(p.done);
+  if (st != cudaErrorNotReady) {
+    HIFT_CUDA_CHECK(st);
+    // Done before we looked: we overslept by an unknown amount, so expect pieces to be a little faster.
+    // (Timing this wake-up instead would feed our own lateness back into the estimate and grow it.)
+    if (ns_per_byte_ > 0) ns_per_byte_ *= 0.9;
+    return;
+  }
   while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::yield();
   HIFT_CUDA_CHECK(st);
-  // Update the estimate, ignoring pieces that waited on something else (a dependency, a busy link).
+  // Polled to completion: now is within microseconds of the end. Ignore pieces that also waited on something
+  // else (a dependency, the other direction's traffic) by letting slow observations move the estimate less.
   double observed = double((std::chrono::steady_clock::now() - p.issued).count()) / double(std::max<size_t>(p.bytes, 1));
   if (ns_per_byte_ == 0) {
     ns_per_byte_ = observed;
-  } else if (observed < 2 * ns_per_byte_) {
-    ns_per_byte_ = 0.75 * ns_per_byte_ + 0.25 * observed;
+  } else {
+    ns_per_byte_ += (observed < ns_per_byte_ ? 0.5 : 0.1) * (observed - ns_per_byte_);
   }
 }
 
 void PacedCopier::run() {
   cudaSetDevice(device_);
+#ifdef __linux__
+  prctl(PR_SET_TIMERSLACK, 1UL);  // sleeps end within microseconds of their deadline (default slack: 50 us)
+#endif
   for (;;) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });

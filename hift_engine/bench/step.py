@@ -26,7 +26,7 @@ from .model_factory import build_llama, random_batch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--layers-small", type=int, default=8)
+    p.add_argument("--layers-small", type=int, default=16, help="7B-width model where all four modes fit (16: 3.50 B)")
     p.add_argument("--layers-full", type=int, default=32, help="0 skips the full-size runs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
