@@ -7,10 +7,12 @@
 // 1-byte check in a model's forward) wait the full 29 ms: measured, the offloaded step was 1.39x the resident
 // one. Measured next (8 layers, 1.5 GiB groups, H100): pieces of 16 or 64 MiB with two queued at a time did
 // not help either (the copy engine kept serving the stream that still had work queued), while 4 MiB pieces
-// with two queued did (1.02x), because the worker's wake-ups left the queue briefly empty between pieces:
-// what lets another stream's copy in is a moment when this stream has nothing queued. So the worker waits
-// for each piece by sleeping for most of its expected duration and then polling, which keeps those moments
-// short (microseconds) instead of a blocking-sync wake-up's 50-150 us.
+// with two queued did (1.02x), because the worker's late wake-ups left the queue briefly empty between
+// pieces: what lets another stream's copy in is a moment when this stream has nothing queued. So by default
+// one piece is in flight, and the worker waits for it by sleeping for most of its expected duration and then
+// polling, which keeps those moments to microseconds instead of a blocking-sync wake-up's 50-150 us (those
+// had cut the link to 61% of raw). Measured with this (40c7100): 95-96% of raw each way in isolation, and
+// 1.02-1.04x resident in the 8-layer step depending on the piece size (benchmarks/results/diagnose/).
 //
 // Ordering contract (PinnedStore keeps it): the caller issues its own stream operations (cudaStreamWaitEvent,
 // memsets) on `stream()` only after drain(), so they land between jobs, never between a job's pieces; and it

@@ -62,6 +62,8 @@ def test_bad_arguments_name_the_argument(native, call, match):
         (([10], [torch.empty(10)], "mmap", 0), "alloc_mode must be 'register' or 'hostalloc'"),
         (([-1], [torch.empty(10)], "register", 0), r"numels\[0\] must be >= 0"),
         (([10], [], "register", 0), "at least one tensor"),
+        (([10], [torch.empty(10)], "register", 0, -1), r"chunk_bytes must be >= 0"),
+        (([10], [torch.empty(10)], "register", 0, 1 << 20, 0), r"pace_depth must be in \[1, 64\], got 0"),
     ],
 )
 def test_bad_construction_is_refused(native, args, match):
