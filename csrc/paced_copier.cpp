@@ -46,21 +46,19 @@ uint64_t PacedCopier::submit(void* dst, const void* src, size_t bytes, cudaMemcp
 }
 
 void PacedCopier::issue(const Job& job) {
-  const size_t piece = chunk_ == 0 ? std::max<size_t>(job.bytes, 1) : chunk_;
+  const bool paced = chunk_ != 0;
+  const size_t piece = paced ? chunk_ : std::max<size_t>(job.bytes, 1);
   for (size_t off = 0; off < job.bytes; off += piece) {
     const size_t len = std::min(piece, job.bytes - off);
-    if (chunk_ != 0) {
-      // The ring slot holds the piece issued `depth` pieces ago: wait for it before queueing another.
-      if (piece_count_ >= static_cast<uint64_t>(depth_)) wait_piece(piece_count_ - depth_);
-      Piece& slot = pieces_[piece_count_ % depth_];
-      HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(job.dst) + off, static_cast<const char*>(job.src) + off, len,
-                                      job.kind, stream_));
+    // The ring slot holds the piece issued `depth` pieces ago: wait for it before queueing another.
+    if (paced && piece_count_ >= static_cast<uint64_t>(depth_)) wait_piece(piece_count_ - depth_);
+    HIFT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(job.dst) + off, static_cast<const char*>(job.src) + off, len,
+                                    job.kind, stream_));
+    if (paced) {
+      Piece& slot = pieces_[piece_count_++ % depth_];
       HIFT_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
       slot.issued = std::chrono::steady_clock::now();
       slot.bytes = len;
-      ++piece_count_;
-    } else {
-      HIFT_CUDA_CHECK(cudaMemcpyAsync(job.dst, job.src, len, job.kind, stream_));
     }
   }
   for (cudaEvent_t e : job.done) HIFT_CUDA_CHECK(cudaEventRecord(e, stream_));

@@ -154,8 +154,11 @@ void PinnedStore::check_slot(int64_t slot, const char* fn) const {
 }
 
 #ifdef HIFT_WITH_CUDA
-// The in-stream waits until the slot's last update and its last write-back are done (in_ already drained).
-void PinnedStore::wait_slot_free(int64_t slot) {
+// Before a fetch or zero-fill into `slot`: every earlier in-stream job is fully issued (so the waits below go
+// between jobs, never between a job's pieces), then the in-stream waits for the slot's last update and its
+// last write-back.
+void PinnedStore::prepare_in_stream(int64_t slot) {
+  in_->drain();
   if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), compute_done_[slot], 0));
   if (written_set_[slot]) {
     out_->wait_submitted(written_ticket_[slot]);
@@ -229,8 +232,7 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    in_->drain();  // our waits go between jobs, never between a job's pieces
-    wait_slot_free(slot);
+    prepare_in_stream(slot);
     if (host_written_set_[gid]) {  // the latest write-back of this group has reached host memory
       out_->wait_submitted(host_written_ticket_[gid]);
       HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), host_written_[gid], 0));
@@ -251,8 +253,7 @@ void PinnedStore::zero(int64_t slot, int64_t numel) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    in_->drain();
-    wait_slot_free(slot);
+    prepare_in_stream(slot);
     HIFT_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_->stream()));
     HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_->stream()));
     arrived_ticket_[slot] = 0;  // recorded here, not by a job
@@ -271,7 +272,7 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    out_->drain();
+    out_->drain();  // as prepare_in_stream: the wait below goes between jobs
     if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_->stream(), compute_done_[slot], 0));
     uint64_t ticket = out_->submit(dst.data_ptr(), slot_ptr(slot), bytes, cudaMemcpyDeviceToHost,
                                    {written_[slot], host_written_[gid]});

@@ -75,7 +75,7 @@ class PinnedStore {
   std::shared_ptr<HostBuffer> allocate(size_t bytes);
   float* slot_ptr(int64_t slot) const;
 #ifdef HIFT_WITH_CUDA
-  void wait_slot_free(int64_t slot);
+  void prepare_in_stream(int64_t slot);
 #endif
 
   std::vector<int64_t> numels_;

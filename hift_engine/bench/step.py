@@ -46,15 +46,14 @@ def _free():
 
 
 def _hift(model, mode, store_kind, chunk_mib=None, **overrides):
-    from ..config import HiFTConfig
     from ..optimizer import HiFTOptimizer
     from .baselines import OfficialStyleStore
 
     store = {"offload": store_kind, "resident": "resident", "official": "resident"}[mode]
-    if chunk_mib is None:
-        chunk_mib = HiFTConfig.transfer_chunk_mib  # the engine's default
-    kwargs = dict(lr=1e-5, weight_decay=0.0, state_store=store, max_grad_norm=1.0, transfer_chunk_mib=chunk_mib)
-    opt = HiFTOptimizer(model, "adamw", **{**kwargs, **overrides})
+    kwargs = {"lr": 1e-5, "weight_decay": 0.0, "state_store": store, "max_grad_norm": 1.0, **overrides}
+    if chunk_mib is not None:  # None: the engine's default
+        kwargs["transfer_chunk_mib"] = chunk_mib
+    opt = HiFTOptimizer(model, "adamw", **kwargs)
     if mode == "official":
         opt.store.close()
         opt.store = OfficialStyleStore(

@@ -23,7 +23,7 @@ KINDS = ["torch", "native", "native-paced"]
 
 def _transport(kind, paced_chunk=(1 << 18) + 4):
     """``native-paced``: copies issued by the store's worker threads in pieces (odd-sized on purpose, so
-    pieces straddle element boundaries), at most two in flight: the ordering must survive that too."""
+    pieces straddle element boundaries), one in flight: the ordering must survive that too."""
     if kind == "torch":
         t = TorchTransport("cuda")
     else:
