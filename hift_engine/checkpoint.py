@@ -1,17 +1,22 @@
 """Checkpoints: atomic on disk, verified on load, exact on resume.
 
-Layout of one checkpoint, ``<root>/ckpt-<step:08d>/``:
+Layout of one checkpoint, ``<root>/ckpt-<step:08d>/`` (``ckpt-<step>-r<n>`` when step was saved before):
     model.safetensors          model weights (tied weights stored once)
-    optim/group-<g>.safetensors  group g's optimizer state: "steps" and the flat "state" tensor, written from
-                               the store's host memory after its write-back finished (no copy of the 50 GiB)
-    meta.json                  step, hyper-parameters, group order position, skip counts, Python RNG, extra
+    optim/group-<g>.safetensors  group g's optimizer state as ``HiFTOptimizer.export_state`` encodes it (the
+                               same encoding state_dict() is built on), written from the store's host memory
+                               after its write-back finished (no copy of the 50 GiB)
+    meta.json                  step, the optimizer's meta (hyper-parameters, order position, skips), RNG, extra
     rng.safetensors            torch CPU (and CUDA) generator states
     scheduler.pt               the LR scheduler's state_dict (torch.save; read with weights_only=True)
-    manifest.json              written last: every file's size and SHA-256
+    manifest.json              written last: every file's size and SHA-256, a save sequence number, and the
+                               SHA-256 of the manifest's own content
 Files go to a temporary directory, are fsynced, the manifest is written, then the directory is renamed into
-place, so a checkpoint directory is either complete or absent (a crash leaves only ``.tmp-*`` directories,
-which readers ignore). A reader verifies the manifest and names the first bad file. Nothing is unpickled
-except the scheduler state, under ``torch.load(weights_only=True)``.
+place under a name no other checkpoint has, so a checkpoint directory is either complete or absent (a crash
+leaves only ``.tmp-*`` directories, which readers ignore) and re-saving a step never hides the old copy before
+the new one is in place. "Latest" means most recently saved (the sequence number), not the highest step: a run
+rolled back to an earlier checkpoint continues from its own newest one. A reader verifies the manifest and
+names the first bad file, and validates everything (files, model shapes, optimizer layout, scheduler) before
+it changes anything. Nothing is unpickled except the scheduler state, under ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import random
 import re
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -30,11 +36,15 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .state_io import Signature
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint"]
 
-FORMAT = "hift_engine.checkpoint/1"
-_NAME = re.compile(r"^ckpt-(\d{8,})$")
+FORMAT = "hift_engine.checkpoint/2"
+_OLD_FORMAT = "hift_engine.checkpoint/1"  # no sequence number nor manifest checksum; still readable
+_NAME = re.compile(r"^ckpt-(\d{8,})(?:-r(\d+))?$")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _fsync(fd: int) -> None:
@@ -71,21 +81,56 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     _fsync_path(path)
 
 
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete-looking checkpoint directories under ``root`` (with a manifest), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
+def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    """The verified manifest of checkpoint ``path`` (its own checksum checked); CheckpointError otherwise."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no manifest.json, so the checkpoint is partial or not a checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") not in (FORMAT, _OLD_FORMAT) or not isinstance(files, dict):
+            raise ValueError(f"unknown format {manifest.get('format')!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    if manifest["format"] == FORMAT and manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise CheckpointError(f"{manifest_path}: the manifest's own checksum does not match its content (corrupted)")
+    return manifest
+
+
+def _sequence(manifest: Mapping[str, Any]) -> int:
+    seq = manifest.get("seq")
+    return seq if isinstance(seq, int) else -1
+
+
+def _saved(root: Path) -> list[tuple[int, int, Path]]:
+    """(save sequence, step, dir) of every checkpoint directory under ``root`` whose manifest reads."""
     found = []
-    for d in root.iterdir():
-        m = _NAME.match(d.name)
-        if m and d.is_dir() and (d / "manifest.json").is_file():
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _NAME.match(d.name)
+            if m and d.is_dir() and (d / "manifest.json").is_file():
+                try:
+                    seq = _sequence(_read_manifest(d))
+                except CheckpointError:
+                    seq = -2  # unreadable: oldest; verification names the problem when it is asked for
+                found.append((seq, int(m.group(1)), d))
+    return sorted(found, key=lambda t: (t[0], t[1], t[2].name))
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete-looking checkpoint directories under ``root`` (with a manifest), oldest first: in the order
+    they were saved (checkpoints of the old format, without a sequence number, first, by step)."""
+    return [d for _, _, d in _saved(Path(root))]
 
 
 def latest_checkpoint(root: str | os.PathLike, verify: bool = False) -> Path | None:
-    """The newest checkpoint that verifies (sizes only unless ``verify``), or None."""
+    """The most recently saved checkpoint that verifies (sizes only unless ``verify``), or None."""
     for d in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(d, full=verify)
@@ -98,17 +143,8 @@ def latest_checkpoint(root: str | os.PathLike, verify: bool = False) -> Path | N
 def verify_checkpoint(path: str | os.PathLike, full: bool = True) -> dict:
     """Check the manifest and every file it lists (size; SHA-256 if ``full``). Returns the manifest."""
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no manifest.json, so the checkpoint is partial or not a checkpoint")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict):
-            raise ValueError(f"unknown format {manifest.get('format')!r}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
-    for rel, info in files.items():
+    manifest = _read_manifest(path)
+    for rel, info in manifest["files"].items():
         f = path / rel
         if not isinstance(info, dict) or not f.is_file():
             raise CheckpointError(f"{f}: listed in the manifest but missing")
@@ -138,6 +174,15 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], python_state: Any) -> No
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
 
 
+def _free_name(root: Path, step: int) -> Path:
+    """``ckpt-<step>``, or ``ckpt-<step>-r<n>`` when that step is already on disk (a resumed run saving it again)."""
+    base = root / f"ckpt-{step:08d}"
+    if not base.exists():
+        return base
+    taken = [int(m.group(2) or 0) for d in root.iterdir() if (m := _NAME.match(d.name)) and int(m.group(1)) == step]
+    return root / f"{base.name}-r{max(taken) + 1}"
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     model: nn.Module,
@@ -150,26 +195,32 @@ def save_checkpoint(
     """Write a checkpoint of ``model`` and a HiFTOptimizer (and scheduler) to ``root/ckpt-<step>``.
 
     ``step`` defaults to ``optimizer.global_step``; ``extra`` is any JSON-serialisable dict (e.g. the data
-    position) returned by load_checkpoint; ``keep_last`` deletes older checkpoints beyond that many.
+    position) returned by load_checkpoint; ``keep_last`` deletes the checkpoints saved before the newest
+    ``keep_last`` (by save order). Re-saving a step writes a new directory and removes the old one only after
+    the new one is complete. Returns the checkpoint's directory.
     """
     from safetensors.torch import save_model
 
+    step = optimizer.global_step if step is None else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"save_checkpoint: step must be an integer >= 0, got {step!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    step = optimizer.global_step if step is None else int(step)
-    final = root / f"ckpt-{step:08d}"
+    before = _saved(root)
     tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
         _fsync_path(tmp / "model.safetensors")
         (tmp / "optim").mkdir()
-        generic_values = {}
-        for gid in range(optimizer.num_groups):
-            tensors, values = optimizer.group_tensors(gid)  # waits for the group's write-back
-            _save_tensors(tmp / "optim" / f"group-{gid:04d}.safetensors", tensors)
-            if values:
-                generic_values[str(gid)] = values
+        export = optimizer.export_state()
+        values = {}
+        for gid, group in enumerate(export.groups):  # each waits for its group's write-back
+            _save_tensors(tmp / "optim" / f"group-{gid:04d}.safetensors", group.tensors)
+            if group.values:
+                values[str(gid)] = group.values
         rng_tensors, python_rng = _rng_state()
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
         if scheduler is not None:
@@ -178,13 +229,8 @@ def save_checkpoint(
                 f.flush()
                 _fsync(f.fileno())
         meta = {
-            "step": step,
-            "hift": optimizer.hift_meta(),
-            "hyperparameters": optimizer.hyperparameters(),
-            "generic_values": generic_values,
-            "python_rng": python_rng,
-            "extra": dict(extra or {}),
-            "torch": torch.__version__,
+            "step": step, "optimizer": export.meta, "group_values": values, "python_rng": python_rng,
+            "extra": dict(extra or {}), "torch": torch.__version__,
         }
         try:
             _write_json(tmp / "meta.json", meta)
@@ -195,26 +241,54 @@ def save_checkpoint(
             for f in sorted(tmp.rglob("*"))
             if f.is_file()
         }
-        _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "files": files})
+        manifest = {"format": FORMAT, "step": step, "seq": max((s for s, _, _ in before), default=-1) + 1, "files": files}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        _write_json(tmp / "manifest.json", manifest)
         _fsync_path(tmp / "optim")
         _fsync_path(tmp)
-        if final.exists():  # re-saving a step (a resumed run reaching it again): swap, then remove the old one
-            trash = root / f".tmp-old-{final.name}-{time.monotonic_ns()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        final = _free_name(root, step)
+        os.rename(tmp, final)
         _fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for _, old_step, old in before:  # the new copy is in place: older copies of the same step can go
+        if old_step == step:
+            shutil.rmtree(old, ignore_errors=True)
     if keep_last is not None:
-        if keep_last < 1:
-            raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _header(f: Path) -> Signature:
+    """Names, shapes and dtypes of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), "pt") as h:
+            return {k: (tuple(h.get_slice(k).get_shape()), _DTYPES.get(h.get_slice(k).get_dtype())) for k in h.keys()}
+    except Exception as e:  # noqa: BLE001 - any header problem is a bad file
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _check_model(f: Path, model: nn.Module) -> None:
+    """Every saved tensor fits a model entry; every model entry is saved (or shares storage with a saved one)."""
+    header, mine = _header(f), model.state_dict()
+    unexpected = sorted(k for k in header if k not in mine)
+    wrong = [f"{k} {header[k][0]} vs {tuple(mine[k].shape)}" for k in header if k in mine and header[k][0] != tuple(mine[k].shape)]
+    saved_storage = {mine[k].untyped_storage().data_ptr() for k in header if k in mine}
+    missing = sorted(k for k in mine if k not in header and mine[k].untyped_storage().data_ptr() not in saved_storage)
+    if unexpected or missing or wrong:
+        raise CheckpointError(
+            f"{f}: does not match this model (missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {wrong[:3]})"
+        )
+
+
+def _optimizer_meta(meta: Mapping[str, Any]) -> dict:
+    if "optimizer" in meta:
+        return dict(meta["optimizer"])
+    return {**meta["hift"], "param_groups": meta["hyperparameters"]}  # format 1
 
 
 def load_checkpoint(
@@ -225,10 +299,11 @@ def load_checkpoint(
     verify: bool = True,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by save_checkpoint; returns {"step", "extra"}.
+    """Restore a checkpoint written by save_checkpoint; returns {"step", "extra", "path"}.
 
     Refuses (CheckpointError) a partial or corrupted checkpoint, naming the bad file, and one written for a
-    different model, optimizer or group layout. ``path`` may be a checkpoint or a root (its latest is used).
+    different model, optimizer or group layout; a refused load changes nothing. ``path`` may be a checkpoint
+    or a root (its latest is used).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
@@ -242,48 +317,61 @@ def load_checkpoint(
     verify_checkpoint(path, full=verify)
     try:
         meta = json.loads((path / "meta.json").read_text())
-        hift, hyper = meta["hift"], meta["hyperparameters"]
+        opt_meta = _optimizer_meta(meta)
+        values = meta.get("group_values", meta.get("generic_values", {}))
+        if not isinstance(values, dict):
+            raise TypeError("group values are not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
+
+    # 1. Check everything before changing anything.
+    _check_model(path / "model.safetensors", model)
+    group_files = []
     if optimizer is not None:
+        group_files = [path / "optim" / f"group-{gid:04d}.safetensors" for gid in range(optimizer.num_groups)]
+        signatures = [(_header(f), values.get(str(gid), {})) for gid, f in enumerate(group_files)]
         try:
-            optimizer.check_compatible(hift, str(path))
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-        if len(hyper) != len(optimizer.param_groups):
-            raise CheckpointError(f"{path}: saved {len(hyper)} param_groups, this optimizer has {len(optimizer.param_groups)}")
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"{path / 'model.safetensors'}: cannot load into this model ({e})") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path / 'model.safetensors'}: does not match this model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})"
-        )
-    if optimizer is not None:
-        values = meta.get("generic_values", {})
-        for gid in range(optimizer.num_groups):
-            f = path / "optim" / f"group-{gid:04d}.safetensors"
-            try:
-                tensors = load_file(str(f))
-                optimizer.load_group_tensors(gid, tensors, values.get(str(gid), {}))
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{f}: unreadable ({e})") from None
-            except ConfigError as e:
-                raise CheckpointError(f"{f}: {e}") from None
-        optimizer.load_meta(hyper, hift)
+            optimizer.check_state(opt_meta, signatures)
+        except (ConfigError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if scheduler is not None:
         f = path / "scheduler.pt"
         if not f.is_file():
             raise CheckpointError(f"{path}: saved without a scheduler, but one was given to restore")
+        snapshot = copy.deepcopy(scheduler.state_dict())
         try:
-            scheduler.load_state_dict(torch.load(f, weights_only=True))
+            saved_sched = torch.load(f, weights_only=True)
+            scheduler.load_state_dict(saved_sched)  # a probe: loaded again below, after the optimizer's LRs
         except Exception as e:  # noqa: BLE001 - any unpickling/shape problem is a bad checkpoint
+            scheduler.load_state_dict(snapshot)
             raise CheckpointError(f"{f}: cannot restore the scheduler ({type(e).__name__}: {e})") from None
-    if restore_rng:
-        try:
-            _set_rng_state(load_file(str(path / "rng.safetensors")), meta.get("python_rng"))
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path / 'rng.safetensors'}: cannot restore RNG state ({e})") from None
+    try:
+        rng = load_file(str(path / "rng.safetensors")) if restore_rng else None
+        if rng is not None and "torch_cpu" not in rng:
+            raise KeyError("torch_cpu")
+    except (SafetensorError, OSError, KeyError) as e:
+        if scheduler is not None:
+            scheduler.load_state_dict(snapshot)
+        raise CheckpointError(f"{path / 'rng.safetensors'}: cannot restore RNG state ({e})") from None
+
+    # 2. Apply.
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=False)
+        if optimizer is not None:
+            optimizer.import_state(opt_meta, (_load_group(f, values.get(str(gid), {})) for gid, f in enumerate(group_files)),
+                                   signatures=signatures)
+        if scheduler is not None:
+            scheduler.load_state_dict(saved_sched)  # after the optimizer: a schedule may set the LRs it implies
+        if rng is not None:
+            _set_rng_state(rng, meta.get("python_rng"))
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: failed while loading an already verified checkpoint ({type(e).__name__}: {e})") from e
     return {"step": int(meta.get("step", 0)), "extra": meta.get("extra", {}), "path": str(path)}
+
+
+def _load_group(f: Path, values: Mapping[str, Any]):
+    from safetensors.torch import load_file
+
+    from .state_io import GroupState
+
+    return GroupState(load_file(str(f)), dict(values))

@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .optim import FUSED_SPECS
 
-__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS"]
+__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS", "suggest"]
 
 STRATEGIES = ("bottom2up", "top2down", "random")
 STATE_STORES = ("auto", "resident", "torch", "native")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
-FUSED_OPTIMIZERS = ("adamw", "adagrad", "sgd")
+FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
-def _suggest(name: str, choices) -> str:
+def suggest(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"optimizer={path!r}: cannot import that class ({e}); give a built-in name {FUSED_OPTIMIZERS} or an importable torch.optim.Optimizer subclass") from None
 
 
 def _is_int(v) -> bool:
@@ -57,7 +69,9 @@ class HiFTConfig:
     seed:             seeds the random order; the order is a pure function of (seed, cycle).
     groups:           explicit groups: a list of groups, each a list of module/parameter names or regexes.
     freeze:           names/regexes of units, modules or parameters that are never trained.
-    no_decay:         "auto" (biases and norm weights, like transformers), a list of name regexes, or [].
+    no_decay:         "auto" (biases and norm weights, like transformers), a list of patterns, or []. A pattern
+                      matches a parameter name when found anywhere in it (re.search: "bias" and
+                      "LayerNorm.weight" work as transformers users write them); one matching nothing is an error.
     max_grad_norm:    clip the active group's gradient norm to this value (None: no clipping).
     skip_nonfinite:   skip the active group's update when its gradients hold inf/NaN (state untouched).
     max_consecutive_skips: raise NonFiniteError after this many skips in a row (0: never raise).
@@ -65,8 +79,8 @@ class HiFTConfig:
                       on the device), "torch" (pure-torch pinned offload), "native" (C++ pinned offload).
     slots:            device buffers for offloaded state, each the size of the largest group's state (>= 2).
     transfer_chunk_mib: the native store paces each state transfer: a worker thread issues it in pieces of
-                      this many MiB, at most two queued at a time, so a small copy of the compute stream
-                      (loss.item(), a check inside the model's forward) waits for two pieces, not for a
+                      this many MiB, one in flight at a time, so a small copy of the compute stream
+                      (loss.item(), a check inside the model's forward) waits for one piece, not for a
                       whole group's state on the same copy engine. 0: one copy per transfer (the torch
                       store always does that).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
@@ -99,11 +113,13 @@ class HiFTConfig:
         import torch
 
         opt = self.optimizer
+        if isinstance(opt, str) and "." in opt:  # "torch.optim.RMSprop", as to_dict() writes a class
+            opt = self.optimizer = _import_class(opt)
         if isinstance(opt, str):
             if opt.lower() not in FUSED_OPTIMIZERS:
                 raise ConfigError(
                     f"optimizer={opt!r} is not a built-in optimizer; use one of {FUSED_OPTIMIZERS}"
-                    f"{_suggest(opt.lower(), FUSED_OPTIMIZERS)}, or pass a torch.optim.Optimizer subclass"
+                    f"{suggest(opt.lower(), FUSED_OPTIMIZERS)}, or pass a torch.optim.Optimizer subclass"
                 )
             self.optimizer = opt.lower()
         elif not (isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer)):
@@ -112,6 +128,8 @@ class HiFTConfig:
             )
         if not _is_number(self.lr) or self.lr < 0:
             raise ConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.lr == 0:
+            warnings.warn("hift_engine: lr=0: no parameter will change (only optimizer state advances)", stacklevel=3)
         if self.weight_decay is not None and (not _is_number(self.weight_decay) or self.weight_decay < 0):
             raise ConfigError(
                 f"weight_decay must be a finite number >= 0, or None for the optimizer's torch default, got {self.weight_decay!r}"
@@ -123,7 +141,7 @@ class HiFTConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"strategy={self.strategy!r} is unknown; use one of {STRATEGIES}"
-                f"{_suggest(str(self.strategy), STRATEGIES)}"
+                f"{suggest(str(self.strategy), STRATEGIES)}"
             )
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
@@ -148,7 +166,7 @@ class HiFTConfig:
         if self.state_store not in STATE_STORES:
             raise ConfigError(
                 f"state_store={self.state_store!r} is unknown; use one of {STATE_STORES}"
-                f"{_suggest(str(self.state_store), STATE_STORES)}"
+                f"{suggest(str(self.state_store), STATE_STORES)}"
             )
         if not _is_int(self.slots) or self.slots < 2:
             raise ConfigError(f"slots must be an integer >= 2 (device buffers for streamed state), got {self.slots!r}")
@@ -157,7 +175,7 @@ class HiFTConfig:
         if self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(
                 f"kernels={self.kernels!r} is unknown; use one of {KERNEL_BACKENDS}"
-                f"{_suggest(str(self.kernels), KERNEL_BACKENDS)}"
+                f"{suggest(str(self.kernels), KERNEL_BACKENDS)}"
             )
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
@@ -177,7 +195,7 @@ class HiFTConfig:
         names = cls.field_names()
         for key in data:
             if key not in names:
-                raise ConfigError(f"unknown option {key!r}{_suggest(str(key), names)}; valid options: {', '.join(names)}")
+                raise ConfigError(f"unknown option {key!r}{suggest(str(key), names)}; valid options: {', '.join(names)}")
         return cls(**{str(k): v for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,8 +9,9 @@ owns them (for tied LMs: the input embedding), so they belong to the embedding u
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -227,8 +228,10 @@ def build_grouping(
     layers_per_group: int = 1,
     groups: Sequence[Sequence[str]] | None = None,
     freeze: Iterable[str] = (),
+    trainable: Callable[[nn.Parameter], bool] | None = None,
 ) -> Grouping:
-    """Units and groups of ``model``. Parameters with ``requires_grad=False`` at this point count as frozen."""
+    """Units and groups of ``model``. Parameters for which ``trainable`` is False (default: those with
+    ``requires_grad=False`` at this point) count as frozen."""
     if not isinstance(model, nn.Module):
         raise GroupingError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     freeze = tuple(freeze)
@@ -237,8 +240,9 @@ def build_grouping(
     all_named = _param_owner_names(model)
     if not all_named:
         raise GroupingError(f"{type(model).__name__} has no parameters to train")
-    frozen = [n for n, p in all_named if not p.requires_grad]
-    named = [(n, p) for n, p in all_named if p.requires_grad]
+    trainable = trainable or (lambda p: p.requires_grad)
+    frozen = [n for n, p in all_named if not trainable(p)]
+    named = [(n, p) for n, p in all_named if trainable(p)]
 
     if groups is not None:
         if layers_per_group != 1:
@@ -281,6 +285,12 @@ def build_grouping(
 
     by_name = dict(named)
     step = 1 if groups is not None else layers_per_group
+    if step > len(units):
+        warnings.warn(
+            f"hift_engine: layers_per_group={layers_per_group} is larger than the {len(units)} units of this model: "
+            "one group holds everything (plain full fine-tuning)",
+            stacklevel=3,
+        )
     out_groups = []
     for gi, start in enumerate(range(0, len(units), step)):
         chunk = units[start : start + step]

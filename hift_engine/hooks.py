@@ -1,33 +1,59 @@
-"""Post-accumulate-grad hooks: frozen parameters never hold a gradient; the active group's gradients stay in
-the flat gradient arena even when someone replaces ``.grad`` (``model.zero_grad()`` sets it to None, and
-autograd then hands over a fresh tensor)."""
+"""A HiFTOptimizer's hold on its model's parameters.
+
+``GradRouter``: post-accumulate-grad hooks. Frozen parameters never hold a gradient; the active group's
+gradients land in the flat gradient arena even when someone replaced ``.grad`` (``model.zero_grad()`` sets it
+to None and autograd then hands over a fresh tensor). At ``step()``, ``collect()`` applies torch.optim's rule:
+a parameter whose ``.grad`` is None is skipped, and whatever ``.grad`` holds (also a tensor set by hand) is
+what is applied.
+
+``ParamClaim``: the requires_grad flags an optimizer switched and its hooks. A new HiFTOptimizer on the same
+parameters releases the previous claim first (restoring the user's flags), so re-running a notebook cell
+trains the same groups as the first time; ``close()`` or the optimizer being collected releases it too.
+"""
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Iterable, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["GradRouter"]
+from .errors import LayoutError
+
+__all__ = ["GradRouter", "ParamClaim", "user_requires_grad"]
+
+# id(param) -> (weak reference to it, the claim holding it). Not a WeakKeyDictionary: that compares tensor keys
+# with ==, which is elementwise.
+_CLAIMS: dict[int, tuple[weakref.ref, "ParamClaim"]] = {}
+
+
+def _claim_of(p: nn.Parameter) -> "ParamClaim | None":
+    entry = _CLAIMS.get(id(p))
+    return entry[1] if entry is not None and entry[0]() is p else None
+
+
+def user_requires_grad(p: nn.Parameter) -> bool:
+    """``requires_grad`` as the user left it, before a HiFTOptimizer that still holds ``p`` switched it."""
+    claim = _claim_of(p)
+    return claim.original[id(p)] if claim is not None else p.requires_grad
 
 
 class GradRouter:
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self._views: dict[nn.Parameter, tuple[int, Tensor]] = {}
-        self.received: set[int] = set()  # indices (in the active layout) that got a gradient since the last zero
-        self.dirty = False  # the arena holds gradients
+        self.received: set[int] = set()  # indices (in the active layout) that autograd wrote since the last zero
+        self.dirty = False  # the arena may hold gradients
         self.dropped = 0  # gradients dropped from frozen parameters (for tests/diagnostics)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     def set_active(self, params: Sequence[nn.Parameter], views: Sequence[Tensor]) -> None:
         self._views = {p: (i, v) for i, (p, v) in enumerate(zip(params, views))}
-        for p, v in zip(params, views):
-            p.grad = v
-        self.received.clear()
-        self.dirty = False
+        self.reinstall()
+        self.cleared()
 
     def reinstall(self) -> None:
-        """Point every active parameter's .grad back at its arena view (after someone set it to None)."""
+        """Point every active parameter's .grad at its (zeroed) arena view."""
         for p, (_, v) in self._views.items():
             if p.grad is None or p.grad.data_ptr() != v.data_ptr():
                 p.grad = v
@@ -35,6 +61,25 @@ class GradRouter:
     def cleared(self) -> None:
         self.received.clear()
         self.dirty = False
+
+    def collect(self, names: Sequence[str]) -> list[int]:
+        """Indices of the active parameters with a gradient to apply now (``names`` for error messages)."""
+        members = []
+        for p, (i, view) in self._views.items():
+            g = p.grad
+            if g is None:
+                continue  # as torch.optim: no gradient, no update (also after model.zero_grad())
+            if g.data_ptr() != view.data_ptr():  # set by hand, or replaced after backward
+                if g.shape != view.shape:
+                    raise LayoutError(f"{names[i]}.grad has shape {tuple(g.shape)}, the parameter {tuple(view.shape)}")
+                view.copy_(g)
+                p.grad = view
+                self.received.add(i)  # it stays a gradient until zeroed, as in torch: a second step applies it again
+                self.dirty = True
+            elif i not in self.received:
+                continue  # the zeroed arena view: no gradient arrived since zero_grad()
+            members.append(i)
+        return sorted(members)
 
     def _hook(self, p: nn.Parameter) -> None:
         entry = self._views.get(p)
@@ -54,3 +99,44 @@ class GradRouter:
             h.remove()
         self._handles.clear()
         self._views.clear()
+
+
+class ParamClaim:
+    """Switch ``trained`` and ``frozen`` parameters off (each group is switched on when active) and route their
+    gradients; remember the user's flags so ``release()`` restores them."""
+
+    def __init__(self, trained: Sequence[nn.Parameter], frozen: Sequence[nn.Parameter]) -> None:
+        params = list(trained) + list(frozen)
+        previous = {id(c): c for p in params if (c := _claim_of(p)) is not None}
+        for claim in previous.values():
+            claim.release()
+        if previous:
+            warnings.warn(
+                "hift_engine: another HiFTOptimizer was still attached to these parameters; it has been detached "
+                "(hooks removed, requires_grad restored) and can no longer step. Call close() on an optimizer you "
+                "replace",
+                stacklevel=4,
+            )
+        self.original = {id(p): p.requires_grad for p in params}
+        self._params = [(id(p), weakref.ref(p)) for p in params]
+        self.released = False
+        # Hooks first: torch only registers them on tensors that require grad.
+        self.router = GradRouter([p for p in params if p.requires_grad])
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params:
+            _CLAIMS[id(p)] = (weakref.ref(p), self)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.router.remove()
+        for key, ref in self._params:
+            if _CLAIMS.get(key, (None, None))[1] is self:
+                del _CLAIMS[key]
+            p = ref()
+            if p is not None:
+                p.requires_grad_(self.original[key])
+                p.grad = None

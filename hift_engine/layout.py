@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayoutError
+from .kernels._launch import DEFAULT_BLOCK
 from .kernels.table import TensorTable, build_tensor_table
 
 __all__ = ["ALIGN", "Bucket", "GroupLayout", "GradArena", "check_params"]
@@ -131,10 +132,10 @@ class GroupLayout:
             if p.shape != shape or not p.is_contiguous():
                 raise LayoutError(f"parameter {name!r} changed shape or became non-contiguous after the optimizer was created")
 
-    def table(self, bucket: Bucket, block: int, members: Sequence[int] | None = None) -> TensorTable:
+    def table(self, bucket: Bucket, members: Sequence[int] | None = None) -> TensorTable:
         """The cached kernel table for ``bucket`` (or a subset of it); rebuilt if a parameter's storage moved."""
         members = tuple(bucket.members if members is None else members)
-        key = (block, members)
+        key = members
         table = bucket._tables.get(key)
         params = [self.params[i] for i in members]
         if table is None or table.addresses != tuple(p.data_ptr() for p in params):
@@ -149,7 +150,7 @@ class GroupLayout:
                 [self.state_offsets[i] for i in members],
                 [self.grad_offsets[i] for i in members],
                 list(members),
-                block,
+                DEFAULT_BLOCK,
             )
             bucket._tables[key] = table
         return table

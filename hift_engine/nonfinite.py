@@ -1,4 +1,4 @@
-"""Counting skipped steps (non-finite gradients) without a host sync in the step.
+"""The active group's gradient norm and non-finite flag, and counting skipped steps, without a host sync.
 
 The skip flag is decided on the device; each step copies it into a small pinned host buffer behind an event.
 The flags are read a step or two later, when their events have completed, so the host never waits for
@@ -9,15 +9,40 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
 
-__all__ = ["SkipMonitor"]
+__all__ = ["SkipMonitor", "grad_flags"]
 
 log = logging.getLogger("hift_engine")
+
+
+def grad_flags(grads: Sequence[Tensor], clip: float | None, check: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(flags, norm): flags = [clip coefficient, skip] on the device (None when neither clipping nor the check
+    is on), computed in one pass over ``grads`` (the gradients about to be applied).
+
+    Same reduction order as torch.nn.utils.clip_grad_norm_ (per-tensor norms grouped by dtype in order of first
+    appearance, then the norm of those), so one group holding everything clips exactly like torch."""
+    if clip is None and not check:
+        return None, None
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    norms: list[Tensor] = []
+    for dtype, same in by_dtype.items():
+        if dtype in (torch.float32, torch.float64):
+            norms.extend(torch._foreach_norm(same))
+        else:  # half precision: accumulate in fp32 as torch does for the total
+            norms.extend(torch.linalg.vector_norm(v, dtype=torch.float32) for v in same)
+    wide = torch.float64 if torch.float64 in by_dtype else torch.float32
+    norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+    coef = (clip / (norm + 1e-6)).clamp(max=1.0) if clip is not None else torch.ones_like(norm)
+    skip = (~torch.isfinite(norm)).to(wide) if check else torch.zeros_like(norm)
+    return torch.stack([coef, skip]), norm
 
 
 class SkipMonitor:
@@ -28,7 +53,6 @@ class SkipMonitor:
         self.max_consecutive = max_consecutive
         self.total = 0
         self.consecutive = 0
-        self.last_skipped_step: int | None = None
         self._pending: deque = deque()
 
     def record(self, skip_flag: Tensor, step: int, group: int) -> None:
@@ -60,7 +84,6 @@ class SkipMonitor:
             return
         self.total += 1
         self.consecutive += 1
-        self.last_skipped_step = step
         log.warning("step %d: non-finite gradients in group %d, update skipped (%d in a row)", step, group, self.consecutive)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
@@ -71,10 +94,9 @@ class SkipMonitor:
 
     def state_dict(self) -> dict:
         self.poll(block=True)
-        return {"total": self.total, "consecutive": self.consecutive, "last_skipped_step": self.last_skipped_step}
+        return {"total": self.total, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending.clear()
         self.total = int(state.get("total", 0))
         self.consecutive = int(state.get("consecutive", 0))
-        self.last_skipped_step = state.get("last_skipped_step")

@@ -21,7 +21,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from .config import STRATEGIES
 from .errors import ConfigError
 
-__all__ = ["GroupOrder", "CycleLR", "DelayedScheduler", "SCHEDULES", "lr_multiplier"]
+__all__ = [
+    "GroupOrder", "CycleLR", "DelayedScheduler", "SCHEDULES", "lr_multiplier", "cycle_scheduler", "transformers_scheduler",
+]
 
 _MASK64 = (1 << 64) - 1
 
@@ -86,7 +88,10 @@ class GroupOrder:
             "position": self.position,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state_dict(self, state: Any) -> None:
+        """Raise ConfigError unless ``state`` (from state_dict()) fits this order. Changes nothing."""
+        if not isinstance(state, dict):
+            raise ConfigError(f"invalid saved group order {state!r}")
         for key in ("num_groups", "strategy", "seed"):
             if state.get(key) != getattr(self, key):
                 raise ConfigError(
@@ -96,7 +101,10 @@ class GroupOrder:
         cycle, position = state.get("cycle"), state.get("position")
         if not (isinstance(cycle, int) and cycle >= 0 and isinstance(position, int) and 0 <= position < self.num_groups):
             raise ConfigError(f"invalid saved group order position cycle={cycle!r} position={position!r}")
-        self.cycle, self.position = cycle, position
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self.cycle, self.position = state["cycle"], state["position"]
 
 
 # ---------------------------------------------------------------------------------------------- LR schedules
@@ -173,6 +181,21 @@ class CycleLR(LRScheduler):
         f = self.multiplier()
         return [base * f for base in self.base_lrs]
 
+    # The schedule's shape comes from this run's options, not from the saved state: extending a finished run
+    # (more total steps on resume) continues along the new, longer schedule instead of staying at its end.
+    _SHAPE = ("name", "total_cycles", "warmup_cycles", "min_lr_ratio", "power")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("steps_per_cycle", self.steps_per_cycle) != self.steps_per_cycle:
+            raise ConfigError(
+                f"scheduler saved for {state_dict.get('steps_per_cycle')} steps per cycle, this one has "
+                f"{self.steps_per_cycle} (the number of groups changed)"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._SHAPE})
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
 
 class DelayedScheduler:
     """Wraps any per-step LR scheduler (e.g. one from ``transformers.get_scheduler``) built for a length in
@@ -201,3 +224,30 @@ class DelayedScheduler:
             )
         self.calls = int(state["calls"])
         self.inner.load_state_dict(state["inner"])
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def cycle_scheduler(
+    optimizer, name: str = "cosine", total_steps: int = 1, warmup_steps: int = 0, per_step: bool = False, **kwargs: Any
+) -> CycleLR:
+    """An LR schedule for ``total_steps`` optimizer steps of a HiFTOptimizer that advances once per cycle of k
+    steps (HiFT's delayed LR; it spans ceil(total_steps / k) cycles). ``per_step=True`` advances every step."""
+    return CycleLR(optimizer, name, total_steps, warmup_steps, 1 if per_step else optimizer.num_groups, **kwargs)
+
+
+def transformers_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int = 0, **scheduler_kwargs: Any):
+    """Any ``transformers.get_scheduler`` schedule, built for ceil(total/k) cycles and stepped once per cycle."""
+    kind = getattr(name, "value", name)
+    if kind == "reduce_lr_on_plateau":
+        raise ConfigError(
+            "reduce_lr_on_plateau needs a metric at every step and cannot follow HiFT's per-cycle LR; use a fixed "
+            "schedule (cosine, linear, constant_with_warmup, ...)"
+        )
+    from transformers import get_scheduler
+
+    k = optimizer.num_groups
+    inner = get_scheduler(
+        name, optimizer, num_warmup_steps=-(-warmup_steps // k), num_training_steps=-(-total_steps // k),
+        scheduler_specific_kwargs=scheduler_kwargs or None,
+    )
+    return DelayedScheduler(inner, k)

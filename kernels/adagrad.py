@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
+from ._launch import DEFAULT_WARPS, check_update_args, is_aligned, launch_device
 from ._locate import locate_chunk, to_pointer
+from .reference import state_names
 from .table import TensorTable
 
 __all__ = ["adagrad_update"]
@@ -68,10 +69,11 @@ def adagrad_update(
     num_warps: int = DEFAULT_WARPS,
 ) -> None:
     """One AdaGrad step for every tensor in ``table``; state is the flat fp32 ``sum`` vector."""
-    check_update_args("adagrad_update", table, steps, grads, state, state_stride, 1, flags)
-    _adagrad_kernel[(table.num_chunks,)](
-        table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
-        lr, lr_decay, eps, weight_decay,
-        HAS_FLAGS=flags is not None, MAXIMIZE=maximize,
-        ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
-    )
+    check_update_args("adagrad_update", table, steps, grads, state, state_stride, len(state_names("adagrad")), flags)
+    with launch_device(table):
+        _adagrad_kernel[(table.num_chunks,)](
+            table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
+            lr, lr_decay, eps, weight_decay,
+            HAS_FLAGS=flags is not None, MAXIMIZE=maximize,
+            ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
+        )

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
+from ._launch import DEFAULT_WARPS, check_update_args, is_aligned, launch_device
 from ._locate import locate_chunk, to_pointer
+from .reference import state_names
 from .table import TensorTable
 
 __all__ = ["adamw_update"]
@@ -100,15 +101,17 @@ def adamw_update(
     state:  flat fp32 [exp_avg | exp_avg_sq | max_exp_avg_sq if amsgrad], each ``state_stride`` long
     flags:  None, or float32 [clip_coef, skip] computed on the device (no host sync)
     """
-    check_update_args("adamw_update", table, steps, grads, state, state_stride, 3 if amsgrad else 2, flags)
+    num_state = len(state_names("adamw", amsgrad=amsgrad))
+    check_update_args("adamw_update", table, steps, grads, state, state_stride, num_state, flags)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"adamw_update: betas must be in [0, 1), got ({beta1}, {beta2})")
     # log2(0) is -inf; exp2(step * -inf) = 0 gives the right bias correction of 1 for beta = 0.
     log2_b1 = math.log2(beta1) if beta1 > 0 else float("-inf")
     log2_b2 = math.log2(beta2) if beta2 > 0 else float("-inf")
-    _adamw_kernel[(table.num_chunks,)](
-        table.table, table.num_tensors, steps, grads, state, state_stride, flags if flags is not None else steps,
-        lr, 1.0 - beta1, beta2, 1.0 - beta2, log2_b1, log2_b2, eps, 1.0 - lr * weight_decay,
-        HAS_FLAGS=flags is not None, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
-    )
+    with launch_device(table):
+        _adamw_kernel[(table.num_chunks,)](
+            table.table, table.num_tensors, steps, grads, state, state_stride, flags if flags is not None else steps,
+            lr, 1.0 - beta1, beta2, 1.0 - beta2, log2_b1, log2_b2, eps, 1.0 - lr * weight_decay,
+            HAS_FLAGS=flags is not None, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
+        )

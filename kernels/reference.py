@@ -17,7 +17,19 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_reference", "adagrad_reference", "sgd_reference"]
+__all__ = ["adamw_reference", "adagrad_reference", "sgd_reference", "state_names"]
+
+
+def state_names(optimizer: str, *, amsgrad: bool = False, momentum: float = 0.0) -> tuple[str, ...]:
+    """The fp32 state vectors each update keeps, in the order of the flat layout (torch.optim's state keys).
+    The one owner of that fact: the optimizer specs and the kernel launchers' checks both read it."""
+    if optimizer == "adamw":
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    if optimizer == "adagrad":
+        return ("sum",)
+    if optimizer == "sgd":
+        return ("momentum_buffer",) if momentum != 0 else ()
+    raise ValueError(f"state_names: unknown fused optimizer {optimizer!r}")
 
 
 def _working(param: Tensor, state: Tensor) -> Tensor:

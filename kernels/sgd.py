@@ -10,8 +10,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import DEFAULT_WARPS, check_update_args, is_aligned
+from ._launch import DEFAULT_WARPS, check_update_args, is_aligned, launch_device
 from ._locate import locate_chunk, to_pointer
+from .reference import state_names
 from .table import TensorTable
 
 __all__ = ["sgd_update"]
@@ -81,10 +82,12 @@ def sgd_update(
     ``momentum`` switches between two compiled variants (with/without a buffer); its value is a runtime argument.
     """
     has_momentum = momentum != 0
-    check_update_args("sgd_update", table, steps, grads, state, state_stride, 1 if has_momentum else 0, flags)
-    _sgd_kernel[(table.num_chunks,)](
-        table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
-        lr, momentum, 1.0 - dampening, weight_decay,
-        HAS_FLAGS=flags is not None, MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
-        ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
-    )
+    num_state = len(state_names("sgd", momentum=momentum))
+    check_update_args("sgd_update", table, steps, grads, state, state_stride, num_state, flags)
+    with launch_device(table):
+        _sgd_kernel[(table.num_chunks,)](
+            table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
+            lr, momentum, 1.0 - dampening, weight_decay,
+            HAS_FLAGS=flags is not None, MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
+            ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
+        )

@@ -23,14 +23,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TensorTable", "build_tensor_table", "TABLE_ROWS"]
-
-TABLE_ROWS = 6
+__all__ = ["TensorTable", "build_tensor_table"]
 
 
 @dataclass(frozen=True)
 class TensorTable:
-    table: Tensor  # int64 [TABLE_ROWS, T] on the parameters' device
+    table: Tensor  # int64 [6, T] on the parameters' device
     num_tensors: int
     num_chunks: int
     block: int

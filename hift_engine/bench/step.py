@@ -53,13 +53,10 @@ def _hift(model, mode, store_kind, chunk_mib=None, **overrides):
     kwargs = {"lr": 1e-5, "weight_decay": 0.0, "state_store": store, "max_grad_norm": 1.0, **overrides}
     if chunk_mib is not None:  # None: the engine's default
         kwargs["transfer_chunk_mib"] = chunk_mib
-    opt = HiFTOptimizer(model, "adamw", **kwargs)
-    if mode == "official":
-        opt.store.close()
-        opt.store = OfficialStyleStore(
-            [lay.state_numel for lay in opt.layouts], opt.device, [lay.num_state * len(lay.params) for lay in opt.layouts]
-        )
-    return opt
+    if mode != "official":
+        return HiFTOptimizer(model, "adamw", **kwargs)
+    return HiFTOptimizer(model, "adamw", **kwargs, store=lambda layouts, device: OfficialStyleStore(
+        [lay.state_numel for lay in layouts], device, [lay.num_state * len(lay.params) for lay in layouts]))
 
 
 def _loop(model, opt, batches, steps):

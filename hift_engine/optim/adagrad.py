@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..kernels.reference import state_names
 from .base import FusedSpec, check_bool, check_number
 
 __all__ = ["AdagradSpec"]
@@ -12,7 +13,6 @@ class AdagradSpec(FusedSpec):
     defaults = {"lr_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False}
     default_weight_decay = 0.0
     structural = ("maximize",)
-    bytes_per_param = 20
 
     def validate(self, hyper) -> None:
         check_number("lr_decay", hyper["lr_decay"], 0.0)
@@ -21,7 +21,7 @@ class AdagradSpec(FusedSpec):
         check_bool("maximize", hyper["maximize"])
 
     def state_names(self, hyper):
-        return ("sum",)
+        return state_names("adagrad")
 
     def init_fresh(self, state_vectors, hyper) -> None:
         value = hyper["initial_accumulator_value"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..kernels.reference import state_names
 from .base import FusedSpec, check_bool, check_number
 
 __all__ = ["AdamWSpec"]
@@ -13,7 +14,6 @@ class AdamWSpec(FusedSpec):
     defaults = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
     default_weight_decay = 1e-2  # torch.optim.AdamW's default
     structural = ("amsgrad", "maximize")
-    bytes_per_param = 28
 
     def validate(self, hyper) -> None:
         betas = hyper["betas"]
@@ -27,7 +27,7 @@ class AdamWSpec(FusedSpec):
         check_bool("maximize", hyper["maximize"])
 
     def state_names(self, hyper):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hyper["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        return state_names("adamw", amsgrad=hyper["amsgrad"])
 
     def reference(self, params, grads, states, steps, hyper) -> None:
         from ..kernels.reference import adamw_reference

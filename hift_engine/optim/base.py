@@ -21,8 +21,6 @@ class FusedSpec(ABC):
     default_weight_decay: float = 0.0
     # Hyper-parameters that change the state layout or the compiled kernel: fixed once the optimizer exists.
     structural: tuple[str, ...] = ()
-    # Bytes moved per fp32 parameter by one update (for describe() and benchmarks).
-    bytes_per_param: int = 0
 
     def normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults, reject unknown keys, validate values (messages name the option)."""
@@ -45,7 +43,13 @@ class FusedSpec(ABC):
 
     @abstractmethod
     def state_names(self, hyper: Mapping[str, Any]) -> tuple[str, ...]:
-        """Names of the fp32 state vectors (torch.optim's state keys), in layout order."""
+        """Names of the fp32 state vectors (torch.optim's state keys), in layout order (from
+        ``kernels.reference.state_names``, which the kernels' argument checks read too)."""
+
+    def bytes_per_param(self, hyper: Mapping[str, Any], element_size: int = 4) -> int:
+        """Bytes one update moves per parameter: read+write the parameter, read its gradient, read+write each
+        fp32 state vector (AdamW in fp32: 28)."""
+        return 3 * element_size + 8 * len(self.state_names(hyper))
 
     def init_fresh(self, state_vectors: Sequence[Tensor], hyper: Mapping[str, Any]) -> None:
         """Initialise zero-filled state of a bucket's parameters on their first activation (default: zeros)."""

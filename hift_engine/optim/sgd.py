@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..kernels.reference import state_names
 from .base import FusedSpec, check_bool, check_number
 
 __all__ = ["SGDSpec"]
@@ -13,7 +14,6 @@ class SGDSpec(FusedSpec):
     defaults = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "maximize": False}
     default_weight_decay = 0.0
     structural = ("nesterov", "maximize")
-    bytes_per_param = 20
 
     def validate(self, hyper) -> None:
         check_number("momentum", hyper["momentum"], 0.0)
@@ -28,7 +28,7 @@ class SGDSpec(FusedSpec):
 
     def state_names(self, hyper):
         # Whether a buffer exists is fixed at construction; the momentum value may change at runtime.
-        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
+        return state_names("sgd", momentum=hyper["momentum"])
 
     def reference(self, params, grads, states, steps, hyper) -> None:
         from ..kernels.reference import sgd_reference
