@@ -4,12 +4,16 @@
 the engine then JIT-builds csrc/ on first use (cached) or falls back to the pure-torch store. To build ahead
 of time: HIFT_BUILD_NATIVE=1 pip install --no-build-isolation -e .  (CUDAExtension when torch has CUDA and a
 toolkit is found, CppExtension otherwise). HIFT_BUILD_NATIVE=0 skips the build even when possible.
+Sources and flags come from hift_engine/_build_config.py, which the JIT build reads too.
 """
 
 import os
-import sys
+import runpy
+from pathlib import Path
 
 from setuptools import setup
+
+BUILD = runpy.run_path(str(Path(__file__).resolve().parent / "hift_engine" / "_build_config.py"))
 
 
 def native_extensions():
@@ -23,15 +27,10 @@ def native_extensions():
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("HIFT_BUILD_NATIVE", "auto") == "auto" and not cuda:
         return [], {}  # CPU machines JIT-build on demand; nothing to do at install time
-    sources = ["csrc/pinned_store.cpp", "csrc/paced_copier.cpp", "csrc/bindings.cpp"]
-    # No -std flag: torch chooses the standard its headers need (C++20 for torch 2.13; forcing C++17 made
-    # inline c10 types differ from libc10 and crashed on the first exception, seen with torch 2.11).
-    args = {"cxx": ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])}
-    # The C++ runtime linked dynamically, as in hift_engine/_native.py (LINK_FLAGS): a static libstdc++ beside
-    # torch's shared one crashed the first error message on the GPU machine.
-    link = ["-Wl,--no-as-needed", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    sources = [f"{BUILD['CSRC_DIR']}/{s}" for s in BUILD["SOURCES"]]
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-    ext = kind("hift_engine._C", sources, extra_compile_args=args, extra_link_args=link)
+    ext = kind("hift_engine._C", sources, extra_compile_args={"cxx": BUILD["compile_flags"](cuda)},
+               extra_link_args=BUILD["LINK_FLAGS"])
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

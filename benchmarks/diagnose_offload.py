@@ -5,14 +5,9 @@
 Each variant is timed over whole cycles like `hift bench step` (same code) and, with --profile, traced for one
 cycle; the trace summary (compute-stream gaps and what followed them, copies per stream, blocking runtime
 calls) lands in DIR/diagnose-*.json. Variants separate the suspects: the transport (native vs torch), and
-whether transfers are paced and in which piece size (a small copy on the compute stream queues behind a whole
-group's copy on the same copy engine). The first run (5f37288, H100) showed 29 ms compute-stream gaps before
-a 1-byte device-to-host copy each step while a write-back ran, with or without the non-finite flag copy, and
-with transfers split into pieces that were all submitted at once. The second (4da4456): pieces fed by a
-worker with two in flight fixed it at 4 MiB (1.02x) but not at 16 or 64 MiB (1.31x, 1.38x). The third
-(571b0e6): one piece in flight, waited for by sleeping then polling: 16 and 32 MiB hid the transfers (1.03x,
-1.02x); 8 MiB, and 4 MiB with two in flight, did not (1.45x): the sleep estimate grew with every late
-wake-up and slowed the link (the offload benchmark showed 61-65% of raw at 16 MiB). Estimator fixed next.
+whether transfers are paced, in which piece size and with how many pieces in flight (HIFT_PACE_DEPTH, a
+diagnostic setting the native store reads when it is built). What past runs found: docs/design.md, "Paced
+transfers".
 """
 
 from __future__ import annotations

@@ -19,13 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   using S = PinnedStore;
   py::class_<S>(m, "PinnedStore")
-      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, const std::string&, int64_t, int64_t, int64_t>(),
-           py::arg("numels"), py::arg("slots"), py::arg("alloc_mode") = "register", py::arg("touch_threads") = 0,
-           py::arg("chunk_bytes") = 0, py::arg("pace_depth") = 1,
-           "Store for len(numels) groups of fp32 state, streamed into the given device slots.")
+      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, int64_t>(), py::arg("numels"), py::arg("slots"),
+           py::arg("chunk_bytes") = 0,
+           "Store for len(numels) groups of fp32 state, streamed into the given slots (paced if chunk_bytes > 0).")
       .def("host", &S::host, py::arg("gid"), release(),
            "CPU float32 view of a group's host buffer; allocates (and pins) it on first use.")
-      .def("has_host", &S::has_host, py::arg("gid"), "Whether a group's host buffer exists.")
       .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"), release(),
            "Copy a group's host state into a slot on the in-stream, after the slot's previous users.")
       .def("zero", &S::zero, py::arg("slot"), py::arg("numel"), release(),
@@ -38,9 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "Make the current stream wait until a slot's fetch or zero-fill finished.")
       .def("wait_host", &S::wait_host, py::arg("gid"), release(),
            "Block until a group's host buffer holds its latest write-back.")
-      .def("synchronize", &S::synchronize, release(), "Block until every copy in flight finished.")
-      .def("close", &S::close, release(), "Finish copies; release streams, events and host memory.")
-      .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
-      .def_property_readonly("alloc_seconds", &S::alloc_seconds, "Seconds spent allocating and pinning.")
-      .def_property_readonly("is_cuda", &S::is_cuda, "Whether the slots are CUDA tensors.");
+      .def("synchronize", &S::synchronize, release(), "Block until every copy in flight finished (no-op once closed).")
+      .def("close", &S::close, release(), "Finish copies; release streams, events and host memory (idempotent).")
+      .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).");
 }

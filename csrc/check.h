@@ -1,13 +1,6 @@
-// Argument and CUDA checks that throw plain standard exceptions, with messages built without iostreams.
-//
-// pybind11 turns std::invalid_argument into ValueError and std::runtime_error into RuntimeError.
-//
-// Why not TORCH_CHECK / c10::str: on the GPU machine (torch 2.11, GCC 13.3) the extension came out linked
-// against a static copy of libstdc++ while torch uses the shared one. Two libstdc++ copies in one process
-// disagree about std::locale state, and the first integer streamed into an ostream (c10::str builds messages
-// that way) crashed in std::codecvt::do_unshift (cuda-gdb backtrace, 2026-11-28). The build now links
-// libstdc++ dynamically (_native.py, setup.py); messages are also built by plain string appends so that no
-// error path depends on locale machinery.
+// Argument and CUDA checks that throw plain standard exceptions (pybind11 turns std::invalid_argument into
+// ValueError, std::runtime_error into RuntimeError). Messages are built by string appends, not c10::str or
+// iostreams, so no error path depends on locale state (why: docs/design.md, "Building the extension").
 #pragma once
 
 #include <c10/core/Device.h>

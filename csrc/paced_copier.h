@@ -1,18 +1,6 @@
 // Paced copies: a large host<->device copy issued piece by piece from a worker thread, with at most `depth`
-// pieces queued on the stream at any time (default 1: the next piece is issued when the last one finished).
-//
-// Why: copies from different streams in the same direction share a copy engine, and a copy submitted behind
-// a whole group's state (1.5 GiB, 29 ms on an H100 link) waits for all of it. Issuing the group's copy in one
-// call, or in pieces all submitted at once, made every small copy on the compute stream (a loss.item(), a
-// 1-byte check in a model's forward) wait the full 29 ms: measured, the offloaded step was 1.39x the resident
-// one. Measured next (8 layers, 1.5 GiB groups, H100): pieces of 16 or 64 MiB with two queued at a time did
-// not help either (the copy engine kept serving the stream that still had work queued), while 4 MiB pieces
-// with two queued did (1.02x), because the worker's late wake-ups left the queue briefly empty between
-// pieces: what lets another stream's copy in is a moment when this stream has nothing queued. So by default
-// one piece is in flight, and the worker waits for it by sleeping for most of its expected duration and then
-// polling, which keeps those moments to microseconds instead of a blocking-sync wake-up's 50-150 us (those
-// had cut the link to 61% of raw). Measured with this (40c7100): 95-96% of raw each way in isolation, and
-// 1.02-1.04x resident in the 8-layer step depending on the piece size (benchmarks/results/diagnose/).
+// pieces queued on the stream (default 1), so a small copy on another stream in the same direction waits for
+// one piece instead of a whole group's state. Why, and the measurements: docs/design.md, "Paced transfers".
 //
 // Ordering contract (PinnedStore keeps it): the caller issues its own stream operations (cudaStreamWaitEvent,
 // memsets) on `stream()` only after drain(), so they land between jobs, never between a job's pieces; and it

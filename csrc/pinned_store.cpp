@@ -4,7 +4,8 @@
 #include "check.h"
 
 #include <algorithm>
-#include <chrono>
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -26,6 +27,16 @@ constexpr size_t kMaxRegistration = size_t(64) << 30;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+// The integer in environment variable `name`, or `fallback` when it is unset or empty.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  long long n = std::strtoll(v, &end, 10);
+  HIFT_CHECK(errno == 0 && *end == '\0', name, " must be an integer, got '", v, "'");
+  return static_cast<int64_t>(n);
+}
 
 // Reserve address space for `bytes` (whole pages) without touching it. Anonymous mmap rather than malloc so
 // that large buffers can ask for transparent huge pages: 512x fewer page faults to take and pages to pin.
@@ -58,6 +69,18 @@ void parallel_touch(char* p, size_t bytes, int64_t threads) {
 }
 }  // namespace
 
+Tuning Tuning::from_env() {
+  Tuning t;
+  if (const char* v = std::getenv("HIFT_ALLOC_MODE"); v != nullptr && *v != '\0') t.alloc_mode = v;
+  t.touch_threads = env_int("HIFT_TOUCH_THREADS", t.touch_threads);
+  t.pace_depth = env_int("HIFT_PACE_DEPTH", t.pace_depth);
+  HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
+             "HIFT_ALLOC_MODE must be 'register' or 'hostalloc', got '", t.alloc_mode, "'");
+  HIFT_CHECK(t.touch_threads >= 0, "HIFT_TOUCH_THREADS must be >= 0, got ", t.touch_threads);
+  HIFT_CHECK(t.pace_depth >= 1 && t.pace_depth <= 64, "HIFT_PACE_DEPTH must be in [1, 64], got ", t.pace_depth);
+  return t;
+}
+
 HostBuffer::~HostBuffer() {
   if (!ptr) return;
 #ifdef HIFT_WITH_CUDA
@@ -74,20 +97,10 @@ HostBuffer::~HostBuffer() {
   munmap(ptr, reserved);
 }
 
-PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, const std::string& alloc_mode,
-                         int64_t touch_threads, int64_t chunk_bytes, int64_t pace_depth)
-    : numels_(std::move(numels)),
-      slots_(std::move(slots)),
-      mode_(alloc_mode),
-      touch_threads_(touch_threads),
-      chunk_bytes_(chunk_bytes),
-      pace_depth_(pace_depth) {
+PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes)
+    : numels_(std::move(numels)), slots_(std::move(slots)), tuning_(Tuning::from_env()), chunk_bytes_(chunk_bytes) {
   HIFT_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
-  HIFT_CHECK(pace_depth_ >= 1 && pace_depth_ <= 64, "PinnedStore: pace_depth must be in [1, 64], got ", pace_depth_);
   HIFT_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
-  HIFT_CHECK(mode_ == "register" || mode_ == "hostalloc",
-              "PinnedStore: alloc_mode must be 'register' or 'hostalloc', got '", mode_, "'");
-  HIFT_CHECK(touch_threads_ >= 0, "PinnedStore: touch_threads must be >= 0, got ", touch_threads_);
   int64_t largest = 0;
   for (size_t g = 0; g < numels_.size(); ++g) {
     HIFT_CHECK(numels_[g] >= 0, "PinnedStore: numels[", g, "] must be >= 0, got ", numels_[g]);
@@ -108,25 +121,20 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   if (cuda_) {
     device_ = device.index();
     c10::cuda::CUDAGuard guard(device_);
-    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), static_cast<int>(pace_depth_));
-    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), static_cast<int>(pace_depth_));
-    auto make = [](std::vector<cudaEvent_t>& evs, std::vector<char>& set, size_t n) {
-      evs.resize(n);
-      set.assign(n, 0);
-      for (auto& e : evs) HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    };
-    make(compute_done_, compute_done_set_, slots_.size());
-    make(arrived_, arrived_set_, slots_.size());
-    make(written_, written_set_, slots_.size());
-    make(host_written_, host_written_set_, numels_.size());
-    arrived_ticket_.assign(slots_.size(), 0);
-    written_ticket_.assign(slots_.size(), 0);
-    host_written_ticket_.assign(numels_.size(), 0);
+    const int depth = static_cast<int>(tuning_.pace_depth);
+    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth);
+    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth);
+    auto create = [](Mark& m) { HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&m.event, cudaEventDisableTiming)); };
+    slot_sync_.resize(slots_.size());
+    for (auto& s : slot_sync_)
+      for (Mark* m : {&s.compute_done, &s.arrived, &s.written}) create(*m);
+    group_sync_.resize(numels_.size());
+    for (auto& g : group_sync_) create(g.host_written);
   }
 #else
   HIFT_CHECK(!device.is_cuda(), "PinnedStore: this build has no CUDA support but slots are on ", device,
               "; rebuild the extension with a CUDA toolchain");
-  HIFT_CHECK(mode_ != "hostalloc", "PinnedStore: alloc_mode 'hostalloc' needs a CUDA build");
+  HIFT_CHECK(tuning_.alloc_mode != "hostalloc", "PinnedStore: HIFT_ALLOC_MODE=hostalloc needs a CUDA build");
 #endif
 }
 
@@ -159,10 +167,11 @@ void PinnedStore::check_slot(int64_t slot, const char* fn) const {
 // last write-back.
 void PinnedStore::prepare_in_stream(int64_t slot) {
   in_->drain();
-  if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), compute_done_[slot], 0));
-  if (written_set_[slot]) {
-    out_->wait_submitted(written_ticket_[slot]);
-    HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), written_[slot], 0));
+  const SlotSync& s = slot_sync_[slot];
+  if (s.compute_done.recorded) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), s.compute_done.event, 0));
+  if (s.written.recorded) {
+    out_->wait_submitted(s.written.ticket);
+    HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), s.written.event, 0));
   }
 }
 #endif
@@ -170,16 +179,14 @@ void PinnedStore::prepare_in_stream(int64_t slot) {
 float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<float>(); }
 
 std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
-  auto start = std::chrono::steady_clock::now();
   auto buf = std::make_shared<HostBuffer>();
   buf->bytes = bytes;
   buf->reserved = round_up(std::max<size_t>(bytes, 1), kPage);
 #ifdef HIFT_WITH_CUDA
-  if (cuda_ && mode_ == "hostalloc") {
+  if (cuda_ && tuning_.alloc_mode == "hostalloc") {
     c10::cuda::CUDAGuard guard(device_);
     HIFT_CUDA_CHECK(cudaHostAlloc(&buf->ptr, buf->reserved, cudaHostAllocDefault));
     buf->host_alloc = true;
-    alloc_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return buf;
   }
 #endif
@@ -187,7 +194,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
   if (buf->ptr == nullptr)
     throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,
                                       " bytes of host memory for optimizer state; free host memory or train fewer groups"));
-  parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, touch_threads_);
+  parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
@@ -204,7 +211,6 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
     buf->registered = true;
   }
 #endif
-  alloc_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return buf;
 }
 
@@ -219,11 +225,6 @@ at::Tensor PinnedStore::host(int64_t gid) {
   return at::from_blob(buf->ptr, {numels_[gid]}, [keep](void*) {}, at::TensorOptions().dtype(at::kFloat));
 }
 
-bool PinnedStore::has_host(int64_t gid) const {
-  check_gid(gid, "has_host");
-  return static_cast<bool>(host_[gid]);
-}
-
 void PinnedStore::fetch(int64_t gid, int64_t slot) {
   check_gid(gid, "fetch");
   check_slot(slot, "fetch");
@@ -233,12 +234,14 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
     prepare_in_stream(slot);
-    if (host_written_set_[gid]) {  // the latest write-back of this group has reached host memory
-      out_->wait_submitted(host_written_ticket_[gid]);
-      HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), host_written_[gid], 0));
+    const Mark& host_written = group_sync_[gid].host_written;
+    if (host_written.recorded) {  // the latest write-back of this group has reached host memory
+      out_->wait_submitted(host_written.ticket);
+      HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), host_written.event, 0));
     }
-    arrived_ticket_[slot] = in_->submit(slot_ptr(slot), host_[gid]->ptr, bytes, cudaMemcpyHostToDevice, {arrived_[slot]});
-    arrived_set_[slot] = 1;
+    Mark& arrived = slot_sync_[slot].arrived;
+    arrived.ticket = in_->submit(slot_ptr(slot), host_[gid]->ptr, bytes, cudaMemcpyHostToDevice, {arrived.event});
+    arrived.recorded = true;
     return;
   }
 #endif
@@ -255,9 +258,10 @@ void PinnedStore::zero(int64_t slot, int64_t numel) {
     c10::cuda::CUDAGuard guard(device_);
     prepare_in_stream(slot);
     HIFT_CUDA_CHECK(cudaMemsetAsync(slot_ptr(slot), 0, bytes, in_->stream()));
-    HIFT_CUDA_CHECK(cudaEventRecord(arrived_[slot], in_->stream()));
-    arrived_ticket_[slot] = 0;  // recorded here, not by a job
-    arrived_set_[slot] = 1;
+    Mark& arrived = slot_sync_[slot].arrived;
+    HIFT_CUDA_CHECK(cudaEventRecord(arrived.event, in_->stream()));
+    arrived.ticket = 0;  // recorded here, not by a job
+    arrived.recorded = true;
     return;
   }
 #endif
@@ -273,12 +277,13 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
     out_->drain();  // as prepare_in_stream: the wait below goes between jobs
-    if (compute_done_set_[slot]) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_->stream(), compute_done_[slot], 0));
+    SlotSync& s = slot_sync_[slot];
+    Mark& host_written = group_sync_[gid].host_written;
+    if (s.compute_done.recorded) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_->stream(), s.compute_done.event, 0));
     uint64_t ticket = out_->submit(dst.data_ptr(), slot_ptr(slot), bytes, cudaMemcpyDeviceToHost,
-                                   {written_[slot], host_written_[gid]});
-    written_ticket_[slot] = host_written_ticket_[gid] = ticket;
-    written_set_[slot] = 1;
-    host_written_set_[gid] = 1;
+                                   {s.written.event, host_written.event});
+    s.written.ticket = host_written.ticket = ticket;
+    s.written.recorded = host_written.recorded = true;
     return;
   }
 #endif
@@ -290,8 +295,9 @@ void PinnedStore::mark_compute_done(int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    HIFT_CUDA_CHECK(cudaEventRecord(compute_done_[slot], c10::cuda::getCurrentCUDAStream(device_).stream()));
-    compute_done_set_[slot] = 1;
+    Mark& compute_done = slot_sync_[slot].compute_done;
+    HIFT_CUDA_CHECK(cudaEventRecord(compute_done.event, c10::cuda::getCurrentCUDAStream(device_).stream()));
+    compute_done.recorded = true;
   }
 #endif
 }
@@ -299,10 +305,12 @@ void PinnedStore::mark_compute_done(int64_t slot) {
 void PinnedStore::wait_arrival(int64_t slot) {
   check_slot(slot, "wait_arrival");
 #ifdef HIFT_WITH_CUDA
-  if (cuda_ && arrived_set_[slot]) {
+  if (!cuda_) return;
+  const Mark& arrived = slot_sync_[slot].arrived;
+  if (arrived.recorded) {
     c10::cuda::CUDAGuard guard(device_);
-    in_->wait_submitted(arrived_ticket_[slot]);
-    HIFT_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), arrived_[slot], 0));
+    in_->wait_submitted(arrived.ticket);
+    HIFT_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), arrived.event, 0));
   }
 #endif
 }
@@ -310,15 +318,17 @@ void PinnedStore::wait_arrival(int64_t slot) {
 void PinnedStore::wait_host(int64_t gid) {
   check_gid(gid, "wait_host");
 #ifdef HIFT_WITH_CUDA
-  if (cuda_ && host_written_set_[gid]) {
-    out_->wait_submitted(host_written_ticket_[gid]);
-    HIFT_CUDA_CHECK(cudaEventSynchronize(host_written_[gid]));
+  if (!cuda_) return;
+  const Mark& host_written = group_sync_[gid].host_written;
+  if (host_written.recorded) {
+    out_->wait_submitted(host_written.ticket);
+    HIFT_CUDA_CHECK(cudaEventSynchronize(host_written.event));
   }
 #endif
 }
 
 void PinnedStore::synchronize() {
-  check_open("synchronize");
+  if (closed_) return;  // nothing in flight: close() finished every copy
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     in_->drain();
@@ -336,8 +346,9 @@ void PinnedStore::close() {
     // Copies in flight read or write the buffers: the copiers finish them before the memory can go.
     if (in_) in_->close();
     if (out_) out_->close();
-    for (auto* evs : {&compute_done_, &arrived_, &written_, &host_written_})
-      for (auto e : *evs) cudaEventDestroy(e);
+    for (auto& s : slot_sync_)
+      for (Mark* m : {&s.compute_done, &s.arrived, &s.written}) cudaEventDestroy(m->event);
+    for (auto& g : group_sync_) cudaEventDestroy(g.host_written.event);
     cudaGetLastError();
   }
 #endif

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
 
+from ._build_config import CSRC_DIR, LINK_FLAGS, SOURCES, compile_flags
 from .errors import NativeUnavailableError
 
-__all__ = ["CSRC", "LINK_FLAGS", "SOURCES", "available", "load", "status"]
+__all__ = ["CSRC", "available", "load", "status"]
 
 DISABLE_ENV = "HIFT_DISABLE_NATIVE"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("pinned_store.cpp", "paced_copier.cpp", "bindings.cpp")
-# Link the C++ runtime dynamically, whatever the toolchain defaults to: on the GPU machine the extension came
-# out with a static libstdc++ beside torch's shared one, and the two copies' locale state crashed the first
-# error message (see csrc/check.h). Naming the shared library first leaves nothing for a static copy to supply.
-LINK_FLAGS = ["-Wl,--no-as-needed", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+CSRC = Path(__file__).resolve().parent.parent / CSRC_DIR
 
 _lock = threading.Lock()
 _module = None
@@ -49,14 +44,13 @@ def _jit_build():
     if missing:
         raise FileNotFoundError(f"extension sources {missing} not found under {CSRC} (installed without csrc/?)")
     cuda = _want_cuda()
-    flags = ["-O3"] + (["-DHIFT_WITH_CUDA"] if cuda else [])  # no -std: torch picks what its headers need
     name = f"hift_native_{'cuda' if cuda else 'cpu'}_{torch.__version__.replace('.', '_').replace('+', '_')}"
     build_dir = Path(os.environ.get("HIFT_BUILD_DIR", Path.home() / ".cache" / "hift_engine" / name))
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=flags,
+        extra_cflags=compile_flags(cuda),
         extra_ldflags=LINK_FLAGS,
         with_cuda=cuda,
         build_directory=str(build_dir),

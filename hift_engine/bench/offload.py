@@ -13,7 +13,9 @@ ours with cudaHostAlloc; torch pin_memory=True) and host bytes reserved per byte
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
 import time
 
@@ -55,20 +57,14 @@ def _median_s(fn, reps: int) -> float:
 
 
 def _store_rows(kind: str, reps: int, dev, chunk_mib: int = 0, label: str | None = None) -> list[dict]:
-    from ..store import OffloadStore, TorchTransport
+    from ..store import OffloadStore
 
-    if kind == "native":
-        from ..store.native_transport import NativeTransport
-
-        transport = NativeTransport(dev, chunk_bytes=chunk_mib << 20)
-    else:
-        transport = TorchTransport(dev)
     # Two groups of one block's state each; the policy's slots are what the engine uses.
-    store = OffloadStore([BLOCK_STATE, BLOCK_STATE], dev, transport, num_slots=2)
-    for gid, s in ((0, 0), (1, 1)):  # allocate + fill host buffers, and place group gid in slot s
-        transport.host(gid).uniform_()
-        store.slots[s].uniform_()
+    store = OffloadStore([BLOCK_STATE, BLOCK_STATE], dev, kind, num_slots=2, chunk_bytes=chunk_mib << 20)
     t = store.transport
+    for gid, s in ((0, 0), (1, 1)):  # allocate + fill host buffers, and place group gid in slot s
+        t.host(gid).uniform_()
+        store.slots[s].uniform_()
 
     def h2d():
         t.fetch(0, 0)
@@ -96,11 +92,11 @@ def _store_rows(kind: str, reps: int, dev, chunk_mib: int = 0, label: str | None
         for r in rows:
             r["chunk_mib"] = chunk_mib
     # bit-exactness of a round trip through the store
-    store.slots[1].copy_(transport.host(0).to(dev, non_blocking=False))
+    store.slots[1].copy_(t.host(0).to(dev, non_blocking=False))
     t.mark_compute_done(1)
     t.writeback(1, 1)
     t.synchronize()
-    assert torch.equal(transport.host(1), transport.host(0)), f"{kind}: round trip not bit-exact"
+    assert torch.equal(t.host(1), t.host(0)), f"{kind}: round trip not bit-exact"
     store.close()
     return rows
 
@@ -160,6 +156,19 @@ def _pageable_rows(reps: int, dev) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def _alloc_rows(size_gib: float, dev) -> list[dict]:
     from .. import _native
 
@@ -168,7 +177,8 @@ def _alloc_rows(size_gib: float, dev) -> list[dict]:
     mod = _native.load()
     for mode in ("register", "hostalloc"):
         slot = torch.empty(n, device=dev)  # the store wants a slot as large as its largest group
-        store = mod.PinnedStore([n], [slot], mode, 0)
+        with _env("HIFT_ALLOC_MODE", mode):  # a diagnostic setting, read when a store is built
+            store = mod.PinnedStore([n], [slot])
         rss0 = _rss_bytes()
         t0 = time.perf_counter()
         view = store.host(0)

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import ConfigError, HostMemoryError
 from .base import StateStore, StoreStats
-from .offload import OffloadStore
+from .offload import TRANSPORTS, OffloadStore
 from .resident import ResidentStore
 from .torch_transport import TorchTransport
 
@@ -50,11 +50,7 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
             kind = "native" if _native.available(warn=True) else "torch"
     if kind == "resident":
         return ResidentStore(numels, device)
-    check_host_memory(numels)
-    if kind == "torch":
-        return OffloadStore(numels, device, TorchTransport(device), slots)
-    if kind == "native":
-        from .native_transport import NativeTransport
-
-        return OffloadStore(numels, device, NativeTransport(device, chunk_bytes=chunk_bytes), slots)
+    if kind in TRANSPORTS:
+        check_host_memory(numels)
+        return OffloadStore(numels, device, kind, slots, chunk_bytes)
     raise ConfigError(f"unknown state_store {kind!r}; use auto, resident, torch or native")

@@ -1,86 +1,34 @@
-"""Transport over the C++/CUDA pinned store (csrc/): exactly sized, fast-pinned host memory and copies on two
-side streams ordered by CUDA events, with the GIL released in blocking calls. Same contract as TorchTransport."""
+"""The C++/CUDA pinned store (csrc/) as an OffloadStore transport: exactly sized, fast-pinned host memory and
+paced copies on two side streams ordered by CUDA events, with the GIL released in blocking calls. The pybind
+object has TorchTransport's methods, so OffloadStore calls it directly."""
 
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 
-import torch
 from torch import Tensor
 
 from .. import _native
+from ..errors import NativeUnavailableError
 
-__all__ = ["NativeTransport"]
+__all__ = ["native_transport"]
 
-_live: "weakref.WeakSet[NativeTransport]" = weakref.WeakSet()
+_live: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
 def _close_all() -> None:  # free pinned memory before CUDA tears down
-    for t in list(_live):
-        t.close()
+    for store in list(_live):
+        store.close()
 
 
-class NativeTransport:
-    kind = "native"
-
-    def __init__(
-        self, device: torch.device, alloc_mode: str = "register", touch_threads: int = 0, chunk_bytes: int = 0,
-        pace_depth: int | None = None,
-    ) -> None:
-        self.module = _native.load()  # raises NativeUnavailableError with the original build/load error
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not self.module.with_cuda:
-            from ..errors import NativeUnavailableError
-
-            raise NativeUnavailableError("the native extension was built without CUDA; it cannot serve a CUDA device")
-        self.alloc_mode, self.touch_threads, self.chunk_bytes = alloc_mode, touch_threads, chunk_bytes
-        # Pieces queued at a time when pacing (csrc/paced_copier.h); HIFT_PACE_DEPTH is a diagnostic knob.
-        self.pace_depth = pace_depth if pace_depth is not None else int(os.environ.get("HIFT_PACE_DEPTH", "1"))
-        self._store = None
-
-    def attach(self, slots: list[Tensor], numels: list[int]) -> None:
-        self._store = self.module.PinnedStore(
-            list(numels), list(slots), self.alloc_mode, self.touch_threads, self.chunk_bytes, self.pace_depth
-        )
-        _live.add(self)
-
-    @property
-    def host_bytes(self) -> int:
-        return self._store.host_bytes if self._store is not None else 0
-
-    @property
-    def alloc_seconds(self) -> float:
-        return self._store.alloc_seconds if self._store is not None else 0.0
-
-    def host(self, gid: int) -> Tensor:
-        return self._store.host(gid)
-
-    def fetch(self, gid: int, s: int) -> None:
-        self._store.fetch(gid, s)
-
-    def zero(self, s: int, n: int) -> None:
-        self._store.zero(s, n)
-
-    def writeback(self, gid: int, s: int) -> None:
-        self._store.writeback(gid, s)
-
-    def mark_compute_done(self, s: int) -> None:
-        self._store.mark_compute_done(s)
-
-    def wait_arrival(self, s: int) -> None:
-        self._store.wait_arrival(s)
-
-    def wait_host(self, gid: int) -> None:
-        self._store.wait_host(gid)
-
-    def synchronize(self) -> None:
-        if self._store is not None:
-            self._store.synchronize()
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+def native_transport(slots: list[Tensor], numels: list[int], chunk_bytes: int = 0):
+    """A ``PinnedStore`` over ``slots``; ``chunk_bytes`` > 0 paces each transfer in pieces of that size.
+    Raises NativeUnavailableError (with the original build/load error) if the extension cannot serve them."""
+    module = _native.load()
+    if slots[0].is_cuda and not module.with_cuda:
+        raise NativeUnavailableError("the native extension was built without CUDA; it cannot serve a CUDA device")
+    store = module.PinnedStore(list(numels), list(slots), chunk_bytes)
+    _live.add(store)
+    return store

@@ -1,16 +1,19 @@
 """Offloaded state: host memory for every group, a few device slots, and the policy that moves state.
 
 The policy (which group sits in which slot, when to write back, what to prefetch) is shared by every
-transport; a transport only moves bytes and orders work with streams and events:
+transport; a transport is built over the slots and only moves bytes and orders work with streams and events:
 
+    transport.host(gid)          group gid's host buffer (a CPU float32 tensor), allocated on first use
     transport.fetch(gid, s)      host[gid] -> slot s on the "in" stream, after the slot's previous users
     transport.zero(s, n)         zero-fill slot s on the "in" stream (a group's first activation: no copy)
     transport.writeback(gid, s)  slot s -> host[gid] on the "out" stream, after the update that wrote it
     transport.mark_compute_done(s)  record that the current stream's work on slot s is queued
     transport.wait_arrival(s)    the current stream waits until slot s's fetch/zero finished
     transport.wait_host(gid)     the host waits until host[gid] holds the latest write-back
+    transport.synchronize(), transport.close(), transport.host_bytes
 
-Rules this enforces (DESIGN.md section 3): an update never reads a slot before its copy finished; a
+Two transports: TorchTransport (pure torch) and the C++ PinnedStore (native_transport.py). The rules this
+enforces are listed in docs/design.md ("One step"): an update never reads a slot before its copy finished; a
 write-back starts only after the update that wrote the slot; a copy into a slot waits for the previous
 write-back out of it; a host read waits for the write-back. A group twice in a row moves nothing.
 """
@@ -21,22 +24,39 @@ import torch
 from torch import Tensor
 
 from .base import StateStore
+from .torch_transport import TorchTransport
 
-__all__ = ["OffloadStore"]
+__all__ = ["OffloadStore", "TRANSPORTS"]
+
+TRANSPORTS = ("torch", "native")
+
+
+def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int):
+    if kind == "native":
+        from .native_transport import native_transport  # loads (or JIT-builds) the extension
+
+        return native_transport(slots, numels, chunk_bytes)
+    return TorchTransport(slots, numels)  # issues each transfer whole: it cannot pace
 
 
 class OffloadStore(StateStore):
-    def __init__(self, numels: list[int], device: torch.device, transport, num_slots: int = 2) -> None:
+    def __init__(
+        self, numels: list[int], device: torch.device, transport: str = "torch", num_slots: int = 2,
+        chunk_bytes: int = 0,
+    ) -> None:
+        """``transport``: "torch" or "native" (``chunk_bytes`` > 0: the native store paces each transfer in
+        pieces of that size). ``num_slots`` device buffers, each the size of the largest group, are allocated
+        here once and handed to the transport."""
         super().__init__(numels)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if num_slots < 2:
             raise ValueError(f"num_slots must be >= 2 (one for the active group, one to prefetch), got {num_slots}")
         self.device = torch.device(device)
-        self.transport = transport
-        self.kind = f"offload-{transport.kind}"
+        self.kind = f"offload-{transport}"
         slot_numel = max(self.numels) if self.numels else 0
-        # Allocated once, never per step. Each holds the largest group's state.
         self.slots = [torch.empty(slot_numel, dtype=torch.float32, device=self.device) for _ in range(num_slots)]
-        transport.attach(self.slots, self.numels)
+        self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes)
         self.stats.device_bytes = slot_numel * 4 * num_slots
         self._slot_gid: list[int | None] = [None] * num_slots
         self._dirty = [False] * num_slots  # device copy newer than host copy

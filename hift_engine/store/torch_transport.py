@@ -16,10 +16,10 @@ __all__ = ["TorchTransport"]
 
 
 class TorchTransport:
-    kind = "torch"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
+    def __init__(self, slots: list[Tensor], numels: list[int]) -> None:
+        """``slots``: device (or CPU) float32 tensors, each large enough for the largest of ``numels``."""
+        self.slots, self.numels = slots, numels
+        self.device = slots[0].device
         self.cuda = self.device.type == "cuda"
         self._host: dict[int, Tensor] = {}
         self.host_bytes = 0
@@ -27,10 +27,6 @@ class TorchTransport:
             self.in_stream = torch.cuda.Stream(self.device)
             self.out_stream = torch.cuda.Stream(self.device)
             self._host_written: dict[int, torch.cuda.Event] = {}
-
-    def attach(self, slots: list[Tensor], numels: list[int]) -> None:
-        self.slots, self.numels = slots, numels
-        if self.cuda:
             n = len(slots)
             self._arrived = [torch.cuda.Event() for _ in range(n)]
             self._compute_done = [torch.cuda.Event() for _ in range(n)]

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from hift_engine.store import OffloadStore, TorchTransport
+from hift_engine.store import OffloadStore
 
 pytestmark = pytest.mark.cuda
 
@@ -21,19 +21,25 @@ pytestmark = pytest.mark.cuda
 KINDS = ["torch", "native", "native-paced"]
 
 
-def _transport(kind, paced_chunk=(1 << 18) + 4):
+def _store(kind, numels, num_slots=2, paced_chunk=(1 << 18) + 4):
     """``native-paced``: copies issued by the store's worker threads in pieces (odd-sized on purpose, so
     pieces straddle element boundaries), one in flight: the ordering must survive that too."""
-    if kind == "torch":
-        t = TorchTransport("cuda")
-    else:
-        from hift_engine.store.native_transport import NativeTransport
-
-        t = NativeTransport("cuda", chunk_bytes=paced_chunk if kind == "native-paced" else 0)
+    transport = "torch" if kind == "torch" else "native"
+    store = OffloadStore(numels, "cuda", transport, num_slots, paced_chunk if kind == "native-paced" else 0)
     sabotage = os.environ.get("HIFT_TEST_SABOTAGE")
     if sabotage:
-        setattr(t, sabotage, lambda *a, **k: None)
-    return t
+        store.transport = _Sabotaged(store.transport, sabotage)
+    return store
+
+
+class _Sabotaged:
+    """A transport with one method turned into a no-op (HIFT_TEST_SABOTAGE)."""
+
+    def __init__(self, transport, name):
+        self._transport, self._name = transport, name
+
+    def __getattr__(self, attr):
+        return (lambda *a, **k: None) if attr == self._name else getattr(self._transport, attr)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -43,7 +49,7 @@ def test_random_orders_bit_exact_on_cuda(kind, seed):
     big = 1 << 16 if os.environ.get("HIFT_TEST_SMALL") == "1" else 3_000_001
     numels = [rnd.choice([1, 22, 4097, 1 << 14, big]) for _ in range(rnd.randint(2, 6))]
     order = [rnd.randrange(len(numels)) for _ in range(40)]
-    store = OffloadStore(numels, "cuda", _transport(kind), num_slots=rnd.choice([2, 3]))
+    store = _store(kind, numels, num_slots=rnd.choice([2, 3]))
     g = torch.Generator(device="cuda").manual_seed(seed)
     ref = {}
     for t, gid in enumerate(order):
@@ -68,7 +74,7 @@ def test_random_orders_bit_exact_on_cuda(kind, seed):
 def test_race_slow_compute_large_transfers(kind):
     numel = (2 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 48 << 20  # 192 MB: each copy takes ms
     groups = 5
-    store = OffloadStore([numel] * groups, "cuda", _transport(kind), num_slots=2)
+    store = _store(kind, [numel] * groups, num_slots=2)
     rnd = random.Random(0)
     order = [i % groups for i in range(3 * groups)] + [rnd.randrange(groups) for _ in range(20)]
     count = [0] * groups
@@ -92,7 +98,7 @@ def test_race_slow_compute_large_transfers(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_host_state_waits_for_writeback(kind):
     n = (1 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else 32 << 20
-    store = OffloadStore([n, n], "cuda", _transport(kind))
+    store = _store(kind, [n, n])
     state, _ = store.activate(0)
     torch.cuda._sleep(5_000_000)
     state.fill_(7.0)
@@ -109,7 +115,7 @@ def test_native_register_allocation_is_exact_and_pinned():
     mod = _native.load()
     assert mod.with_cuda
     n = ((1 << 20) if os.environ.get("HIFT_TEST_SMALL") == "1" else (1 << 28)) + 5  # 1 GiB + 20 bytes
-    store = mod.PinnedStore([n], [torch.empty(n, device="cuda")], "register", 0)
+    store = mod.PinnedStore([n], [torch.empty(n, device="cuda")])
     host = store.host(0)
     assert host.is_pinned()
     assert store.host_bytes == -(-n * 4 // 4096) * 4096

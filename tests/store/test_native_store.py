@@ -13,9 +13,10 @@ def native():
     return _native.load()
 
 
-def test_host_bytes_are_exact_to_the_page(native):
+def test_host_bytes_are_exact_to_the_page(native, monkeypatch):
+    monkeypatch.setenv("HIFT_TOUCH_THREADS", "2")  # a diagnostic setting, read when a store is built
     numels = [1, 1024, 1025, 3_000_001]
-    store = native.PinnedStore(numels, [torch.empty(max(numels))], "register", 2)
+    store = native.PinnedStore(numels, [torch.empty(max(numels))])
     assert store.host_bytes == 0  # lazily: nothing before a group is put away
     for g in range(len(numels)):
         store.host(g)
@@ -27,7 +28,7 @@ def test_host_bytes_are_exact_to_the_page(native):
 
 def test_round_trip_is_bit_exact(native):
     slots = [torch.empty(5000), torch.empty(5000)]
-    store = native.PinnedStore([5000, 3000], slots, "register", 0)
+    store = native.PinnedStore([5000, 3000], slots)
     data = torch.randn(5000)
     slots[0].copy_(data)
     store.writeback(0, 0)
@@ -49,7 +50,7 @@ def test_round_trip_is_bit_exact(native):
     ],
 )
 def test_bad_arguments_name_the_argument(native, call, match):
-    store = native.PinnedStore([10, 4], [torch.empty(10), torch.empty(10)], "register", 0)
+    store = native.PinnedStore([10, 4], [torch.empty(10), torch.empty(10)])
     with pytest.raises(ValueError, match=match):
         call(store)
 
@@ -57,13 +58,11 @@ def test_bad_arguments_name_the_argument(native, call, match):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (([10], [torch.empty(5)], "register", 0), "slots\\[0\\] holds 5 elements, the largest group needs 10"),
-        (([10], [torch.empty(10, dtype=torch.float64)], "register", 0), "slots\\[0\\] must be float32"),
-        (([10], [torch.empty(10)], "mmap", 0), "alloc_mode must be 'register' or 'hostalloc'"),
-        (([-1], [torch.empty(10)], "register", 0), r"numels\[0\] must be >= 0"),
-        (([10], [], "register", 0), "at least one tensor"),
-        (([10], [torch.empty(10)], "register", 0, -1), r"chunk_bytes must be >= 0"),
-        (([10], [torch.empty(10)], "register", 0, 1 << 20, 0), r"pace_depth must be in \[1, 64\], got 0"),
+        (([10], [torch.empty(5)]), "slots\\[0\\] holds 5 elements, the largest group needs 10"),
+        (([10], [torch.empty(10, dtype=torch.float64)]), "slots\\[0\\] must be float32"),
+        (([-1], [torch.empty(10)]), r"numels\[0\] must be >= 0"),
+        (([10], []), "at least one tensor"),
+        (([10], [torch.empty(10)], -1), r"chunk_bytes must be >= 0"),
     ],
 )
 def test_bad_construction_is_refused(native, args, match):
@@ -71,13 +70,30 @@ def test_bad_construction_is_refused(native, args, match):
         native.PinnedStore(*args)
 
 
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        ("HIFT_ALLOC_MODE", "mmap", "HIFT_ALLOC_MODE must be 'register' or 'hostalloc', got 'mmap'"),
+        ("HIFT_PACE_DEPTH", "0", r"HIFT_PACE_DEPTH must be in \[1, 64\], got 0"),
+        ("HIFT_TOUCH_THREADS", "-1", "HIFT_TOUCH_THREADS must be >= 0, got -1"),
+        ("HIFT_TOUCH_THREADS", "two", "HIFT_TOUCH_THREADS must be an integer, got 'two'"),
+    ],
+)
+def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        native.PinnedStore([10], [torch.empty(10)], 1 << 20)
+
+
 def test_closed_store_refuses_calls_and_views_stay_valid(native):
-    store = native.PinnedStore([8], [torch.empty(8)], "register", 0)
+    store = native.PinnedStore([8], [torch.empty(8)])
     view = store.host(0)
     view.fill_(2.0)
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store.fetch(0, 0)
+    store.synchronize()  # nothing in flight: a no-op, as is a second close
+    store.close()
     gc.collect()
     assert torch.equal(view, torch.full((8,), 2.0))  # the view keeps its memory alive
 

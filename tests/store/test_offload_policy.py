@@ -9,18 +9,16 @@ import random
 import pytest
 import torch
 
-from hift_engine.store import OffloadStore, ResidentStore, TorchTransport
+from hift_engine.store import OffloadStore, ResidentStore
 
 
 @pytest.fixture(params=["torch", "native", "native-paced"])
 def transport(request):
-    """A factory of CPU transports; the native one is the C++ store (JIT-built CPU-only here; pacing only
-    changes how CUDA copies are issued, so the paced variant checks that the option is accepted)."""
+    """OffloadStore's transport arguments; the native one is the C++ store (JIT-built CPU-only here; pacing
+    only changes how CUDA copies are issued, so the paced variant checks that the option is accepted)."""
     if request.param == "torch":
-        return lambda: TorchTransport("cpu")
-    from hift_engine.store.native_transport import NativeTransport
-
-    return lambda: NativeTransport("cpu", chunk_bytes=256 if request.param == "native-paced" else 0)
+        return {"transport": "torch"}
+    return {"transport": "native", "chunk_bytes": 256 if request.param == "native-paced" else 0}
 
 
 def drive(store, order, numels, seed=0, then=None):
@@ -47,7 +45,7 @@ def test_put_away_bring_back_bit_exact_random_orders(seed, slots, transport):
     rnd = random.Random(seed)
     numels = [rnd.choice([1, 22, 64, 4097, 1000]) for _ in range(rnd.randint(1, 7))]
     order = [rnd.randrange(len(numels)) for _ in range(60)]
-    store = OffloadStore(numels, "cpu", transport(), num_slots=slots)
+    store = OffloadStore(numels, "cpu", num_slots=slots, **transport)
     drive(store, order, numels, seed)
     # Exact: replay the same float32 additions outside the store.
     g = torch.Generator().manual_seed(seed)
@@ -60,14 +58,14 @@ def test_put_away_bring_back_bit_exact_random_orders(seed, slots, transport):
 
 
 def test_same_group_twice_moves_nothing_and_first_activation_touches_no_host(transport):
-    store = OffloadStore([100, 100], "cpu", transport())
+    store = OffloadStore([100, 100], "cpu", **transport)
     drive(store, [0, 0, 0, 0], [100, 100], then=0)
     s = store.stats
     assert s.bytes_h2d == 0 and s.bytes_d2h == 0 and s.host_bytes == 0 and s.zero_fills == 1
 
 
 def test_alternating_two_groups_stay_resident_in_two_slots(transport):
-    store = OffloadStore([50, 70], "cpu", transport())
+    store = OffloadStore([50, 70], "cpu", **transport)
     drive(store, [0, 1] * 5, [50, 70])
     assert store.stats.fetches == 0  # both fit: written back (cheap, hidden) but never fetched again
     assert store.stats.host_bytes >= (50 + 70) * 4
@@ -75,7 +73,7 @@ def test_alternating_two_groups_stay_resident_in_two_slots(transport):
 
 def test_cycle_of_four_groups_moves_each_state_once_each_way_per_step(transport):
     numels = [10, 20, 30, 40]
-    store = OffloadStore(numels, "cpu", transport())
+    store = OffloadStore(numels, "cpu", **transport)
     drive(store, list(range(4)) * 3, numels)
     s = store.stats
     # cycle 1: 4 zero fills; cycles 2-3: every activation fetches; every update except the last writes back
@@ -85,7 +83,7 @@ def test_cycle_of_four_groups_moves_each_state_once_each_way_per_step(transport)
 
 
 def test_host_state_of_dirty_resident_group_writes_back_first(transport):
-    store = OffloadStore([8], "cpu", transport())
+    store = OffloadStore([8], "cpu", **transport)
     state, _ = store.activate(0)
     state.fill_(3.0)
     store.release(0, keep=True)
@@ -93,7 +91,7 @@ def test_host_state_of_dirty_resident_group_writes_back_first(transport):
 
 
 def test_load_and_reset(transport):
-    store = OffloadStore([4, 4], "cpu", transport())
+    store = OffloadStore([4, 4], "cpu", **transport)
     store.load_state(1, torch.arange(4.0))
     state, fresh = store.activate(1)
     assert not fresh and torch.equal(state, torch.arange(4.0))
@@ -114,6 +112,6 @@ def test_resident_store_keeps_everything_on_device():
 
 
 def test_release_without_activate_is_an_error(transport):
-    store = OffloadStore([4], "cpu", transport())
+    store = OffloadStore([4], "cpu", **transport)
     with pytest.raises(RuntimeError, match="call activate"):
         store.release(0, keep=False)
