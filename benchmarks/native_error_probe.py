@@ -7,17 +7,19 @@ error leaving the module once crashed the process; run_on_gpu.sh runs this under
 store's tests crash, to get a backtrace.
 """
 
+import os
+
 import torch
 
 from hift_engine import _native
 
 mod = _native.load()
 print("module:", mod.__file__, "cuda build:", mod.with_cuda, flush=True)
-store = mod.PinnedStore([10, 4], [torch.empty(10), torch.empty(10)], "register", 0)
+store = mod.PinnedStore([10, 4], [torch.empty(10), torch.empty(10)])
 cases = {
     "fetch before any write-back": lambda: store.fetch(0, 0),
     "gid out of range": lambda: store.fetch(5, 0),
-    "bad alloc_mode": lambda: mod.PinnedStore([10], [torch.empty(10)], "mmap", 0),
+    "bad HIFT_ALLOC_MODE": lambda: (os.environ.__setitem__("HIFT_ALLOC_MODE", "mmap"), mod.PinnedStore([10], [torch.empty(10)])),
 }
 for name, call in cases.items():
     print(f"{name}: ", end="", flush=True)
@@ -26,5 +28,6 @@ for name, call in cases.items():
         print("no error raised")
     except ValueError as e:
         print(f"ValueError: {e}", flush=True)
+os.environ.pop("HIFT_ALLOC_MODE", None)
 store.close()
 print("probe finished", flush=True)
