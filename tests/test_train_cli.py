@@ -96,7 +96,7 @@ def test_end_to_end_run_writes_logs_checkpoint_plot_and_resumes_exactly(tmp_path
 def test_prompt_tokens_are_masked():
     from hift_engine.recipe.data import IGNORE, ByteTokenizer, encode_examples
 
-    (ids, labels), = encode_examples([{"prompt": "2+2=", "response": "4;"}], ByteTokenizer(), 32)
+    (ids, labels), = encode_examples([{"prompt": "2+2=", "response": "4;"}], ByteTokenizer(), 32).rows
     assert labels[:4] == [IGNORE] * 4 and labels[4:] == ids[4:] and ids[-1] == ByteTokenizer.eos_token_id
 
 

@@ -33,6 +33,7 @@ class ModelSection:
 class DataSection:
     data: str = "builtin:arithmetic"  # a .jsonl file (prompt/response or text), a .txt file, or builtin:arithmetic
     max_length: int = 64
+    overlong: str = "truncate"  # examples longer than max_length: truncate | drop | error (counts are reported)
     prompt_key: str = "prompt"
     response_key: str = "response"
     text_key: str = "text"
@@ -61,6 +62,7 @@ class TrainSection:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "schedule": ScheduleSection, "train": TrainSection}
+OVERLONG = ("truncate", "drop", "error")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -101,6 +103,8 @@ class RunConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
         if self.data.max_length < 4:
             raise ConfigError(f"data.max_length must be >= 4, got {self.data.max_length}")
+        if self.data.overlong not in OVERLONG:
+            raise ConfigError(f"data.overlong must be one of {OVERLONG}, got {self.data.overlong!r}")
         if self.model.tiny_hidden < 8 or self.model.tiny_hidden % 4 or self.model.tiny_layers < 1:
             raise ConfigError("model.tiny_hidden must be a multiple of 4 (>= 8) and model.tiny_layers >= 1")
         return self
