@@ -25,8 +25,9 @@ if not _HAS_CUDA:
 try:
     from hypothesis import settings as _hyp_settings
 
-    _hyp_settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=100, print_blob=True)
-    _hyp_settings.register_profile("dev", deadline=None, max_examples=100)
+    _hyp_settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=100,
+                                 print_blob=True)
+    _hyp_settings.register_profile("dev", derandomize=False, deadline=None, max_examples=100)
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 except ImportError:  # pragma: no cover - hypothesis is in the "test" extra
     pass
