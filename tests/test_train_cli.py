@@ -96,7 +96,7 @@ def test_end_to_end_run_writes_logs_checkpoint_plot_and_resumes_exactly(tmp_path
 def test_prompt_tokens_are_masked():
     from hift_engine.recipe.data import IGNORE, ByteTokenizer, encode_examples
 
-    (ids, labels), = encode_examples([{"prompt": "2+2=", "response": "4;"}], ByteTokenizer(), 32)
+    (ids, labels), = encode_examples([{"prompt": "2+2=", "response": "4;"}], ByteTokenizer(), 32).rows
     assert labels[:4] == [IGNORE] * 4 and labels[4:] == ids[4:] and ids[-1] == ByteTokenizer.eos_token_id
 
 
@@ -122,3 +122,22 @@ def test_plain_text_data(tmp_path):
     cfg = RunConfig()
     cfg.data.data = str(f)
     assert load_examples(cfg.data) == [{"text": "first paragraph"}, {"text": "second one"}]
+
+
+def test_list_valued_options_parse_json_from_the_command_line(capsys):
+    groups = '[["embedding", "model.layers.0"], ["model.layers.1", "head"]]'
+    cfg = RunConfig().apply_overrides({"no_decay": '[".*bias"]', "freeze": '["embedding"]', "groups": groups,
+                                       "weight_decay": "null", "optimizer_kwargs": '{"betas": [0.9, 0.95]}'})
+    assert cfg.optimizer.no_decay == (".*bias",) and cfg.optimizer.freeze == ("embedding",)
+    assert cfg.optimizer.groups == [("embedding", "model.layers.0"), ("model.layers.1", "head")]
+    assert cfg.optimizer.weight_decay is None and cfg.optimizer.optimizer_kwargs == {"betas": [0.9, 0.95]}
+    cfg = RunConfig().apply_overrides({"freeze": "embedding", "no_decay": "[]"})
+    assert cfg.optimizer.no_decay == () and cfg.optimizer.freeze == ("embedding",)
+    assert RunConfig().apply_overrides({"no_decay": "auto"}).optimizer.no_decay == "auto"
+    assert RunConfig().apply_overrides({"weight_decay": "0.1"}).optimizer.weight_decay == 0.1
+    with pytest.raises(ConfigError, match=r"--freeze: cannot parse '\[\"embedding\"' as a JSON list"):
+        RunConfig().apply_overrides({"freeze": '["embedding"'})
+    # end to end through the command line
+    assert main(["train", "--print-config", "--no_decay", '[".*bias", "norm"]', "--freeze", "[]"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optimizer"]["no_decay"] == [".*bias", "norm"] and printed["optimizer"]["freeze"] == []

@@ -8,13 +8,14 @@ NAME = "demo"
 def register(sub) -> None:
     p = sub.add_parser(NAME, help="train a tiny model on a built-in task (CPU-friendly)", description=__doc__)
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    p.add_argument("--batch-size", type=int, default=64)
+    # Both spellings, as hift train takes them: --layers-per-group and --layers_per_group.
+    p.add_argument("--batch-size", "--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--layers-per-group", type=int, default=1)
+    p.add_argument("--layers-per-group", "--layers_per_group", type=int, default=1)
     p.add_argument("--strategy", default="bottom2up", choices=("bottom2up", "top2down", "random"))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--log-every", "--log_every", type=int, default=100)
     p.set_defaults(func=run)
 
 

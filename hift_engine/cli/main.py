@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ..errors import HiFTError
@@ -22,16 +23,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit codes: 0 done, 2 a usage or HiFTError error (one line on stderr, no
+    traceback), 130 interrupted (Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
+    args.overrides, args.argv = extra, argv
+    # The engine's warnings and notes ("hift_engine" logger) as "hift <command>: ..." lines on stderr.
+    logger = logging.getLogger("hift_engine")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"hift {args.command}: %(message)s"))
+    old_level = logger.level
+    logger.addHandler(handler)
+    if old_level == logging.NOTSET or old_level > logging.INFO:
+        logger.setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except HiFTError as e:  # expected, user-facing errors: one clear line, no traceback
         print(f"hift {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hift {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 if __name__ == "__main__":

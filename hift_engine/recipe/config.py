@@ -33,6 +33,7 @@ class ModelSection:
 class DataSection:
     data: str = "builtin:arithmetic"  # a .jsonl file (prompt/response or text), a .txt file, or builtin:arithmetic
     max_length: int = 64
+    overlong: str = "truncate"  # examples longer than max_length: truncate | drop | error (counts are reported)
     prompt_key: str = "prompt"
     response_key: str = "response"
     text_key: str = "text"
@@ -61,6 +62,7 @@ class TrainSection:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "schedule": ScheduleSection, "train": TrainSection}
+OVERLONG = ("truncate", "drop", "error")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -101,6 +103,8 @@ class RunConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
         if self.data.max_length < 4:
             raise ConfigError(f"data.max_length must be >= 4, got {self.data.max_length}")
+        if self.data.overlong not in OVERLONG:
+            raise ConfigError(f"data.overlong must be one of {OVERLONG}, got {self.data.overlong!r}")
         if self.model.tiny_hidden < 8 or self.model.tiny_hidden % 4 or self.model.tiny_layers < 1:
             raise ConfigError("model.tiny_hidden must be a multiple of 4 (>= 8) and model.tiny_layers >= 1")
         return self
@@ -148,7 +152,7 @@ class RunConfig:
                 section = index[name]
             if section not in data or name not in data[section]:
                 raise ConfigError(f"unknown option --{raw_key}")
-            data[section][name] = _parse(raw, data[section][name], f"--{raw_key}")
+            data[section][name] = _parse(raw, data[section][name], f"--{raw_key}", _declared_type(section, name))
         new = RunConfig.from_dict(data)
         self.__dict__.update(new.__dict__)
         return self
@@ -169,8 +173,29 @@ def _suggest(name: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _parse(raw: str, current: Any, what: str) -> Any:
-    """Parse a command-line string as the type of the current value (JSON for lists/dicts/null)."""
+def _declared_type(section: str, name: str) -> str:
+    """The schema's type of an option as written in its dataclass ("int", "str", "Any", ...)."""
+    cls = HiFTConfig if section == "optimizer" else SECTIONS[section]
+    t = next(f.type for f in dataclasses.fields(cls) if f.name == name)
+    return t if isinstance(t, str) else t.__name__
+
+
+def _parse(raw: str, current: Any, what: str, declared: str = "") -> Any:
+    """Parse a command-line string by the option's declared type (``current`` when the schema says nothing).
+
+    Options that may hold a list, a mapping or null (declared ``Any``/``dict``: no_decay, freeze, groups,
+    weight_decay, max_grad_norm, optimizer_kwargs, ...) take JSON (``'[".*bias"]'``, ``null``, ``0.1``); a
+    plain word that is not JSON (``auto``, ``adamw``) stays a string. Text starting with ``[`` or ``{`` must
+    be valid JSON.
+    """
+    if declared in ("Any", "dict", "list") or (not declared and (current is None or isinstance(current, (list, tuple, dict)))):
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            if declared != "Any" or raw.lstrip()[:1] in ("[", "{", '"'):
+                kind = "a JSON list" if raw.lstrip()[:1] == "[" else "JSON"
+                raise ConfigError(f"{what}: cannot parse {raw!r} as {kind} ({e})") from None
+            return raw
     try:
         if isinstance(current, bool):
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -182,9 +207,7 @@ def _parse(raw: str, current: Any, what: str) -> Any:
             return int(raw)
         if isinstance(current, float):
             return float(raw)
-        if isinstance(current, str):
-            return raw
-        return json.loads(raw)  # lists, dicts, None-valued options (e.g. max_grad_norm)
+        return raw
     except ValueError as e:
         raise ConfigError(f"{what}: cannot parse {raw!r} as {type(current).__name__} ({e})") from None
 

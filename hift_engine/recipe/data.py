@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from .config import DataSection
 
-__all__ = ["ByteTokenizer", "load_examples", "encode_examples", "Batches", "IGNORE"]
+__all__ = ["ByteTokenizer", "load_examples", "encode_examples", "Encoded", "Batches", "IGNORE"]
 
 IGNORE = -100
 
@@ -76,12 +77,33 @@ def load_examples(cfg: DataSection, seed: int = 0) -> list[dict[str, str]]:
     return examples
 
 
-def encode_examples(examples: list[dict[str, str]], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example; prompt tokens are masked out of the loss (IGNORE)."""
+@dataclass
+class Encoded:
+    """Tokenised examples and what happened to those longer than ``max_length``."""
+
+    rows: list[tuple[list[int], list[int]]]  # (input_ids, labels) of every example kept
+    total: int  # examples read
+    overlong: int  # examples longer than max_length
+    truncated: int  # overlong examples cut to max_length and kept
+    dropped: int  # examples not kept (overlong with overlong="drop", or nothing left to learn after the cut)
+
+    def summary(self) -> dict[str, int]:
+        return {"examples": self.total, "used": len(self.rows), "overlong": self.overlong,
+                "truncated": self.truncated, "dropped": self.dropped}
+
+
+def encode_examples(
+    examples: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str = "truncate"
+) -> Encoded:
+    """(input_ids, labels) per example; prompt tokens are masked out of the loss (IGNORE).
+
+    ``overlong``: what to do with an example longer than ``max_length`` tokens: "truncate" (keep its first
+    ``max_length`` tokens; dropped if no response token is left), "drop", or "error" (ConfigError).
+    """
     byte_level = isinstance(tokenizer, ByteTokenizer)
     eos = tokenizer.eos_token_id
-    out = []
-    for ex in examples:
+    rows, n_overlong, truncated = [], 0, 0
+    for index, ex in enumerate(examples, 1):
         if "text" in ex:
             ids = (tokenizer.encode(ex["text"]) if byte_level else _hf_encode(tokenizer, ex["text"], True)) + [eos]
             labels = list(ids)
@@ -89,11 +111,27 @@ def encode_examples(examples: list[dict[str, str]], tokenizer: Any, max_length: 
             p = tokenizer.encode(ex["prompt"]) if byte_level else _hf_encode(tokenizer, ex["prompt"], True)
             r = (tokenizer.encode(ex["response"]) if byte_level else _hf_encode(tokenizer, ex["response"], False)) + [eos]
             ids, labels = p + r, [IGNORE] * len(p) + r
-        ids, labels = ids[:max_length], labels[:max_length]
-        if any(label != IGNORE for label in labels[1:]):  # something to learn after truncation
-            out.append((ids, labels))
-    if not out:
-        raise ConfigError(f"no example keeps a response token within data.max_length={max_length}; raise it")
+        if len(ids) > max_length:
+            n_overlong += 1
+            if overlong == "error":
+                raise ConfigError(
+                    f"example {index} is {len(ids)} tokens, longer than data.max_length={max_length} "
+                    f"(data.overlong=error); raise data.max_length, or set data.overlong to truncate or drop"
+                )
+            if overlong == "drop":
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            if not any(label != IGNORE for label in labels[1:]):
+                continue  # nothing to learn after the cut: counted as dropped
+            truncated += 1
+        if any(label != IGNORE for label in labels[1:]):
+            rows.append((ids, labels))
+    out = Encoded(rows, len(examples), n_overlong, truncated, len(examples) - len(rows))
+    if not rows:
+        raise ConfigError(
+            f"no example keeps a response token within data.max_length={max_length} "
+            f"({out.overlong} of {out.total} longer, data.overlong={overlong}); raise data.max_length"
+        )
     return out
 
 

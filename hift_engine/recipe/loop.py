@@ -12,59 +12,22 @@ Output directory:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..errors import CheckpointError, ConfigError
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
-from .data import Batches, ByteTokenizer, encode_examples, load_examples
+from .data import Batches, encode_examples, load_examples
+from .model import build_model, check_model_path, resolve_device
+from .rundir import check_output_dir, clear_previous_run, plan_resume
 
-__all__ = ["train", "build_model", "plot_training"]
+__all__ = ["train", "build_model", "plot_training", "TrainingInterrupted"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use cpu or auto")
-    return torch.device(name)
-
-
-def build_model(cfg: RunConfig, device: torch.device):
-    """(model, tokenizer): the built-in tiny byte-level LLaMA, or a local Hugging Face model directory."""
-    dtype = _DTYPES[cfg.model.dtype]
-    if cfg.model.path == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok = ByteTokenizer()
-        heads = max(1, cfg.model.tiny_hidden // 32)
-        mcfg = LlamaConfig(
-            vocab_size=tok.vocab_size, hidden_size=cfg.model.tiny_hidden, intermediate_size=2 * cfg.model.tiny_hidden,
-            num_hidden_layers=cfg.model.tiny_layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=max(64, cfg.data.max_length), pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
-        )
-        torch.manual_seed(cfg.train.seed)
-        return LlamaForCausalLM(mcfg).to(device=device, dtype=dtype), tok
-    path = Path(cfg.model.path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={cfg.model.path!r} is not 'tiny' nor a local Hugging Face model directory (no config.json)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
-    model.config.use_cache = False
-    return model, tok
+log = logging.getLogger("hift_engine")
 
 
 def plot_training(log_path: Path, out_path: Path) -> Path:
@@ -92,80 +55,126 @@ def plot_training(log_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> dict[str, Any]:
-    """Run training as configured. ``resume``: True for the latest checkpoint in the output directory, or a path."""
-    from tqdm.auto import tqdm
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: ``step`` (steps done), ``checkpoint`` (the newest checkpoint of this run, or
+    None) and ``output_dir``. No checkpoint is written on interrupt, so stopping is immediate."""
 
-    device = _device(cfg.train.device)
+    def __init__(self, step: int, checkpoint: Path | None, output_dir: Path) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint, self.output_dir = step, checkpoint, output_dir
+
+
+def train(
+    cfg: RunConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
+    resume_fallback: bool = False,
+) -> dict[str, Any]:
+    """Run training as configured; returns a summary dict.
+
+    ``resume``: True for the latest checkpoint in the output directory, or a checkpoint (or checkpoints
+    directory) path; a damaged newest checkpoint is an error unless ``resume_fallback``. Without ``resume``,
+    a non-empty output directory is refused unless ``overwrite`` (which deletes only the previous run's
+    files, once the new run has loaded everything). Nothing is written before the model, the data and the
+    resumed checkpoint have loaded. Ctrl-C raises TrainingInterrupted (a KeyboardInterrupt).
+    """
+    device = resolve_device(cfg.train.device)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-    model, tok = build_model(cfg, device)
-    encoded = encode_examples(load_examples(cfg.data, cfg.train.seed), tok, cfg.data.max_length)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = Batches(encoded, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
-    opt = HiFTOptimizer.from_config(model, cfg.optimizer)
-    sched = opt.cycle_scheduler(
-        cfg.schedule.schedule, total_steps=cfg.train.steps, warmup_steps=cfg.schedule.warmup_steps,
-        per_step=cfg.schedule.per_step, min_lr_ratio=cfg.schedule.min_lr_ratio,
-    )
     ckpt_root = out / "checkpoints"
-    start = 0
     log_path = out / "log.jsonl"
-    if resume:
-        target = latest_checkpoint(ckpt_root, verify=True) if resume is True else Path(resume)
-        if target is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {ckpt_root}")
-        start = load_checkpoint(target, model, opt, sched)["step"]
-        if log_path.exists():  # drop log lines written after the checkpoint (the crashed tail)
+    # Cheap checks first: the output directory, what to resume, the data file, the model path.
+    check_output_dir(out, resume, overwrite)
+    plan = plan_resume(resume, ckpt_root, resume_fallback) if resume else None
+    examples = load_examples(cfg.data, cfg.train.seed)
+    check_model_path(cfg)
+    model, tok = build_model(cfg, device)
+    encoded = encode_examples(examples, tok, cfg.data.max_length, cfg.data.overlong)
+    data_report = encoded.summary()
+    if encoded.overlong or encoded.dropped:
+        log.warning(
+            "data: %d of %d examples longer than data.max_length=%d (data.overlong=%s): %d truncated, %d dropped; "
+            "training on %d", encoded.overlong, encoded.total, cfg.data.max_length, cfg.data.overlong,
+            encoded.truncated, encoded.dropped, len(encoded.rows),
+        )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
+    opt = HiFTOptimizer.from_config(model, cfg.optimizer)
+    try:
+        sched = opt.cycle_scheduler(
+            cfg.schedule.schedule, total_steps=cfg.train.steps, warmup_steps=cfg.schedule.warmup_steps,
+            per_step=cfg.schedule.per_step, min_lr_ratio=cfg.schedule.min_lr_ratio,
+        )
+        start, last_ckpt, skipped = 0, None, []
+        if plan is not None:
+            info, skipped = plan.load(lambda path: load_checkpoint(path, model, opt, sched))
+            start, last_ckpt = info["step"], Path(info["path"])
+        # The run really starts here: only now is anything in the output directory changed.
+        if overwrite:
+            clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        if plan is not None and log_path.exists():  # drop log lines written after the checkpoint
             kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start]
             log_path.write_text("".join(k + "\n" for k in kept))
-    elif log_path.exists():
-        log_path.unlink()
+        elif log_path.exists():
+            log_path.unlink()
+        losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress)
+        final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last)
+        model.save_pretrained(out / "final")
+        if hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(out / "final")
+        plot = plot_training(log_path, out / "training.png") if cfg.train.plot else None
+        return {
+            "steps": cfg.train.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "num_groups": opt.num_groups, "checkpoint": str(final_ckpt),
+            "plot": str(plot) if plot else None, "log": str(log_path), "skipped_steps": opt.nonfinite_skips,
+            "data": data_report, "resume_skipped": [str(p) for p, _ in skipped],
+        }
+    finally:
+        opt.close()
 
+
+def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress) -> list[float]:
+    """Steps ``start`` .. train.steps-1 with logging and periodic checkpoints; returns the step losses."""
+    from tqdm.auto import tqdm
+
+    log_path, ckpt_root = out / "log.jsonl", out / "checkpoints"
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="hift train")
     window_tokens, window_start = 0, time.perf_counter()
     losses: list[float] = []
+    done = start
     model.train()
-    with open(log_path, "a") as log:
-        for step in range(start, cfg.train.steps):
-            group, lr = opt.active_group, opt.param_groups[0]["lr"]
-            step_loss = 0.0
-            for micro in range(cfg.train.grad_accum):
-                batch = batches.get(step, micro, device)
-                loss = model(**batch).loss / cfg.train.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                window_tokens += int(batch["attention_mask"].sum())
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            losses.append(step_loss)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == start:
-                elapsed = time.perf_counter() - window_start
-                row = {
-                    "step": step, "loss": step_loss, "group": group, "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "memory_mib": memory_bytes(device) / 2**20, "time": time.time(),
-                }
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{step_loss:.4f}", group=f"{group}/{opt.num_groups - 1}", lr=f"{lr:.2e}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_mib']:.0f}MiB")
-                window_tokens, window_start = 0, time.perf_counter()
-            bar.update(1)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps:
-                save_checkpoint(ckpt_root, model, opt, sched, step=done, keep_last=cfg.train.keep_last)
-    bar.close()
-    final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last)
-    model.save_pretrained(out / "final")
-    if hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(out / "final")
-    plot = plot_training(log_path, out / "training.png") if cfg.train.plot else None
-    summary = {
-        "steps": cfg.train.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "num_groups": opt.num_groups, "checkpoint": str(final_ckpt),
-        "plot": str(plot) if plot else None, "log": str(log_path), "skipped_steps": opt.nonfinite_skips,
-    }
-    opt.close()
-    return summary
+    try:
+        with open(log_path, "a") as log_file:
+            for step in range(start, cfg.train.steps):
+                group, lr = opt.active_group, opt.param_groups[0]["lr"]
+                step_loss = 0.0
+                for micro in range(cfg.train.grad_accum):
+                    batch = batches.get(step, micro, device)
+                    loss = model(**batch).loss / cfg.train.grad_accum
+                    loss.backward()
+                    step_loss += loss.item()
+                    window_tokens += int(batch["attention_mask"].sum())
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                losses.append(step_loss)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == start:
+                    elapsed = time.perf_counter() - window_start
+                    row = {
+                        "step": step, "loss": step_loss, "group": group, "lr": lr,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "memory_mib": memory_bytes(device) / 2**20, "time": time.time(),
+                    }
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{step_loss:.4f}", group=f"{group}/{opt.num_groups - 1}", lr=f"{lr:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_mib']:.0f}MiB")
+                    window_tokens, window_start = 0, time.perf_counter()
+                bar.update(1)
+                if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps:
+                    last_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=done, keep_last=cfg.train.keep_last)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(done, last_ckpt, out) from None
+    finally:
+        bar.close()
+    return losses
