@@ -81,10 +81,10 @@ def test_generic_optimizer_state_leaves_the_device():
         per_layer(**lm_batch(seed=step, device="cuda")).loss.backward()
         opt.step()
         opt.zero_grad()
-    opt.generic.synchronize()
+    opt.path.synchronize()
     idle = [gid for gid in range(opt.num_groups) if gid != opt.active_group and gid != 0]
     for gid in idle:
-        for st in opt.generic.inners[gid].state.values():
+        for st in opt.path.inners[gid].state.values():
             assert st["square_avg"].device.type == "cpu" and st["square_avg"].is_pinned()
 
 
