@@ -93,7 +93,6 @@ def test_resume_refuses_a_damaged_latest_checkpoint_and_falls_back_only_when_ask
     assert f"skipped {newest}" in err and str(older) in err
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in schedule.py: extending a finished run (--steps N --resume)")
 def test_extending_a_finished_run_continues_the_schedule(tmp_path, hift_train):
     out = tmp_path / "run"
     assert hift_train("--schedule", "linear")[0] == 0
