@@ -20,20 +20,19 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import state_io
 from .config import HiFTConfig
-from .errors import ConfigError, LayoutError
+from .errors import ConfigError
 from .grouping import Grouping, build_grouping
 from .hooks import ParamClaim, user_requires_grad
 from .layout import GradArena, GroupLayout, check_params
 from .nonfinite import SkipMonitor, grad_flags
-from .optim import FUSED_SPECS
-from .optim.fused import FusedPath, resolve_kernels
-from .optim.generic import GenericPath, generic_default_weight_decay
+from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
-from .state_io import STATE_FORMAT, Signature, StateExport
-from .store import StateStore, make_store
+from .state_io import Signature, StateExport
+from .store import StateStore
 
 __all__ = ["HiFTOptimizer"]
 
@@ -85,19 +84,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.grouping: Grouping = build_grouping(model, cfg.layers_per_group, cfg.groups, cfg.freeze, user_requires_grad)
         named = [(n, p) for g in self.grouping.groups for n, p in zip(g.param_names, g.params)]
         self.device = check_params(named)
-        spec = FUSED_SPECS[cfg.optimizer]() if isinstance(cfg.optimizer, str) else None
-        if spec is not None:
-            wide = [n for n, p in named if p.dtype == torch.float64]
-            if wide:
-                raise LayoutError(
-                    f"parameter {wide[0]!r} is float64; the fused optimizers keep float32 state. Cast the model to "
-                    f"float32 (or bf16), or pass a torch.optim class (optimizer=torch.optim.AdamW) for float64 state"
-                )
-            hyper = spec.normalize(cfg.optimizer_kwargs)
-            wd = spec.default_weight_decay if cfg.weight_decay is None else cfg.weight_decay
-        else:
-            hyper = dict(cfg.optimizer_kwargs)
-            wd = generic_default_weight_decay(cfg.optimizer) if cfg.weight_decay is None else cfg.weight_decay
+        spec, hyper, wd = optimizer_options(cfg, named)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
         self._constructing = True
         super().__init__(build_param_groups(named, no_decay, cfg.lr, wd, hyper), {"lr": cfg.lr, "weight_decay": wd, **hyper})
@@ -112,18 +99,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.arena = GradArena(self.layouts, self.device)
         self._grad_views = [lay.grad_views(self.arena) for lay in self.layouts]
         self.path: UpdatePath
-        if spec is None:
-            self.path = GenericPath(cfg.optimizer, hyper, self.layouts, self.param_groups, self.device)
-            self.kernel_backend = "generic"
-        else:
-            if store is None and num_state:
-                store = make_store(cfg.state_store, [lay.state_numel for lay in self.layouts], self.device, cfg.slots,
-                                   chunk_bytes=cfg.transfer_chunk_mib << 20)
-            elif callable(store) and not isinstance(store, StateStore):
-                store = store(self.layouts, self.device)
-            self.kernel_backend = resolve_kernels(cfg.kernels, self.device)
-            self.path = FusedPath(spec, self.layouts, self._grad_views, self.arena, self.param_groups, store,
-                                  self.kernel_backend, clip=cfg.max_grad_norm is not None)
+        self.path, self.kernel_backend = make_path(
+            cfg, spec, hyper, self.layouts, self._grad_views, self.arena, self.param_groups, self.device, store
+        )
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.global_step = 0
@@ -234,75 +212,38 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return transformers_scheduler(self, name, total_steps, warmup_steps, **scheduler_kwargs)
 
     # ------------------------------------------------------------------------------------------ state
-    def _param_index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
+    # One encoding (state_io): state_dict() and checkpoints are both built on export/check/import_state.
     def export_state(self) -> StateExport:
-        """The one encoding of this optimizer's state: JSON-friendly ``meta`` and each group's tensors (lazily,
-        one group at a time; they may alias the store's host memory, so use them before the next step)."""
-        name_of = {id(p): n for lay in self.layouts for n, p in zip(lay.names, lay.params)}
-        meta = {
-            "format": STATE_FORMAT,
-            "optimizer": self.path.name,
-            "state_names": list(self.path.state_names),
-            "param_names": [name_of[id(p)] for g in self.param_groups for p in g["params"]],
-            "groups": [list(lay.names) for lay in self.layouts],
-            "order": self.order.state_dict(),
-            "global_step": self.global_step,
-            "skips": self.monitor.state_dict(),
-            "param_groups": [
-                {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in self.param_groups
-            ],
-        }
-        return StateExport(meta, (self.path.export_group(gid) for gid in range(self.num_groups)))
+        """JSON-friendly ``meta`` and each group's tensors, lazily (they may alias the store's host memory)."""
+        return state_io.export_state(self)
 
     def check_state(self, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, Mapping[str, Any]]] | None = None) -> None:
-        """Raise ConfigError unless ``meta`` and group state of these (signature, values) load into this
-        optimizer. Changes nothing. ``meta`` without "format" is a torch.optim state dict (no HiFT position)."""
-        hift = "format" in meta
-        if hift:
-            if meta["format"] != STATE_FORMAT:
-                raise ConfigError(f"unsupported hift state format {meta['format']!r}")
-            if meta.get("optimizer") != self.path.name:
-                raise ConfigError(f"saved for optimizer {meta.get('optimizer')!r}, this one is {self.path.name!r}")
-            mine = self.export_state().meta
-            if list(meta.get("param_names", [])) != mine["param_names"]:
-                raise ConfigError("the saved parameter names differ from this model's; it belongs to another model")
-            if [list(g) for g in meta.get("groups", [])] != mine["groups"]:
-                raise ConfigError("the saved group layout differs (layers_per_group, groups or freeze changed); "
-                                  "resume with the same grouping options")
-            self.order.check_state_dict(meta.get("order"))
-        saved = meta.get("param_groups") or []
-        if len(saved) != len(self.param_groups):
-            raise ConfigError(f"saved {len(saved)} param_groups, this optimizer has {len(self.param_groups)}")
-        spec = getattr(self.path, "spec", None)
-        for g, s in zip(self.param_groups, saved):
-            if spec is not None and spec.structure({**g, **s}) != spec.structure(g):
-                raise ConfigError(
-                    f"the saved state has {spec.structural} = {spec.structure({**g, **s})}, this optimizer "
-                    f"{spec.structure(g)}; they fix the state layout. Create the optimizer with the saved options"
-                )
-        if groups is None:
-            return
-        if len(groups) != self.num_groups:
-            raise ConfigError(f"saved state of {len(groups)} groups, this optimizer has {self.num_groups}")
-        for gid, (sig, values) in enumerate(groups):
-            self.path.check_group(gid, sig, values)
+        """Raise ConfigError unless ``meta`` and group state of these (signature, values) load here. Changes nothing."""
+        state_io.check_state(self, meta, groups)
 
     def import_state(self, meta: Mapping[str, Any], groups, signatures=None) -> None:
-        """Load ``meta`` and per-group state; everything is checked (``check_state``) before anything changes.
-        ``groups`` may be lazy (one group read at a time) when ``signatures`` are given."""
-        if signatures is None:
-            groups = list(groups)
-            signatures = [(g.signature(), g.values) for g in groups]
-        self.check_state(meta, signatures)
-        self._apply(meta, groups)
+        """Load ``meta`` and per-group state, all checked before anything changes (``groups`` may be lazy when
+        ``signatures`` are given)."""
+        state_io.import_state(self, meta, groups, signatures)
 
-    def _apply(self, meta: Mapping[str, Any], groups) -> None:
-        for gid, gs in enumerate(groups):
-            self.path.import_group(gid, gs)
-        for g, s in zip(self.param_groups, meta["param_groups"]):  # the saved hyper-parameters win, as torch's
-            g.update({k: tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v for k, v in s.items() if k != "params"})
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim-compatible: ``state`` maps parameter indices to torch's state keys ("step", "exp_avg",
+        ...); ``hift`` holds the group order, step counter and skip counts. State tensors may alias the store's
+        host memory (as torch's state_dict aliases live state): save or clone them before the next step."""
+        return state_io.to_state_dict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict()`` output (or a torch.optim state dict of the same optimizer type, numbered
+        as this optimizer's param_groups; see ``load_torch_state_dict`` to map another numbering). A refused
+        load changes nothing."""
+        state_io.load_state_dict(self, state_dict)
+
+    def load_torch_state_dict(self, state_dict: Mapping[str, Any], params: Sequence[nn.Parameter]) -> None:
+        """Load the per-parameter state of a plain torch.optim optimizer of the same type whose parameter
+        number i is ``params[i]`` (e.g. ``list(model.parameters())``); this optimizer's hyper-parameters stay."""
+        state_io.load_torch_state_dict(self, state_dict, params)
+
+    def _restore_position(self, meta: Mapping[str, Any]) -> None:
         old = self.order.current
         if "format" in meta:
             self.order.load_state_dict(meta["order"])
@@ -313,53 +254,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         else:
             self.zero_grad()
         self.path.prefetch(self.order.current)
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim-compatible: ``state`` maps parameter indices to torch's state keys ("step", "exp_avg",
-        ...); ``hift`` holds the group order, step counter and skip counts. State tensors may alias the store's
-        host memory (as torch's state_dict aliases live state): save or clone them before the next step."""
-        export, index, state = self.export_state(), self._param_index(), {}
-        for gid, gs in enumerate(export.groups):
-            for p, entry in zip(self.layouts[gid].params, self.path.to_torch(gid, gs)):
-                if entry:
-                    state[index[id(p)]] = entry
-        meta = export.meta
-        groups = [dict(h, params=[index[id(p)] for p in g["params"]]) for h, g in zip(meta.pop("param_groups"), self.param_groups)]
-        return {"state": state, "param_groups": groups, "hift": meta}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from ``state_dict()`` output (or a torch.optim state dict of the same optimizer type, numbered
-        as this optimizer's param_groups; see ``load_torch_state_dict`` to map another numbering)."""
-        if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ConfigError("load_state_dict: expected a dict with 'state' and 'param_groups' (from state_dict())")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
-        ):
-            raise ConfigError(
-                "load_state_dict: the saved optimizer has param_groups of sizes "
-                f"{[len(s['params']) for s in saved_groups]}, this one {[len(g['params']) for g in self.param_groups]}; "
-                "it was saved for a different model, freeze list or weight-decay split"
-            )
-        meta = {**(state_dict.get("hift") or {}), "param_groups": [{k: v for k, v in s.items() if k != "params"} for s in saved_groups]}
-        saved, index = state_dict["state"], self._param_index()
-        entries = [[saved.get(index[id(p)], saved.get(str(index[id(p)]))) for p in lay.params] for lay in self.layouts]
-        self.check_state(meta)  # check everything before anything changes
-        for gid, e in enumerate(entries):
-            self.path.from_torch(gid, e, build=False)
-        self._apply(meta, (self.path.from_torch(gid, e) for gid, e in enumerate(entries)))
-
-    def load_torch_state_dict(self, state_dict: Mapping[str, Any], params: Sequence[nn.Parameter]) -> None:
-        """Load the per-parameter state of a plain torch.optim optimizer of the same type, whose parameter
-        number i is ``params[i]`` (e.g. ``list(model.parameters())``); this optimizer's hyper-parameters stay."""
-        ours, theirs = self._param_index(), list(params)
-        state = {}
-        for i, entry in state_dict.get("state", {}).items():
-            if not 0 <= int(i) < len(theirs) or id(theirs[int(i)]) not in ours:
-                raise ConfigError(f"load_torch_state_dict: parameter {i} of the saved state is not trained by this optimizer")
-            state[ours[id(theirs[int(i)])]] = entry
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [ours[id(p)] for p in g["params"]]} for g in self.param_groups]
-        self.load_state_dict({"state": state, "param_groups": groups})
 
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> None:

@@ -10,12 +10,17 @@ inner optimizer's per-parameter tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_FORMAT", "GroupState", "Signature", "StateExport", "signature_of"]
+from .errors import ConfigError
+
+__all__ = [
+    "STATE_FORMAT", "GroupState", "Signature", "StateExport", "signature_of", "export_state", "check_state",
+    "import_state", "to_state_dict", "load_state_dict", "load_torch_state_dict",
+]
 
 STATE_FORMAT = 1
 
@@ -46,3 +51,123 @@ class StateExport:
 
     meta: dict[str, Any]
     groups: Iterator[GroupState]
+
+
+# ---------------------------------------------------------------------------------------------- the operations
+# They take a HiFTOptimizer (its methods of the same names call them).
+def param_index(opt) -> dict[int, int]:
+    """id(parameter) -> its number in ``opt.param_groups`` order (torch.optim's numbering)."""
+    return {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+
+
+def export_state(opt) -> StateExport:
+    name_of = {id(p): n for lay in opt.layouts for n, p in zip(lay.names, lay.params)}
+    meta = {
+        "format": STATE_FORMAT,
+        "optimizer": opt.path.name,
+        "state_names": list(opt.path.state_names),
+        "param_names": [name_of[id(p)] for g in opt.param_groups for p in g["params"]],
+        "groups": [list(lay.names) for lay in opt.layouts],
+        "order": opt.order.state_dict(),
+        "global_step": opt.global_step,
+        "skips": opt.monitor.state_dict(),
+        "param_groups": [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in opt.param_groups
+        ],
+    }
+    return StateExport(meta, (opt.path.export_group(gid) for gid in range(opt.num_groups)))
+
+
+def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, Mapping[str, Any]]] | None = None) -> None:
+    """``meta`` without "format" is a plain torch.optim state dict (no HiFT position to check)."""
+    if "format" in meta:
+        if meta["format"] != STATE_FORMAT:
+            raise ConfigError(f"unsupported hift state format {meta['format']!r}")
+        if meta.get("optimizer") != opt.path.name:
+            raise ConfigError(f"saved for optimizer {meta.get('optimizer')!r}, this one is {opt.path.name!r}")
+        mine = export_state(opt).meta
+        if list(meta.get("param_names", [])) != mine["param_names"]:
+            raise ConfigError("the saved parameter names differ from this model's; it belongs to another model")
+        if [list(g) for g in meta.get("groups", [])] != mine["groups"]:
+            raise ConfigError(
+                "the saved group layout differs (layers_per_group, groups or freeze changed); resume with the same "
+                "grouping options"
+            )
+        opt.order.check_state_dict(meta.get("order"))
+    saved = meta.get("param_groups") or []
+    if len(saved) != len(opt.param_groups):
+        raise ConfigError(f"saved {len(saved)} param_groups, this optimizer has {len(opt.param_groups)}")
+    spec = getattr(opt.path, "spec", None)
+    for g, s in zip(opt.param_groups, saved):
+        if spec is not None and spec.structure({**g, **s}) != spec.structure(g):
+            raise ConfigError(
+                f"the saved state has {spec.structural} = {spec.structure({**g, **s})}, this optimizer "
+                f"{spec.structure(g)}; they fix the state layout. Create the optimizer with the saved options"
+            )
+    if groups is None:
+        return
+    if len(groups) != opt.num_groups:
+        raise ConfigError(f"saved state of {len(groups)} groups, this optimizer has {opt.num_groups}")
+    for gid, (sig, values) in enumerate(groups):
+        opt.path.check_group(gid, sig, values)
+
+
+def import_state(opt, meta: Mapping[str, Any], groups, signatures=None) -> None:
+    if signatures is None:
+        groups = list(groups)
+        signatures = [(g.signature(), g.values) for g in groups]
+    check_state(opt, meta, signatures)
+    _apply(opt, meta, groups)
+
+
+def _apply(opt, meta: Mapping[str, Any], groups) -> None:
+    for gid, gs in enumerate(groups):
+        opt.path.import_group(gid, gs)
+    for g, s in zip(opt.param_groups, meta["param_groups"]):  # the saved hyper-parameters win, as in torch.optim
+        g.update({k: tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v for k, v in s.items() if k != "params"})
+    opt._restore_position(meta)
+
+
+def to_state_dict(opt) -> dict[str, Any]:
+    export, index, state = export_state(opt), param_index(opt), {}
+    for gid, gs in enumerate(export.groups):
+        for p, entry in zip(opt.layouts[gid].params, opt.path.to_torch(gid, gs)):
+            if entry:
+                state[index[id(p)]] = entry
+    meta = export.meta
+    hyper = meta.pop("param_groups")
+    groups = [dict(h, params=[index[id(p)] for p in g["params"]]) for h, g in zip(hyper, opt.param_groups)]
+    return {"state": state, "param_groups": groups, "hift": meta}
+
+
+def load_state_dict(opt, state_dict: Mapping[str, Any]) -> None:
+    if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ConfigError("load_state_dict: expected a dict with 'state' and 'param_groups' (from state_dict())")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
+    ):
+        raise ConfigError(
+            "load_state_dict: the saved optimizer has param_groups of sizes "
+            f"{[len(s['params']) for s in saved_groups]}, this one {[len(g['params']) for g in opt.param_groups]}; "
+            "it was saved for a different model, freeze list or weight-decay split"
+        )
+    hyper = [{k: v for k, v in s.items() if k != "params"} for s in saved_groups]
+    meta = {**(state_dict.get("hift") or {}), "param_groups": hyper}
+    saved, index = state_dict["state"], param_index(opt)
+    entries = [[saved.get(index[id(p)], saved.get(str(index[id(p)]))) for p in lay.params] for lay in opt.layouts]
+    check_state(opt, meta)  # everything is checked before anything changes
+    for gid, e in enumerate(entries):
+        opt.path.from_torch(gid, e, build=False)
+    _apply(opt, meta, (opt.path.from_torch(gid, e) for gid, e in enumerate(entries)))
+
+
+def load_torch_state_dict(opt, state_dict: Mapping[str, Any], params) -> None:
+    ours, theirs = param_index(opt), list(params)
+    state = {}
+    for i, entry in state_dict.get("state", {}).items():
+        if not 0 <= int(i) < len(theirs) or id(theirs[int(i)]) not in ours:
+            raise ConfigError(f"load_torch_state_dict: parameter {i} of the saved state is not trained by this optimizer")
+        state[ours[id(theirs[int(i)])]] = entry
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ours[id(p)] for p in g["params"]]} for g in opt.param_groups]
+    load_state_dict(opt, {"state": state, "param_groups": groups})

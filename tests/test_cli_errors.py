@@ -4,7 +4,6 @@
 import json
 import shlex
 
-import pytest
 
 from hift_engine.cli.main import main
 from tests.conftest import TINY_TRAIN

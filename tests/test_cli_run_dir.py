@@ -3,7 +3,6 @@ nothing, and --resume never silently skips a damaged checkpoint."""
 
 import json
 import os
-import shlex
 
 import pytest
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from hift_engine import CheckpointError, ConfigError, HiFTConfig, HiFTOptimizer, LayoutError
 from hift_engine import checkpoint as ckpt
-from tests.helpers import MLPStack, lm_batch, mlp_loss, params_equal, tiny_llama, twin
+from tests.helpers import MLPStack, lm_batch, params_equal, tiny_llama, twin
 
 
 def _two_linears():

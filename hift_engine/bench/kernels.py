@@ -73,26 +73,28 @@ class _Holder(nn.Module):
         self.ps = nn.ParameterList(params)
 
 
-def _time_hift(opt_name, shapes, dtype, dev, rep_ms):
-    """(kernel-only ms, HiFTOptimizer.step() ms) for one group of ``shapes``, through public interfaces only."""
-    from ..kernels.table import build_tensor_table
+def _time_kernel(opt_name, shapes, dtype, dev, rep_ms) -> float:
+    """The kernel alone, on a group laid out exactly as the engine lays it out (flat state and gradients)."""
     from ..layout import GroupLayout
     from ..optim import FUSED_SPECS
-    from ..optimizer import HiFTOptimizer
 
-    # The kernel alone, on a group laid out exactly as the engine lays it out (flat state and gradients).
-    spec, hyper = FUSED_SPECS[opt_name](), {**HPARAMS[opt_name]}
-    hyper = {**spec.normalize({k: v for k, v in hyper.items() if k not in ("lr", "weight_decay")}), **hyper}
+    spec = FUSED_SPECS[opt_name]()
+    hyper = {**spec.normalize({k: v for k, v in HPARAMS[opt_name].items() if k not in ("lr", "weight_decay")}), **HPARAMS[opt_name]}
     ps = _params(shapes, dtype, dev, grads=False)
     lay = GroupLayout(0, [str(i) for i in range(len(ps))], ps, [0] * len(ps), len(spec.state_names(hyper)), dev)
     state = torch.zeros(lay.state_numel, dtype=torch.float32, device=dev)
     grads = torch.randn(max(lay.grad_numel.values()), device=dev).mul_(1e-3).to(dtype)
     lay.steps.fill_(1)
     table = lay.table(lay.buckets[0])
-    t_kernel = median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper), rep_ms=rep_ms)
-    del ps, lay, state, grads, table
-    _free()
+    return median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper), rep_ms=rep_ms)
 
+
+def _time_hift(opt_name, shapes, dtype, dev, rep_ms):
+    """(kernel-only ms, HiFTOptimizer.step() ms) for one group of ``shapes``, through public interfaces only."""
+    from ..optimizer import HiFTOptimizer
+
+    t_kernel = _time_kernel(opt_name, shapes, dtype, dev, rep_ms)
+    _free()
     # The whole step: gradients set by hand are applied by step(), as in torch.optim.
     model = _Holder(_params(shapes, dtype, dev, grads=False))
     opt = HiFTOptimizer(

@@ -38,7 +38,7 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
     if choice != "triton" and device.type != "cuda":
         return "reference"
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - only whether it imports
     except ImportError as e:
         if choice == "triton":
             raise ConfigError(f"kernels='triton' but Triton cannot be imported: {e}") from e
