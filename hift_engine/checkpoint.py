@@ -21,11 +21,9 @@ it changes anything. Nothing is unpickled except the scheduler state, under ``to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import copy
 import shutil
 import time
@@ -35,14 +33,21 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .checkpoint_dir import (
+    FORMAT,
+    free_name,
+    latest_checkpoint,
+    list_checkpoints,
+    manifest_digest,
+    saved_checkpoints,
+    sha256,
+    verify_checkpoint,
+)
 from .errors import CheckpointError, ConfigError
 from .state_io import Signature
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint"]
 
-FORMAT = "hift_engine.checkpoint/2"
-_OLD_FORMAT = "hift_engine.checkpoint/1"  # no sequence number nor manifest checksum; still readable
-_NAME = re.compile(r"^ckpt-(\d{8,})(?:-r(\d+))?$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -59,14 +64,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -79,80 +76,6 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     _fsync_path(path)
-
-
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _read_manifest(path: Path) -> dict:
-    """The verified manifest of checkpoint ``path`` (its own checksum checked); CheckpointError otherwise."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no manifest.json, so the checkpoint is partial or not a checkpoint")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if manifest.get("format") not in (FORMAT, _OLD_FORMAT) or not isinstance(files, dict):
-            raise ValueError(f"unknown format {manifest.get('format')!r}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
-    if manifest["format"] == FORMAT and manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise CheckpointError(f"{manifest_path}: the manifest's own checksum does not match its content (corrupted)")
-    return manifest
-
-
-def _sequence(manifest: Mapping[str, Any]) -> int:
-    seq = manifest.get("seq")
-    return seq if isinstance(seq, int) else -1
-
-
-def _saved(root: Path) -> list[tuple[int, int, Path]]:
-    """(save sequence, step, dir) of every checkpoint directory under ``root`` whose manifest reads."""
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _NAME.match(d.name)
-            if m and d.is_dir() and (d / "manifest.json").is_file():
-                try:
-                    seq = _sequence(_read_manifest(d))
-                except CheckpointError:
-                    seq = -2  # unreadable: oldest; verification names the problem when it is asked for
-                found.append((seq, int(m.group(1)), d))
-    return sorted(found, key=lambda t: (t[0], t[1], t[2].name))
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete-looking checkpoint directories under ``root`` (with a manifest), oldest first: in the order
-    they were saved (checkpoints of the old format, without a sequence number, first, by step)."""
-    return [d for _, _, d in _saved(Path(root))]
-
-
-def latest_checkpoint(root: str | os.PathLike, verify: bool = False) -> Path | None:
-    """The most recently saved checkpoint that verifies (sizes only unless ``verify``), or None."""
-    for d in reversed(list_checkpoints(root)):
-        try:
-            verify_checkpoint(d, full=verify)
-            return d
-        except CheckpointError:
-            continue
-    return None
-
-
-def verify_checkpoint(path: str | os.PathLike, full: bool = True) -> dict:
-    """Check the manifest and every file it lists (size; SHA-256 if ``full``). Returns the manifest."""
-    path = Path(path)
-    manifest = _read_manifest(path)
-    for rel, info in manifest["files"].items():
-        f = path / rel
-        if not isinstance(info, dict) or not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info.get("size"):
-            raise CheckpointError(f"{f}: size {f.stat().st_size} bytes, the manifest says {info.get('size')} (truncated?)")
-        if full and _sha256(f) != info.get("sha256"):
-            raise CheckpointError(f"{f}: checksum mismatch, the file is corrupted")
-    return manifest
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
@@ -172,15 +95,6 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], python_state: Any) -> No
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     if python_state is not None:
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-
-
-def _free_name(root: Path, step: int) -> Path:
-    """``ckpt-<step>``, or ``ckpt-<step>-r<n>`` when that step is already on disk (a resumed run saving it again)."""
-    base = root / f"ckpt-{step:08d}"
-    if not base.exists():
-        return base
-    taken = [int(m.group(2) or 0) for d in root.iterdir() if (m := _NAME.match(d.name)) and int(m.group(1)) == step]
-    return root / f"{base.name}-r{max(taken) + 1}"
 
 
 def save_checkpoint(
@@ -208,7 +122,7 @@ def save_checkpoint(
         raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    before = _saved(root)
+    before = saved_checkpoints(root)
     tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
@@ -237,16 +151,16 @@ def save_checkpoint(
         except TypeError as e:
             raise CheckpointError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from None
         files = {
-            str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
             for f in sorted(tmp.rglob("*"))
             if f.is_file()
         }
         manifest = {"format": FORMAT, "step": step, "seq": max((s for s, _, _ in before), default=-1) + 1, "files": files}
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         _write_json(tmp / "manifest.json", manifest)
         _fsync_path(tmp / "optim")
         _fsync_path(tmp)
-        final = _free_name(root, step)
+        final = free_name(root, step)
         os.rename(tmp, final)
         _fsync_path(root)
     except BaseException:
