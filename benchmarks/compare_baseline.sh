@@ -14,10 +14,10 @@ run() { echo "=== $* ($(date +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; 
 baseline_py=(python3 -c "import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; runpy.run_module('hift_engine.cli.main', run_name='__main__')")
 step_args=(bench step --layers-small "$layers" --layers-full 0 --modes offload,resident --cycles 2)
 for round in 1 2; do  # alternate, so that drift of the device does not favour one side
-  (cd "$base" && ln -sfn ../kernels hift_engine/kernels && export PYTHONPATH=$base HIFT_BUILD_DIR=/tmp/hift-baseline-build \
+  (cd "$base" && ln -sfn ../kernels hift_engine/kernels && export PYTHONPATH=$base HIFT_BUILD_DIR=/tmp/hift-baseline-build HIFT_COMMIT=baseline \
     && run timeout 240 "${baseline_py[@]}" "${step_args[@]}" --out "$OUT/baseline")
   run timeout 240 python3 -m hift_engine.cli.main "${step_args[@]}" --out "$OUT/current"
 done
-(cd "$base" && export PYTHONPATH=$base HIFT_BUILD_DIR=/tmp/hift-baseline-build \
+(cd "$base" && export PYTHONPATH=$base HIFT_BUILD_DIR=/tmp/hift-baseline-build HIFT_COMMIT=baseline \
   && run timeout 120 "${baseline_py[@]}" bench offload --out "$OUT/baseline")
 run timeout 120 python3 -m hift_engine.cli.main bench offload --out "$OUT/current"

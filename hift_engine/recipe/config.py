@@ -8,13 +8,12 @@ The optimizer section is HiFTConfig itself.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import HiFTConfig
+from ..config import HiFTConfig, suggest
 from ..errors import ConfigError
 from ..schedule import SCHEDULES
 
@@ -117,7 +116,7 @@ class RunConfig:
         known = list(SECTIONS) + ["optimizer"]
         for key in data:
             if key not in known:
-                raise ConfigError(f"unknown section {key!r}{_suggest(str(key), known)}; sections: {', '.join(known)}")
+                raise ConfigError(f"unknown section {key!r}{suggest(str(key), known)}; sections: {', '.join(known)}")
         kwargs = {}
         for name, section_cls in SECTIONS.items():
             values = data.get(name) or {}
@@ -126,7 +125,7 @@ class RunConfig:
             fields = [f.name for f in dataclasses.fields(section_cls)]
             for key in values:
                 if key not in fields:
-                    raise ConfigError(f"unknown option {name}.{key}{_suggest(str(key), fields)}; options: {', '.join(fields)}")
+                    raise ConfigError(f"unknown option {name}.{key}{suggest(str(key), fields)}; options: {', '.join(fields)}")
             kwargs[name] = section_cls(**values)
         opt = data.get("optimizer") or {}
         if not isinstance(opt, Mapping):
@@ -148,7 +147,7 @@ class RunConfig:
             section, _, name = key.rpartition(".")
             if not section:
                 if name not in index:
-                    raise ConfigError(f"unknown option --{raw_key}{_suggest(name, list(index))}")
+                    raise ConfigError(f"unknown option --{raw_key}{suggest(name, list(index))}")
                 section = index[name]
             if section not in data or name not in data[section]:
                 raise ConfigError(f"unknown option --{raw_key}")
@@ -166,11 +165,6 @@ def _option_index() -> dict[str, str]:
     for f in HiFTConfig.field_names():
         index.setdefault(f, "optimizer")
     return index
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _declared_type(section: str, name: str) -> str:
