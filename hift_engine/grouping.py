@@ -92,7 +92,7 @@ class Grouping:
     def num_groups(self) -> int:
         return len(self.groups)
 
-    def describe(self, state_bytes_per_element: int = 8, grad_bytes_per_element: int | None = None) -> str:
+    def describe(self, state_bytes_per_element: int = 8) -> str:
         """A table of the groups: units, parameter counts, and bytes of gradients and optimizer state."""
 
         def gib(n: float) -> str:
@@ -105,7 +105,7 @@ class Grouping:
         ]
         total = total_state = 0
         for g in self.groups:
-            grad_b = sum(p.numel() * (grad_bytes_per_element or p.element_size()) for p in g.params)
+            grad_b = sum(p.numel() * p.element_size() for p in g.params)
             state_b = g.numel * state_bytes_per_element
             total += g.numel
             total_state += state_b

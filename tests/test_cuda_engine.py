@@ -109,3 +109,23 @@ def test_demo_runs_on_cuda():
 
     r = run_demo(steps=120, batch_size=32, eval_problems=10, device="cuda", printer=None)
     assert sum(r.losses[-10:]) < sum(r.losses[:10])
+
+
+@pytest.mark.parametrize("index", range(max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)))
+def test_triton_update_runs_on_the_parameters_device(index):
+    """Triton launches on the current device: the launchers make the parameters' device current. cuda:0 is
+    checked explicitly; on a machine with several GPUs every device is, with another one current."""
+    device = torch.device("cuda", index)
+    base = tiny_llama(hidden=64, device=device)
+    model, ref = twin(base), twin(base)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, groups=[[".*"]], kernels="triton")
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    other = (index + 1) % torch.cuda.device_count()
+    with torch.cuda.device(other):  # a different current device, where there is one
+        for m, o in ((model, opt), (ref, torch_opt)):
+            m(**lm_batch(device=device)).loss.backward()
+            o.step()
+            o.zero_grad()
+    torch.cuda.synchronize(device)
+    assert model.lm_head.weight.device == device
+    torch.testing.assert_close(list(model.parameters()), list(ref.parameters()), rtol=1e-5, atol=1e-6)
