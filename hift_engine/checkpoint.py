@@ -242,6 +242,10 @@ def load_checkpoint(
     _check_model(path / "model.safetensors", model)
     group_files = []
     if optimizer is not None:
+        try:
+            optimizer.check_state(opt_meta)  # the layout first: a differing group count is named as such
+        except (ConfigError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
         group_files = [path / "optim" / f"group-{gid:04d}.safetensors" for gid in range(optimizer.num_groups)]
         signatures = [(_header(f), values.get(str(gid), {})) for gid, f in enumerate(group_files)]
         try:

@@ -17,11 +17,12 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .optim import FUSED_SPECS
 
-__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS", "suggest"]
+__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS", "PRECISIONS", "suggest"]
 
 STRATEGIES = ("bottom2up", "top2down", "random")
 STATE_STORES = ("auto", "resident", "torch", "native")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
+PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
 FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
@@ -84,6 +85,10 @@ class HiFTConfig:
                       whole group's state on the same copy engine. 0: one copy per transfer (the torch
                       store always does that).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
+    precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's
+                      process-wide TF32 switches), "bf16-mixed" (bf16 weights on the device, fp32 master
+                      weights kept with each group's optimizer state and streamed with it; fused optimizers).
+                      "fp16-mixed" needs loss scaling and is not available yet.
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -103,6 +108,7 @@ class HiFTConfig:
     slots: int = 2
     transfer_chunk_mib: int = 16
     kernels: str = "auto"
+    precision: str = "fp32"
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -176,6 +182,20 @@ class HiFTConfig:
             raise ConfigError(
                 f"kernels={self.kernels!r} is unknown; use one of {KERNEL_BACKENDS}"
                 f"{suggest(str(self.kernels), KERNEL_BACKENDS)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision={self.precision!r} is unknown; use one of {PRECISIONS}{suggest(str(self.precision), PRECISIONS)}"
+            )
+        if self.precision == "fp16-mixed":
+            raise ConfigError(
+                "precision='fp16-mixed' needs dynamic loss scaling, which hift_engine does not have yet; use "
+                "'bf16-mixed' (no loss scaling needed) on a GPU with bf16"
+            )
+        if self.precision == "bf16-mixed" and not isinstance(self.optimizer, str):
+            raise ConfigError(
+                "precision='bf16-mixed' keeps fp32 masters with the fused optimizers' state; use optimizer='adamw', "
+                "'adagrad' or 'sgd' (a torch.optim class keeps its own state: train it with precision='fp32')"
             )
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")

@@ -1,10 +1,9 @@
 """A HiFTOptimizer's hold on its model's parameters.
 
 ``GradRouter``: post-accumulate-grad hooks. Frozen parameters never hold a gradient; the active group's
-gradients land in the flat gradient arena even when someone replaced ``.grad`` (``model.zero_grad()`` sets it
-to None and autograd then hands over a fresh tensor). At ``step()``, ``collect()`` applies torch.optim's rule:
-a parameter whose ``.grad`` is None is skipped, and whatever ``.grad`` holds (also a tensor set by hand) is
-what is applied.
+gradients land in the flat gradient arena. ``.grad`` follows torch.optim exactly: None until a gradient
+arrives and after ``zero_grad()``; at ``step()`` a parameter whose ``.grad`` is None is skipped and whatever
+``.grad`` holds (from backward, written in place, or set by hand) is what is applied.
 
 ``ParamClaim``: the requires_grad flags an optimizer switched and its hooks. A new HiFTOptimizer on the same
 parameters releases the previous claim first (restoring the user's flags), so re-running a notebook cell
@@ -40,46 +39,43 @@ def user_requires_grad(p: nn.Parameter) -> bool:
 
 
 class GradRouter:
+    """``.grad`` behaves exactly as with torch.optim (None until a gradient arrives, None again after
+    ``zero_grad()``); where a gradient lives is the engine's business: autograd's fresh tensor, or one set by
+    hand, is copied into the parameter's view of the flat gradient arena and ``.grad`` then *is* that view, so
+    further micro-batches accumulate in place and the fused update reads one flat buffer."""
+
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self._views: dict[nn.Parameter, tuple[int, Tensor]] = {}
-        self.received: set[int] = set()  # indices (in the active layout) that autograd wrote since the last zero
-        self.dirty = False  # the arena may hold gradients
         self.dropped = 0  # gradients dropped from frozen parameters (for tests/diagnostics)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     def set_active(self, params: Sequence[nn.Parameter], views: Sequence[Tensor]) -> None:
         self._views = {p: (i, v) for i, (p, v) in enumerate(zip(params, views))}
-        self.reinstall()
-        self.cleared()
+        self.zero(set_to_none=True)
 
-    def reinstall(self) -> None:
-        """Point every active parameter's .grad at its (zeroed) arena view."""
-        for p, (_, v) in self._views.items():
-            if p.grad is None or p.grad.data_ptr() != v.data_ptr():
-                p.grad = v
-
-    def cleared(self) -> None:
-        self.received.clear()
-        self.dirty = False
+    def zero(self, set_to_none: bool) -> None:
+        """torch.optim's zero_grad for the active parameters."""
+        for p in self._views:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()  # a zero gradient is still a gradient: the next step applies it, as torch does
 
     def collect(self, names: Sequence[str]) -> list[int]:
-        """Indices of the active parameters with a gradient to apply now (``names`` for error messages)."""
+        """Indices of the active parameters whose ``.grad`` is not None (``names`` for error messages); every
+        such gradient is in the arena afterwards."""
         members = []
         for p, (i, view) in self._views.items():
             g = p.grad
             if g is None:
-                continue  # as torch.optim: no gradient, no update (also after model.zero_grad())
-            if g.data_ptr() != view.data_ptr():  # set by hand, or replaced after backward
+                continue  # as torch.optim: no gradient, no update
+            if g.data_ptr() != view.data_ptr():  # set by hand (or replaced) since backward
                 if g.shape != view.shape:
                     raise LayoutError(f"{names[i]}.grad has shape {tuple(g.shape)}, the parameter {tuple(view.shape)}")
                 view.copy_(g)
                 p.grad = view
-                self.received.add(i)  # it stays a gradient until zeroed, as in torch: a second step applies it again
-                self.dirty = True
-            elif i not in self.received:
-                continue  # the zeroed arena view: no gradient arrived since zero_grad()
             members.append(i)
-        return sorted(members)
+        return members
 
     def _hook(self, p: nn.Parameter) -> None:
         entry = self._views.get(p)
@@ -87,12 +83,10 @@ class GradRouter:
             p.grad = None
             self.dropped += 1
             return
-        i, view = entry
+        view = entry[1]
         if p.grad.data_ptr() != view.data_ptr():
-            view.copy_(p.grad)  # .grad was replaced; it holds the full accumulated gradient
+            view.copy_(p.grad)  # autograd's fresh tensor (or one set by hand): it holds the whole gradient
             p.grad = view
-        self.received.add(i)
-        self.dirty = True
 
     def remove(self) -> None:
         for h in self._handles:

@@ -169,10 +169,3 @@ class GradArena:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-    def regions(self, layout: GroupLayout) -> list[Tensor]:
-        return [self.buffers[dt][:n] for dt, n in layout.grad_numel.items()]
-
-    def zero(self, layout: GroupLayout) -> None:
-        for r in self.regions(layout):
-            r.zero_()

@@ -30,6 +30,7 @@ from .nonfinite import SkipMonitor, grad_flags
 from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
+from .precision import enable_tf32, prepare_precision
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
 from .store import StateStore
@@ -85,13 +86,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         named = [(n, p) for g in self.grouping.groups for n, p in zip(g.param_names, g.params)]
         self.device = check_params(named)
         spec, hyper, wd = optimizer_options(cfg, named)
+        masters = prepare_precision(cfg.precision, named, self.device)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
         self._constructing = True
         super().__init__(build_param_groups(named, no_decay, cfg.lr, wd, hyper), {"lr": cfg.lr, "weight_decay": wd, **hyper})
         self._constructing = False
 
         pg_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        num_state = len(spec.state_names(self.param_groups[0])) if spec else 0
+        num_state = len(spec.state_names(self.param_groups[0])) + masters if spec else 0
         self.layouts = [
             GroupLayout(g.index, g.param_names, g.params, [pg_of[id(p)] for p in g.params], num_state, self.device)
             for g in self.grouping.groups
@@ -100,7 +102,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._grad_views = [lay.grad_views(self.arena) for lay in self.layouts]
         self.path: UpdatePath
         self.path, self.kernel_backend = make_path(
-            cfg, spec, hyper, self.layouts, self._grad_views, self.arena, self.param_groups, self.device, store
+            cfg, spec, hyper, self.layouts, self._grad_views, self.arena, self.param_groups, self.device, store, masters
         )
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
@@ -113,6 +115,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._claim = ParamClaim([p for _, p in named], frozen)
         self.router = self._claim.router
         weakref.finalize(self, self._claim.release)  # a collected optimizer gives the model back as it was
+        if cfg.precision == "tf32":
+            enable_tf32()
         self._activate(self.order.current)
         self.path.prefetch(self.order.current)
 
@@ -158,8 +162,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._claim.released:
-            raise ConfigError("this HiFTOptimizer was closed or replaced by a newer one on the same model; create a new one")
+        self._check_live()
         gid, nxt = self.order.current, self.order.peek()
         lay = self.layouts[gid]
         lay.check_unchanged()
@@ -175,32 +178,33 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.global_step += 1
         self.order.advance()
         if nxt != gid:
-            self._switch(gid, nxt)
+            self._switch(nxt)
             self.path.prefetch(nxt)
         self.monitor.poll()  # after the step is complete: a NonFiniteError never leaves it half done
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the active group's gradients. They are views into a persistent buffer, so they are zeroed in
-        place whatever ``set_to_none`` says (dropping them would free nothing); a parameter that then gets no
-        gradient is still skipped by the next step, as with ``set_to_none=True``."""
-        if self.router.dirty:
-            self.arena.zero(self.layouts[self.order.current])
-        self.router.reinstall()
-        self.router.cleared()
+        """As torch.optim: the active group's gradients become None (or zeros, kept as gradients, with
+        ``set_to_none=False``). Idle groups hold none."""
+        self._check_live()
+        self.router.zero(set_to_none)
 
     def _activate(self, gid: int) -> None:
         lay = self.layouts[gid]
-        self.arena.zero(lay)
         for p in lay.params:
             p.requires_grad_(True)
         self.router.set_active(lay.params, self._grad_views[gid])
+        self._wired = gid  # the group whose parameters require grad (the order may be ahead during a load)
 
-    def _switch(self, old: int, new: int) -> None:
-        for p in self.layouts[old].params:
+    def _switch(self, new: int) -> None:
+        for p in self.layouts[self._wired].params:
             p.requires_grad_(False)
             p.grad = None
         self._activate(new)
+
+    def _check_live(self) -> None:
+        if self._claim.released:
+            raise ConfigError("this HiFTOptimizer was closed or replaced by a newer one on the same model; create a new one")
 
     # ------------------------------------------------------------------------------------------ schedulers
     def cycle_scheduler(self, name: str = "cosine", total_steps: int = 1, warmup_steps: int = 0, per_step: bool = False, **kw):
@@ -244,13 +248,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         state_io.load_torch_state_dict(self, state_dict, params)
 
     def _restore_position(self, meta: Mapping[str, Any]) -> None:
-        old = self.order.current
+        """After a load (everything checked): the saved position, and the wiring of its group."""
         if "format" in meta:
             self.order.load_state_dict(meta["order"])
-            self.global_step = int(meta.get("global_step", 0))
-            self.monitor.load_state_dict(meta.get("skips", {}))
-        if self.order.current != old:
-            self._switch(old, self.order.current)
+            self.global_step = meta["global_step"]
+            self.monitor.load_state_dict(meta["skips"])
+        if self.order.current != self._wired:
+            self._switch(self.order.current)
         else:
             self.zero_grad()
         self.path.prefetch(self.order.current)

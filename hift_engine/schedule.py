@@ -224,6 +224,14 @@ class DelayedScheduler:
             )
         self.calls = int(state["calls"])
         self.inner.load_state_dict(state["inner"])
+        # A LambdaLR built for a new length (extending a run) implies another LR at the loaded position than
+        # the one saved with the optimizer: set it now, not at the next cycle boundary.
+        lambdas = getattr(self.inner, "lr_lambdas", None)
+        if lambdas is not None:
+            lrs = [base * f(self.inner.last_epoch) for f, base in zip(lambdas, self.inner.base_lrs)]
+            self.inner._last_lr = lrs
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
 
 
 # ---------------------------------------------------------------------------------------------- builders

@@ -66,6 +66,7 @@ def export_state(opt) -> StateExport:
         "format": STATE_FORMAT,
         "optimizer": opt.path.name,
         "state_names": list(opt.path.state_names),
+        "masters": bool(getattr(opt.path, "masters", False)),
         "param_names": [name_of[id(p)] for g in opt.param_groups for p in g["params"]],
         "groups": [list(lay.names) for lay in opt.layouts],
         "order": opt.order.state_dict(),
@@ -78,14 +79,55 @@ def export_state(opt) -> StateExport:
     return StateExport(meta, (opt.path.export_group(gid) for gid in range(opt.num_groups)))
 
 
+# torch.optim's per-group switches that say how to run, not what to compute: accepted from a torch state dict
+# and not kept.
+_TORCH_RUNTIME = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_hyper(opt, saved: Sequence[Mapping[str, Any]]) -> None:
+    """Saved hyper-parameters must be this optimizer's kind, valid, and keep its state layout."""
+    spec = getattr(opt.path, "spec", None)
+    if spec is None:
+        return
+    own = set(spec.defaults) | {"lr", "weight_decay", "name", "initial_lr", "params"}
+    for g, s in zip(opt.param_groups, saved):
+        foreign = sorted(set(s) - own - set(_TORCH_RUNTIME) - {"decoupled_weight_decay"})
+        missing = sorted(set(spec.defaults) - set(s) - {"maximize"})
+        if foreign or missing or (spec.name == "adamw" and s.get("decoupled_weight_decay") is False):
+            raise ConfigError(
+                f"the saved param_group {s.get('name', '?')!r} is not {spec.name}'s (unexpected {foreign}, missing "
+                f"{missing}); it was saved by another optimizer"
+            )
+        merged = {**g, **{k: v for k, v in s.items() if k in own and k != "params"}}
+        spec.normalize({k: merged[k] for k in spec.defaults})  # raises ConfigError naming a bad value
+        for key in ("lr", "weight_decay"):
+            if isinstance(merged[key], bool) or not isinstance(merged[key], (int, float)) or merged[key] < 0:
+                raise ConfigError(f"the saved {key} {merged[key]!r} is not a number >= 0")
+        if spec.structure(merged) != spec.structure(g):
+            raise ConfigError(
+                f"the saved state has {spec.structural} = {spec.structure(merged)}, this optimizer "
+                f"{spec.structure(g)}; they fix the state layout. Create the optimizer with the saved options"
+            )
+
+
 def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, Mapping[str, Any]]] | None = None) -> None:
     """``meta`` without "format" is a plain torch.optim state dict (no HiFT position to check)."""
+    opt._check_live()
     if "format" in meta:
         if meta["format"] != STATE_FORMAT:
             raise ConfigError(f"unsupported hift state format {meta['format']!r}")
         if meta.get("optimizer") != opt.path.name:
             raise ConfigError(f"saved for optimizer {meta.get('optimizer')!r}, this one is {opt.path.name!r}")
         mine = export_state(opt).meta
+        if bool(meta.get("masters", False)) != mine["masters"]:
+            raise ConfigError(
+                f"saved {'with' if meta.get('masters') else 'without'} fp32 master weights (precision "
+                f"{'bf16-mixed' if meta.get('masters') else 'fp32/tf32'}); create the optimizer with the same precision"
+            )
         if list(meta.get("param_names", [])) != mine["param_names"]:
             raise ConfigError("the saved parameter names differ from this model's; it belongs to another model")
         if [list(g) for g in meta.get("groups", [])] != mine["groups"]:
@@ -94,16 +136,15 @@ def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, 
                 "grouping options"
             )
         opt.order.check_state_dict(meta.get("order"))
+        skips = meta.get("skips")
+        if not _is_count(meta.get("global_step")) or not (
+            isinstance(skips, Mapping) and _is_count(skips.get("total")) and _is_count(skips.get("consecutive"))
+        ):
+            raise ConfigError(f"invalid saved position: global_step={meta.get('global_step')!r}, skips={skips!r}")
     saved = meta.get("param_groups") or []
-    if len(saved) != len(opt.param_groups):
+    if len(saved) != len(opt.param_groups) or not all(isinstance(s, Mapping) for s in saved):
         raise ConfigError(f"saved {len(saved)} param_groups, this optimizer has {len(opt.param_groups)}")
-    spec = getattr(opt.path, "spec", None)
-    for g, s in zip(opt.param_groups, saved):
-        if spec is not None and spec.structure({**g, **s}) != spec.structure(g):
-            raise ConfigError(
-                f"the saved state has {spec.structural} = {spec.structure({**g, **s})}, this optimizer "
-                f"{spec.structure(g)}; they fix the state layout. Create the optimizer with the saved options"
-            )
+    _check_hyper(opt, saved)
     if groups is None:
         return
     if len(groups) != opt.num_groups:
@@ -121,10 +162,12 @@ def import_state(opt, meta: Mapping[str, Any], groups, signatures=None) -> None:
 
 
 def _apply(opt, meta: Mapping[str, Any], groups) -> None:
+    """Everything was checked: nothing below refuses."""
     for gid, gs in enumerate(groups):
         opt.path.import_group(gid, gs)
+    drop = ("params",) + (_TORCH_RUNTIME + ("decoupled_weight_decay",) if getattr(opt.path, "spec", None) else ())
     for g, s in zip(opt.param_groups, meta["param_groups"]):  # the saved hyper-parameters win, as in torch.optim
-        g.update({k: tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v for k, v in s.items() if k != "params"})
+        g.update({k: tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v for k, v in s.items() if k not in drop})
     opt._restore_position(meta)
 
 

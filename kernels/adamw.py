@@ -22,12 +22,15 @@ __all__ = ["adamw_update"]
 
 @triton.jit
 def _adamw_apply(
-    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, mask, scale_ptr, step,
+    p_ptrs, w_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, mask, scale_ptr, step,
     lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
-    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
 ):
     """The update of one chunk; ``mask`` is None for chunks fully inside their tensor (unmasked, wide accesses)."""
-    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    if MASTER:  # mixed precision: the fp32 master is the weight; the model's copy is only written
+        p = tl.load(w_ptrs, mask=mask)
+    else:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     m = tl.load(m_ptrs, mask=mask)
     v = tl.load(v_ptrs, mask=mask)
@@ -48,6 +51,8 @@ def _adamw_apply(
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p - step_size * tl.div_rn(m, denom)
+    if MASTER:
+        tl.store(w_ptrs, p, mask=mask)
     tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
@@ -57,24 +62,25 @@ def _adamw_apply(
 def _adamw_kernel(
     table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, state_stride, flags_ptr,
     lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
-    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FLAGS: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     addr, soff, goff, sidx, offs, numel, full = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
     p_ptrs = to_pointer(addr, grad_ptr, ALIGNED) + offs
     g_ptrs = grad_ptr + goff + offs
-    m_ptrs = state_ptr + soff + offs
-    v_ptrs = state_ptr + state_stride + soff + offs
-    vmax_ptrs = state_ptr + 2 * state_stride + soff + offs
+    w_ptrs = state_ptr + soff + offs  # the fp32 master (vector 0) when MASTER
+    m_ptrs = w_ptrs + MASTER * state_stride
+    v_ptrs = m_ptrs + state_stride
+    vmax_ptrs = v_ptrs + state_stride
     step = tl.load(steps_ptr + sidx)
     if full:
-        _adamw_apply(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, None, flags_ptr, step,
+        _adamw_apply(p_ptrs, w_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, None, flags_ptr, step,
                      lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
-                     HAS_FLAGS, AMSGRAD, MAXIMIZE)
+                     HAS_FLAGS, AMSGRAD, MAXIMIZE, MASTER)
     else:
-        _adamw_apply(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, offs < numel, flags_ptr, step,
+        _adamw_apply(p_ptrs, w_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, offs < numel, flags_ptr, step,
                      lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,
-                     HAS_FLAGS, AMSGRAD, MAXIMIZE)
+                     HAS_FLAGS, AMSGRAD, MAXIMIZE, MASTER)
 
 
 def adamw_update(
@@ -92,16 +98,19 @@ def adamw_update(
     weight_decay: float,
     amsgrad: bool = False,
     maximize: bool = False,
+    master: bool = False,
     num_warps: int = DEFAULT_WARPS,
 ) -> None:
     """One AdamW step for every tensor in ``table``.
 
     steps:  float32 per-parameter step counts, already incremented for this step (indexed by table row 5)
     grads:  flat gradient buffer of the parameters' dtype (offsets: table row 3)
-    state:  flat fp32 [exp_avg | exp_avg_sq | max_exp_avg_sq if amsgrad], each ``state_stride`` long
+    state:  flat fp32 [master if master | exp_avg | exp_avg_sq | max_exp_avg_sq if amsgrad], each
+            ``state_stride`` long; with ``master`` the fp32 master weights are updated and the parameters
+            (bf16/fp16) receive their rounded copy in the same pass
     flags:  None, or float32 [clip_coef, skip] computed on the device (no host sync)
     """
-    num_state = len(state_names("adamw", amsgrad=amsgrad))
+    num_state = len(state_names("adamw", amsgrad=amsgrad)) + master
     check_update_args("adamw_update", table, steps, grads, state, state_stride, num_state, flags)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"adamw_update: betas must be in [0, 1), got ({beta1}, {beta2})")
@@ -112,6 +121,6 @@ def adamw_update(
         _adamw_kernel[(table.num_chunks,)](
             table.table, table.num_tensors, steps, grads, state, state_stride, flags if flags is not None else steps,
             lr, 1.0 - beta1, beta2, 1.0 - beta2, log2_b1, log2_b2, eps, 1.0 - lr * weight_decay,
-            HAS_FLAGS=flags is not None, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            HAS_FLAGS=flags is not None, AMSGRAD=amsgrad, MAXIMIZE=maximize, MASTER=master,
             ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
         )

@@ -19,10 +19,14 @@ __all__ = ["sgd_update"]
 
 
 @triton.jit
-def _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, momentum, one_minus_dampening, weight_decay,
-               HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, momentum, one_minus_dampening, weight_decay,
+               HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               MASTER: tl.constexpr):
     """The update of one chunk; ``mask`` is None for chunks fully inside their tensor."""
-    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    if MASTER:  # mixed precision: the fp32 master is the weight; the model's copy is only written
+        p = tl.load(w_ptrs, mask=mask)
+    else:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     if HAS_FLAGS:
         g = g * tl.load(scale_ptr)
@@ -38,27 +42,30 @@ def _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, momentum, o
         else:
             g = buf
     p = p - lr * g
+    if MASTER:
+        tl.store(w_ptrs, p, mask=mask)
     tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
 def _sgd_kernel(
-    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, flags_ptr,
+    table_ptr, num_tensors, steps_ptr, grad_ptr, state_ptr, state_stride, flags_ptr,
     lr, momentum, one_minus_dampening, weight_decay,
     HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MASTER: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     addr, soff, goff, sidx, offs, numel, full = locate_chunk(table_ptr, num_tensors, flags_ptr, HAS_FLAGS, ALIGNED, BLOCK)
     p_ptrs = to_pointer(addr, grad_ptr, ALIGNED) + offs
     g_ptrs = grad_ptr + goff + offs
-    buf_ptrs = state_ptr + soff + offs
+    w_ptrs = state_ptr + soff + offs  # the fp32 master (vector 0) when MASTER
+    buf_ptrs = w_ptrs + MASTER * state_stride
     first = tl.load(steps_ptr + sidx) == 1.0  # a parameter's first step: the buffer starts as the gradient
     if full:
-        _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, None, flags_ptr, first, lr, momentum, one_minus_dampening, weight_decay,
-                   HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE)
+        _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, None, flags_ptr, first, lr, momentum, one_minus_dampening,
+                   weight_decay, HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
     else:
-        _sgd_apply(p_ptrs, g_ptrs, buf_ptrs, offs < numel, flags_ptr, first, lr, momentum, one_minus_dampening,
-                   weight_decay, HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE)
+        _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, offs < numel, flags_ptr, first, lr, momentum,
+                   one_minus_dampening, weight_decay, HAS_FLAGS, MOMENTUM, NESTEROV, MAXIMIZE, MASTER)
 
 
 def sgd_update(
@@ -75,19 +82,21 @@ def sgd_update(
     weight_decay: float,
     nesterov: bool = False,
     maximize: bool = False,
+    master: bool = False,
     num_warps: int = DEFAULT_WARPS,
 ) -> None:
-    """One SGD step for every tensor in ``table``; state is the flat fp32 momentum buffer (unused if momentum=0).
+    """One SGD step for every tensor in ``table``; state is the flat fp32 [master if master | momentum buffer if
+    momentum != 0]; with ``master`` the parameters receive the rounded master.
 
     ``momentum`` switches between two compiled variants (with/without a buffer); its value is a runtime argument.
     """
     has_momentum = momentum != 0
-    num_state = len(state_names("sgd", momentum=momentum))
+    num_state = len(state_names("sgd", momentum=momentum)) + master
     check_update_args("sgd_update", table, steps, grads, state, state_stride, num_state, flags)
     with launch_device(table):
         _sgd_kernel[(table.num_chunks,)](
-            table.table, table.num_tensors, steps, grads, state, flags if flags is not None else steps,
+            table.table, table.num_tensors, steps, grads, state, state_stride, flags if flags is not None else steps,
             lr, momentum, 1.0 - dampening, weight_decay,
-            HAS_FLAGS=flags is not None, MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
+            HAS_FLAGS=flags is not None, MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize, MASTER=master,
             ALIGNED=is_aligned(table, state_stride), BLOCK=table.block, num_warps=num_warps,
         )

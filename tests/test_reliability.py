@@ -337,3 +337,141 @@ def test_torch_state_dict_of_an_opt_model_loads_by_parameter():
     index = {id(p): i for i, p in enumerate(opt.param_groups[0]["params"])}
     for p_ref, p in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(got[index[id(p)]]["exp_avg"], torch_opt.state[p_ref]["exp_avg"], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------- found in review
+def test_grad_is_none_until_a_gradient_arrives_and_in_place_writes_are_applied():
+    ref = _two_linears()
+    model = twin(ref)
+    opt = HiFTOptimizer(model, "sgd", lr=0.1, groups=[[".*"]], no_decay=[])
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    assert all(p.grad is None for p in model.parameters())
+    for m, o in ((model, opt), (ref, torch_opt)):
+        for p in m.parameters():  # the usual idiom: assign when None, else accumulate in place
+            g = torch.ones_like(p)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        o.step()
+    assert params_equal(model, ref) and not params_equal(model, _two_linears())
+
+
+def test_zero_grad_clears_writes_made_outside_backward():
+    ref = _two_linears()
+    model = twin(ref)
+    opt = HiFTOptimizer(model, "sgd", lr=0.1, groups=[[".*"]], no_decay=[])
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for m, o in ((model, opt), (ref, torch_opt)):
+        m[0].weight.grad = torch.full((2, 2), 100.0)
+        o.zero_grad()
+        _loss(m, True).backward()
+        o.step()
+    assert params_equal(model, ref)
+
+
+def test_zero_grad_without_set_to_none_keeps_zero_gradients_as_torch():
+    ref = _two_linears()
+    model = twin(ref)
+    opt = HiFTOptimizer(model, "adamw", lr=0.1, groups=[[".*"]], no_decay=[])
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    for step in range(3):
+        for m, o in ((model, opt), (ref, torch_opt)):
+            _loss(m, step == 0).backward()  # the second layer gets no gradient after the first step
+            o.step()
+            o.zero_grad(set_to_none=False)  # ...but keeps a zero one, so AdamW still moves it
+        assert params_equal(model, ref), f"step {step}"
+
+
+def test_a_load_refused_late_leaves_position_and_wiring_intact():
+    model = MLPStack(depth=2)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2)
+    mlp = __import__("tests.helpers", fromlist=["mlp_loss"]).mlp_loss
+    mlp(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    saved = opt.state_dict()
+    other = MLPStack(depth=2)
+    opt2 = HiFTOptimizer(other, "adamw", lr=1e-2)
+    bad = {**saved, "hift": {**saved["hift"], "global_step": "four"}}
+    with pytest.raises(ConfigError, match="invalid saved position"):
+        opt2.load_state_dict(bad)
+    bad_step = {**saved, "state": {k: {**v, "step": torch.tensor(-1.0)} for k, v in saved["state"].items()}}
+    with pytest.raises(ConfigError, match="not a finite count"):
+        opt2.load_state_dict(bad_step)
+    bad_betas = {**saved, "param_groups": [{**g, "betas": [0.9]} for g in saved["param_groups"]]}
+    with pytest.raises(ConfigError, match="betas"):
+        opt2.load_state_dict(bad_betas)
+    assert opt2.global_step == 0 and opt2.active_group == 0 and opt2.param_groups[0]["lr"] == 1e-2
+    active = set(opt2.layouts[opt2.active_group].names)
+    assert {n for n, p in other.named_parameters() if p.requires_grad} == active
+
+
+def test_a_replaced_optimizer_refuses_loads_and_zero_grad():
+    model = _two_linears()
+    o1 = HiFTOptimizer(model, "adamw", groups=[["0"], ["1"]])
+    saved = o1.state_dict()
+    with pytest.warns(UserWarning, match="still attached"):
+        o2 = HiFTOptimizer(model, "adamw", groups=[["0"], ["1"]])
+    for call in (lambda: o1.load_state_dict(saved), o1.zero_grad):
+        with pytest.raises(ConfigError, match="replaced by a newer one"):
+            call()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.weight"] and o2.active_group == 0
+
+
+def test_resume_with_a_longer_transformers_schedule_sets_its_lr_at_once(tmp_path):
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2)
+    k = opt.num_groups
+    sched = opt.transformers_scheduler("linear", total_steps=2 * k)
+    for _ in range(2 * k):
+        model(**lm_batch()).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert opt.param_groups[0]["lr"] == 0.0
+    ckpt.save_checkpoint(tmp_path, model, opt, sched)
+    model2 = tiny_llama()
+    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-2)
+    sched2 = opt2.transformers_scheduler("linear", total_steps=4 * k)
+    ckpt.load_checkpoint(tmp_path, model2, opt2, sched2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-2)
+
+
+def test_a_state_dict_of_another_optimizer_type_is_refused():
+    model = _two_linears()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    _loss(model, True).backward()
+    sgd.step()
+    opt = HiFTOptimizer(twin(model), "adamw", lr=1e-2, groups=[[".*"]], no_decay=[])
+    with pytest.raises(ConfigError, match="saved by another optimizer"):
+        opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2
+    rms_model = _two_linears()
+    rms = HiFTOptimizer(rms_model, torch.optim.RMSprop, lr=1e-2, groups=[[".*"]], no_decay=[])
+    broken = {"state": {0: {"step": torch.tensor(1.0), "square_avg": torch.zeros(3)}},
+              "param_groups": [dict(rms.state_dict()["param_groups"][0])]}
+    with pytest.raises(ConfigError, match="square_avg of '0.weight' has shape"):
+        rms.load_state_dict(broken)
+
+
+def test_generic_state_dict_loads_into_plain_torch():
+    model = _two_linears()
+    opt = HiFTOptimizer(model, torch.optim.RMSprop, lr=1e-2, groups=[[".*"]], no_decay=[])
+    _loss(model, True).backward()
+    opt.step()
+    copy = twin(model)
+    plain = torch.optim.RMSprop(copy.parameters())
+    plain.load_state_dict(opt.state_dict())
+    assert plain.param_groups[0]["alpha"] == 0.99 and plain.param_groups[0]["lr"] == 1e-2
+    _loss(copy, True).backward()
+    plain.step()  # raised KeyError('alpha') when param_groups held only the options the user passed
+
+
+def test_checkpoint_with_fewer_groups_is_named_as_a_layout_difference(tmp_path):
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", layers_per_group=2)
+    ckpt.save_checkpoint(tmp_path, model, opt)
+    model2 = tiny_llama()
+    with pytest.raises(CheckpointError, match="group layout differs"):
+        ckpt.load_checkpoint(tmp_path, model2, HiFTOptimizer(model2, "adamw"))

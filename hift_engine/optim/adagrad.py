@@ -37,10 +37,10 @@ class AdagradSpec(FusedSpec):
             weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
         )
 
-    def kernel(self, table, steps, grads, state, stride, flags, hyper) -> None:
+    def kernel(self, table, steps, grads, state, stride, flags, hyper, master=False) -> None:
         from ..kernels.adagrad import adagrad_update
 
         adagrad_update(
-            table, steps, grads, state, stride, flags, lr=hyper["lr"], lr_decay=hyper["lr_decay"],
+            table, steps, grads, state, stride, flags, master=master, lr=hyper["lr"], lr_decay=hyper["lr_decay"],
             eps=hyper["eps"], weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
         )

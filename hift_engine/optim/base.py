@@ -66,8 +66,8 @@ class FusedSpec(ABC):
         """The pure-torch update (CPU path and CUDA fallback)."""
 
     @abstractmethod
-    def kernel(self, table, steps: Tensor, grads: Tensor, state: Tensor, stride: int, flags, hyper) -> None:
-        """The fused Triton update of one bucket."""
+    def kernel(self, table, steps: Tensor, grads: Tensor, state: Tensor, stride: int, flags, hyper, master=False) -> None:
+        """The fused Triton update of one bucket; ``master``: vector 0 of ``state`` holds fp32 master weights."""
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *, open_high=False) -> None:

@@ -15,7 +15,7 @@ from ..store import StateStore, make_store
 from . import FUSED_SPECS
 from .base import FusedSpec
 from .fused import FusedPath, resolve_kernels
-from .generic import GenericPath, generic_default_weight_decay
+from .generic import GenericPath, generic_default_weight_decay, generic_defaults
 from .path import UpdatePath
 
 __all__ = ["optimizer_options", "make_path"]
@@ -25,7 +25,7 @@ def optimizer_options(cfg: HiFTConfig, named: Sequence[tuple[str, nn.Parameter]]
     """(fused spec or None for a torch.optim class, its options with torch's defaults, weight decay)."""
     if not isinstance(cfg.optimizer, str):
         wd = generic_default_weight_decay(cfg.optimizer) if cfg.weight_decay is None else cfg.weight_decay
-        return None, dict(cfg.optimizer_kwargs), wd
+        return None, {**generic_defaults(cfg.optimizer), **cfg.optimizer_kwargs}, wd
     spec = FUSED_SPECS[cfg.optimizer]()
     wide = [n for n, p in named if p.dtype == torch.float64]
     if wide:
@@ -39,7 +39,7 @@ def optimizer_options(cfg: HiFTConfig, named: Sequence[tuple[str, nn.Parameter]]
 
 def make_path(
     cfg: HiFTConfig, spec: FusedSpec | None, hyper: dict[str, Any], layouts: Sequence[GroupLayout], grad_views,
-    arena: GradArena, param_groups: list[dict], device: torch.device, store=None,
+    arena: GradArena, param_groups: list[dict], device: torch.device, store=None, masters: bool = False,
 ) -> tuple[UpdatePath, str]:
     """(update path, kernel backend name). ``store``: None (from ``cfg.state_store``), a StateStore, or a
     callable ``(layouts, device) -> StateStore``."""
@@ -53,4 +53,6 @@ def make_path(
     elif callable(store) and not isinstance(store, StateStore):
         store = store(layouts, device)
     backend = resolve_kernels(cfg.kernels, device)
-    return FusedPath(spec, layouts, grad_views, arena, param_groups, store, backend, clip=cfg.max_grad_norm is not None), backend
+    path = FusedPath(spec, layouts, grad_views, arena, param_groups, store, backend, clip=cfg.max_grad_norm is not None,
+                     masters=masters)
+    return path, backend

@@ -2,7 +2,9 @@
 
 A group's state is one flat tensor (``layout.GroupLayout``) kept by a state store (resident or streamed from
 pinned host memory); per-parameter step counts live on the device so the update never waits for the host.
-Stateless optimizers (SGD without momentum) have no store: only step counts.
+With ``masters`` (bf16-mixed) vector 0 of that state holds the fp32 master weights: they travel with the
+optimizer state, the update reads and writes them and writes the rounded weights into the model. Stateless
+optimizers (SGD without momentum) without masters have no store: only step counts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from .base import FusedSpec
 from .path import UpdatePath
 
 __all__ = ["FusedPath", "resolve_kernels"]
+
+
+def _valid_step(step: Any) -> bool:
+    """A saved step count: a finite number >= 0 (a 0-dim tensor in torch's state dicts)."""
+    if torch.is_tensor(step):
+        if step.numel() != 1 or not step.dtype.is_floating_point and step.dtype not in (torch.int32, torch.int64):
+            return False
+        step = step.item()
+    return isinstance(step, (int, float)) and not isinstance(step, bool) and step == step and 0 <= step < float("inf")
 
 
 def resolve_kernels(choice: str, device: torch.device) -> str:
@@ -58,9 +69,10 @@ class FusedPath(UpdatePath):
         store: StateStore | None,
         backend: str,
         clip: bool,
+        masters: bool = False,
     ) -> None:
         self.spec, self.layouts, self.arena, self.param_groups = spec, list(layouts), arena, param_groups
-        self.store, self.backend, self.clip = store, backend, clip
+        self.store, self.backend, self.clip, self.masters = store, backend, clip, masters
         self.name = spec.name
         self.state_names = spec.state_names(param_groups[0])
         self._structure = spec.structure(param_groups[0])
@@ -80,10 +92,18 @@ class FusedPath(UpdatePath):
             return lay.steps.new_empty(0)
         state, fresh = self.store.activate(lay.index)
         if fresh:
-            for b in lay.buckets:
-                views = [lay.state_views(state, k, b.members) for k in range(lay.num_state)]
-                self.spec.init_fresh(views, self.param_groups[b.param_group])
+            self._init_fresh(lay, state, lay.buckets)
         return state
+
+    def _init_fresh(self, lay: GroupLayout, flat: Tensor, buckets) -> None:
+        """First activation: masters from the model's weights (exact: bf16 -> fp32), optimizer vectors as the
+        spec starts them (zeros unless e.g. AdaGrad's initial_accumulator_value)."""
+        for b in buckets:
+            if self.masters:
+                for view, i in zip(lay.state_views(flat, 0, b.members), b.members):
+                    view.copy_(lay.params[i].detach())
+            views = [lay.state_views(flat, k, b.members) for k in range(self.masters, lay.num_state)]
+            self.spec.init_fresh(views, self.param_groups[b.param_group])
 
     def update(self, gid: int, members: Sequence[int], flags: Tensor | None) -> None:
         self._check_structure()
@@ -103,7 +123,8 @@ class FusedPath(UpdatePath):
                 if sub:
                     table = lay.table(b, None if full else sub)
                     grads = self.arena.buffers[b.dtype]
-                    self.spec.kernel(table, lay.steps, grads, state, lay.state_stride, flags, self.param_groups[b.param_group])
+                    self.spec.kernel(table, lay.steps, grads, state, lay.state_stride, flags, self.param_groups[b.param_group],
+                                     master=self.masters)
             return
         if flags is not None and flags[1].item() != 0:  # reference path: a host sync is acceptable here
             return
@@ -115,9 +136,15 @@ class FusedPath(UpdatePath):
             grads = [self._grad_views[gid][i] for i in sub]
             if coef is not None:
                 grads = [g * coef.to(g.dtype) for g in grads]
-            states = [lay.state_views(state, k, sub) for k in range(lay.num_state)]
+            states = [lay.state_views(state, k, sub) for k in range(self.masters, lay.num_state)]
             steps = lay.steps[sub].tolist()
-            self.spec.reference([lay.params[i] for i in sub], grads, states, steps, self.param_groups[b.param_group])
+            params = lay.state_views(state, 0, sub) if self.masters else [lay.params[i] for i in sub]
+            if self.masters:  # the math on the fp32 masters, with the gradients in fp32
+                grads = [g.float() for g in grads]
+            self.spec.reference(params, grads, states, steps, self.param_groups[b.param_group])
+            if self.masters:
+                for i, master in zip(sub, params):
+                    lay.params[i].copy_(master)  # round to the model's dtype
 
     def put_away(self, gid: int, keep: bool) -> None:
         if self.store is not None:
@@ -173,7 +200,7 @@ class FusedPath(UpdatePath):
                 out.append(None)
                 continue
             entry: dict[str, Any] = {"step": torch.tensor(steps[i], dtype=torch.float32)}
-            for k, name in enumerate(self.state_names):
+            for k, name in enumerate(self._keys()):
                 entry[name] = lay.state_views(flat, k, [i])[0]
             out.append(entry)
         return out
@@ -183,7 +210,10 @@ class FusedPath(UpdatePath):
         for i, e in enumerate(entries):
             if not e:
                 continue
-            for k, key in enumerate(self.state_names):
+            step = e.get("step", 1)
+            if not _valid_step(step):
+                raise ConfigError(f"load_state_dict: step of {lay.names[i]!r} is {step!r}, not a finite count >= 0")
+            for key in self._keys():
                 src = e.get(key)
                 if src is None:
                     raise ConfigError(f"load_state_dict: state of {lay.names[i]!r} lacks {key!r} (saved by another optimizer?)")
@@ -201,21 +231,23 @@ class FusedPath(UpdatePath):
         tensors = {"steps": steps}
         if self.store is not None and any(entries):
             flat = torch.zeros(lay.state_numel, dtype=torch.float32)
-            for b in lay.buckets:
-                views = [lay.state_views(flat, k, b.members) for k in range(lay.num_state)]
-                self.spec.init_fresh(views, self.param_groups[b.param_group])
+            self._init_fresh(lay, flat, lay.buckets)  # parameters without saved state start fresh
             for i, e in enumerate(entries):
-                for k, key in enumerate(self.state_names if e else ()):
+                for k, key in enumerate(self._keys() if e else ()):
                     lay.state_views(flat, k, [i])[0].copy_(e[key])
             tensors["state"] = flat
         return GroupState(tensors)
 
+    def _keys(self) -> tuple[str, ...]:
+        """The flat state's vectors as torch.optim-style keys: "master" first when masters are kept."""
+        return ("master",) * self.masters + tuple(self.state_names)
+
     # ------------------------------------------------------------------ misc
     def state_bytes_per_element(self) -> int:
-        return 4 * len(self.state_names)
+        return 4 * len(self._keys())
 
     def describe(self) -> str:
-        return f"state_store={self.store.kind if self.store else 'none'}"
+        return f"state_store={self.store.kind if self.store else 'none'}" + (" masters=fp32" if self.masters else "")
 
     def synchronize(self) -> None:
         if self.store is not None:

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..state_io import GroupState, Signature
 from .path import UpdatePath
 
-__all__ = ["GenericPath", "generic_default_weight_decay", "check_generic_optimizer"]
+__all__ = ["GenericPath", "generic_default_weight_decay", "generic_defaults", "check_generic_optimizer"]
 
 
 def generic_default_weight_decay(cls: type) -> float:
@@ -27,6 +27,20 @@ def generic_default_weight_decay(cls: type) -> float:
         return float(default) if isinstance(default, (int, float)) else 0.0
     except (KeyError, ValueError, TypeError):
         return 0.0
+
+
+def generic_defaults(cls: type) -> dict[str, Any]:
+    """The class's keyword options with their defaults (lr and weight_decay aside), so param_groups and saved
+    state carry every option as torch.optim's own param_groups do."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: p.default for p in params
+        if p.kind in kinds and p.default is not inspect.Parameter.empty and p.name not in ("self", "params", "lr", "weight_decay")
+    }
 
 
 def check_generic_optimizer(cls: type) -> None:
@@ -178,15 +192,24 @@ class GenericPath(UpdatePath):
                     values[_state_key(i, key)] = v
         return GroupState(tensors, values)
 
-    def _split(self, gid: int, keys) -> None:
+    def _check_entry(self, gid: int, i: int, key: str, shape: tuple[int, ...] | None) -> None:
+        """A tensor of torch.optim's own optimizers is a 0-dim count or shaped like its parameter (factored
+        optimizers such as Adafactor, and classes from elsewhere, are not checked)."""
+        lay = self.layouts[gid]
+        checked = self.cls.__module__.startswith("torch.optim") and self.cls.__name__ != "Adafactor"
+        if checked and shape is not None and shape not in ((), tuple(lay.params[i].shape)):
+            raise ConfigError(
+                f"load_state_dict: {key} of {lay.names[i]!r} has shape {shape}, the parameter has "
+                f"{tuple(lay.params[i].shape)} (saved for another model, or by another optimizer?)"
+            )
+
+    def check_group(self, gid: int, signature: Signature, values: Mapping[str, Any]) -> None:
         n = len(self.layouts[gid].params)
-        for key in keys:
+        for key in list(signature) + list(values):
             i, _, name = key.partition(".")
             if not (i.isdigit() and int(i) < n and name):
                 raise ConfigError(f"group {gid}: unexpected saved state key {key!r} (saved for another model or grouping?)")
-
-    def check_group(self, gid: int, signature: Signature, values: Mapping[str, Any]) -> None:
-        self._split(gid, list(signature) + list(values))
+            self._check_entry(gid, int(i), name, signature[key][0] if key in signature else None)
 
     def import_group(self, gid: int, state: GroupState) -> None:
         self._load_entries(gid, self.to_torch(gid, state))
@@ -201,6 +224,11 @@ class GenericPath(UpdatePath):
     def from_torch(self, gid: int, entries: Sequence[Mapping[str, Any] | None], build: bool = True) -> GroupState | None:
         if len(entries) != len(self.layouts[gid].params):
             raise ConfigError(f"group {gid}: {len(entries)} state entries for {len(self.layouts[gid].params)} parameters")
+        for i, e in enumerate(entries):
+            if e is not None and not isinstance(e, Mapping):
+                raise ConfigError(f"load_state_dict: the state of {self.layouts[gid].names[i]!r} is not a mapping")
+            for key, v in (e or {}).items():
+                self._check_entry(gid, i, key, tuple(v.shape) if torch.is_tensor(v) else None)
         if not build:
             return None
         tensors, values = {}, {}

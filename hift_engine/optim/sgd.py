@@ -39,11 +39,11 @@ class SGDSpec(FusedSpec):
             maximize=hyper["maximize"],
         )
 
-    def kernel(self, table, steps, grads, state, stride, flags, hyper) -> None:
+    def kernel(self, table, steps, grads, state, stride, flags, hyper, master=False) -> None:
         from ..kernels.sgd import sgd_update
 
         sgd_update(
-            table, steps, grads, state, stride, flags, lr=hyper["lr"], momentum=hyper["momentum"],
+            table, steps, grads, state, stride, flags, master=master, lr=hyper["lr"], momentum=hyper["momentum"],
             dampening=hyper["dampening"], weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"],
             maximize=hyper["maximize"],
         )
