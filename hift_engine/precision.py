@@ -19,13 +19,9 @@ from .errors import ConfigError
 
 __all__ = ["prepare_precision", "enable_tf32"]
 
-_warned_low = False
-
-
 def prepare_precision(precision: str, named: Sequence[tuple[str, nn.Parameter]], device: torch.device) -> bool:
     """Check ``named`` (the trained parameters) against ``precision``; returns whether fp32 masters are kept.
     Changes nothing (``enable_tf32`` is called once the optimizer exists)."""
-    global _warned_low
     dtypes = {p.dtype for _, p in named}
     if precision == "bf16-mixed":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -42,8 +38,7 @@ def prepare_precision(precision: str, named: Sequence[tuple[str, nn.Parameter]],
         if dtypes != {torch.float32}:
             raise ConfigError(f"precision='tf32' trains fp32 weights, this model has {sorted(map(str, dtypes))}; use 'bf16-mixed' for bf16")
         return False
-    if dtypes & {torch.bfloat16, torch.float16} and not _warned_low:
-        _warned_low = True
+    if dtypes & {torch.bfloat16, torch.float16}:  # Python's warning filter shows it once per call site
         warnings.warn(
             "hift_engine: precision='fp32' with bf16/fp16 weights updates them in place (fp32 state, no master "
             "weights): updates smaller than half a bf16 step of a weight are lost. precision='bf16-mixed' keeps "

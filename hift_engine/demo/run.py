@@ -55,13 +55,17 @@ def run_demo(
     eval_problems: int = 200,
     log_every: int = 100,
     printer: Callable[[str], None] | None = print,
+    precision: str = "fp32",
 ) -> DemoResult:
     dev = torch.device(device)
     torch.manual_seed(seed)
     task = ArithmeticTask()
     model = tiny_llama(seed=seed, device=dev)
+    if precision == "bf16-mixed":
+        model = model.to(torch.bfloat16)
     opt = HiFTOptimizer(
-        model, "adamw", lr=lr, weight_decay=0.0, layers_per_group=layers_per_group, strategy=strategy, seed=seed
+        model, "adamw", lr=lr, weight_decay=0.0, layers_per_group=layers_per_group, strategy=strategy, seed=seed,
+        precision=precision,
     )
     sched = opt.cycle_scheduler("cosine", total_steps=steps, warmup_steps=0)
     out = DemoResult(num_groups=opt.num_groups)

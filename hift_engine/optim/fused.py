@@ -134,13 +134,13 @@ class FusedPath(UpdatePath):
             if not sub:
                 continue
             grads = [self._grad_views[gid][i] for i in sub]
+            if self.masters:  # the math on the fp32 masters, with the gradients (and their clipping) in fp32
+                grads = [g.float() for g in grads]
             if coef is not None:
                 grads = [g * coef.to(g.dtype) for g in grads]
             states = [lay.state_views(state, k, sub) for k in range(self.masters, lay.num_state)]
             steps = lay.steps[sub].tolist()
             params = lay.state_views(state, 0, sub) if self.masters else [lay.params[i] for i in sub]
-            if self.masters:  # the math on the fp32 masters, with the gradients in fp32
-                grads = [g.float() for g in grads]
             self.spec.reference(params, grads, states, steps, self.param_groups[b.param_group])
             if self.masters:
                 for i, master in zip(sub, params):

@@ -1,0 +1,179 @@
+"""precision: fp32 / tf32 / bf16-mixed (fp32 masters streamed with the optimizer state)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hift_engine import ConfigError, HiFTConfig, HiFTOptimizer
+from hift_engine import checkpoint as ckpt
+from tests.helpers import lm_batch, params_equal, tiny_llama
+
+TORCH = {"adamw": (torch.optim.AdamW, {}), "sgd": (torch.optim.SGD, {"momentum": 0.9}), "adagrad": (torch.optim.Adagrad, {})}
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+
+
+def _loss(model, step):
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).to(next(model.parameters()).dtype)
+    return model(x).float().pow(2).mean()
+
+
+@pytest.mark.parametrize("name", sorted(TORCH))
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_bf16_mixed_equals_torch_on_fp32_masters(name, clip):
+    """The reference path: bit for bit torch.optim on fp32 masters fed the bf16 gradients; the model holds the
+    masters rounded to bf16."""
+    model = _mlp().to(torch.bfloat16)
+    masters = copy.deepcopy(model).float()
+    cls, kw = TORCH[name]
+    opt = HiFTOptimizer(model, name, lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", max_grad_norm=clip, **kw)
+    ref = cls(masters.parameters(), lr=1e-2, **kw)
+    for step in range(4):
+        _loss(model, step).backward()
+        for pm, p in zip(masters.parameters(), model.parameters()):
+            pm.grad = p.grad.float()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(masters.parameters()), clip)
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        ref.zero_grad()
+    state = opt.state_dict()["state"]
+    for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
+        assert torch.equal(state[i]["master"], pm.detach())
+        assert torch.equal(p.detach(), pm.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", sorted(TORCH))
+def test_bf16_mixed_triton_kernel_against_float64(name):
+    """The Triton kernels (interpreted on CPU, compiled on a GPU): masters within fp32 rounding of a float64
+    run of the same math, and the model's weights exactly the rounded masters."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _mlp().to(device=dev, dtype=torch.bfloat16)
+    cls, kw = TORCH[name]
+    opt = HiFTOptimizer(model, name, lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", kernels="triton", **kw)
+    ref = copy.deepcopy(model).double()
+    ref_opt = cls(ref.parameters(), lr=1e-2, **kw)
+    for step in range(3):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).to(dev, torch.bfloat16)
+        model(x).float().pow(2).mean().backward()
+        for pr, p in zip(ref.parameters(), model.parameters()):
+            pr.grad = p.grad.double()
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    state = opt.state_dict()["state"]
+    for i, (pr, p) in enumerate(zip(ref.parameters(), model.parameters())):
+        torch.testing.assert_close(state[i]["master"].double(), pr.detach().cpu(), rtol=1e-5, atol=1e-6)
+        rounded, master = p.detach().cpu().float(), state[i]["master"]
+        if dev == "cuda":  # compiled Triton rounds to nearest even, as torch does
+            assert torch.equal(rounded, master.to(torch.bfloat16).float())
+        else:  # Triton's CPU interpreter truncates fp32 -> bf16: within one bf16 step of the master
+            ulp = torch.finfo(torch.bfloat16).eps * master.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+            assert ((rounded - master).abs() <= ulp).all()
+
+
+def test_masters_keep_small_updates_that_pure_bf16_loses():
+    """Why masters: at lr 1e-4 an AdamW step (~1e-4) is below half a bf16 step of a weight near 1 (2^-9), so
+    pure bf16 weights never move while bf16-mixed follows fp32."""
+    def run(dtype, precision):
+        w = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            w.weight.fill_(1.0)
+        w = w.to(dtype)
+        opt = HiFTOptimizer(w, "adamw", lr=1e-4, weight_decay=0.0, groups=[[".*"]], precision=precision)
+        for _ in range(60):
+            w.weight.grad = torch.ones_like(w.weight)
+            opt.step()
+        return opt, w.weight.detach().float().item()
+
+    with pytest.warns(UserWarning, match="keeps exact fp32 masters"):
+        _, pure = run(torch.bfloat16, "fp32")
+    opt, mixed = run(torch.bfloat16, "bf16-mixed")
+    _, full = run(torch.float32, "fp32")
+    assert pure == 1.0  # every update lost
+    master = opt.state_dict()["state"][0]["master"].item()
+    assert master == pytest.approx(full, abs=1e-6) and full == pytest.approx(1.0 - 60e-4, abs=1e-5)
+    assert mixed == torch.tensor(full).bfloat16().item()
+
+
+def test_offloaded_masters_equal_resident_and_resume_is_exact(tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    runs = {}
+    for store in ("resident", "torch"):
+        model = copy.deepcopy(base)
+        opt = HiFTOptimizer(model, "adamw", lr=1e-3, precision="bf16-mixed", state_store=store, strategy="random", seed=3)
+        for step in range(2 * opt.num_groups + 1):
+            model(**lm_batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs[store] = (model, opt)
+    assert params_equal(runs["resident"][0], runs["torch"][0])
+    model, opt = runs["torch"]
+    ckpt.save_checkpoint(tmp_path, model, opt)
+    for step in range(3):
+        model(**lm_batch(seed=100 + step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    resumed = copy.deepcopy(base)
+    opt2 = HiFTOptimizer(resumed, "adamw", lr=1e-3, precision="bf16-mixed", state_store="torch", strategy="random", seed=3)
+    ckpt.load_checkpoint(tmp_path, resumed, opt2)
+    for step in range(3):
+        resumed(**lm_batch(seed=100 + step)).loss.backward()
+        opt2.step()
+        opt2.zero_grad()
+    assert params_equal(model, resumed)
+    fp32_model = copy.deepcopy(base).float()
+    with pytest.raises(ckpt.CheckpointError, match="master weights"):
+        ckpt.load_checkpoint(tmp_path, fp32_model, HiFTOptimizer(fp32_model, "adamw", lr=1e-3, state_store="torch",
+                                                                 strategy="random", seed=3))
+
+
+def test_precision_errors_say_what_to_do():
+    with pytest.raises(ConfigError, match="cast the model in bf16"):
+        HiFTOptimizer(_mlp(), "adamw", groups=[[".*"]], precision="bf16-mixed")
+    with pytest.raises(ConfigError, match="use 'bf16-mixed' for bf16"):
+        HiFTOptimizer(_mlp().to(torch.bfloat16), "adamw", groups=[[".*"]], precision="tf32")
+    with pytest.raises(ConfigError, match="loss scaling"):
+        HiFTConfig(precision="fp16-mixed")
+    with pytest.raises(ConfigError, match="fused optimizers"):
+        HiFTConfig(optimizer=torch.optim.RMSprop, precision="bf16-mixed")
+    with pytest.raises(ConfigError, match="did you mean 'bf16-mixed'"):
+        HiFTConfig(precision="bf16-mxed")
+    model = _mlp()
+    assert all(p.requires_grad for p in model.parameters())
+    HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="tf32")
+    assert torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.slow
+def test_bf16_mixed_demo_tracks_fp32_where_pure_bf16_stalls():
+    """The built-in demo (1500 steps, the same seed), on the CPU: measured final losses (mean of the last 20
+    steps) fp32 0.244, bf16-mixed 0.330, pure bf16 weights 1.100. Masters recover most of what pure bf16 loses;
+    the rest is bf16 compute in forward/backward (the issue's 2% target is not met here: 35%)."""
+    import warnings
+
+    import hift_engine.demo.run as demo
+
+    def final(precision, cast=False):
+        build = demo.tiny_llama
+        if cast:
+            demo.tiny_llama = lambda **kw: build(**kw).to(torch.bfloat16)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = demo.run_demo(eval_problems=5, printer=None, precision=precision)
+        finally:
+            demo.tiny_llama = build
+        return sum(r.losses[-20:]) / 20
+
+    fp32, mixed, pure = final("fp32"), final("bf16-mixed"), final("fp32", cast=True)
+    assert mixed < 1.5 * fp32 and pure > 3 * fp32, (fp32, mixed, pure)
