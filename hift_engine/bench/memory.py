@@ -30,6 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--flat-cycles", type=int, default=3, help="cycles at batch 1 to check reserved memory is flat")
     p.add_argument("--seq-probe", default="1024,2048,3072,4096,6144,8192", help="sequence lengths to try at batch 1 ('' skips)")
     p.add_argument("--store", default="native", choices=("native", "torch", "resident"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed"),
+                   help="bf16-mixed builds the model in bf16 and keeps fp32 masters with the streamed state")
 
 
 class _Nvml:
@@ -64,10 +66,11 @@ def _set_cap(cap_gib: float, nvml: _Nvml, dev) -> dict:
     return {"cap_gib": cap_gib, "context_overhead_gib": gib(overhead), "allocator_budget_gib": gib(budget), "fraction": fraction}
 
 
-def _opt(model, store):
+def _opt(model, store, precision="fp32"):
     from ..optimizer import HiFTOptimizer
 
-    return HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, layers_per_group=1, state_store=store, max_grad_norm=1.0)
+    return HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, layers_per_group=1, state_store=store, max_grad_norm=1.0,
+                         precision=precision)
 
 
 def _steps(model, opt, batch, seq, n, nvml, dev, label) -> list[dict]:
@@ -107,12 +110,12 @@ def run(args) -> int:
     cap = _set_cap(args.cap_gib, nvml, dev)
     print(f"cap: {cap}", flush=True)
     t0 = time.perf_counter()
-    model = build_llama(args.layers, dev)
+    model = build_llama(args.layers, dev, dtype=torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers} layers, {n_params:,} params, built in {build_s:.1f} s", flush=True)
-    opt = _opt(model, args.store)
+    opt = _opt(model, args.store, args.precision)
     k = opt.num_groups
     rows, outcomes = [], []
     for batch in [int(b) for b in args.batches.split(",") if b]:
@@ -173,14 +176,14 @@ def run(args) -> int:
         agg["step_ms"].append(r["step_ms"])
     table = [{**v, "mean_step_ms": sum(v["step_ms"]) / len(v["step_ms"]), "step_ms": None} for v in per_run.values()]
     print_table(table, ["run", "steps", "peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "mean_step_ms"],
-                title=f"hift bench memory: {n_params / 1e9:.3f} B params fp32 AdamW, cap {args.cap_gib} GiB ({args.store} store)")
+                title=f"hift bench memory: {n_params / 1e9:.3f} B params {args.precision} AdamW, cap {args.cap_gib} GiB ({args.store} store)")
     summary = {
         "params": n_params, "num_groups": k, "cap": cap, "outcomes": outcomes, "flat_reserved": flat,
         "seq_probes": probes, "longest_seq_batch1": longest,
         "store": opt.store.kind if opt.store else None,
         "host_state_gib": gib(opt.store.stats.host_bytes) if opt.store else None,
     }
-    path = write_result(args.out, "memory", rows, summary)
+    path = write_result(args.out, "memory", rows, summary, precision=args.precision)
     try:
         from .plot import plot_memory
 

@@ -30,15 +30,22 @@ def llama7b_config(layers: int = 32, max_positions: int = 4096):
     )
 
 
-def build_llama(layers: int = 32, device: str | torch.device = "cuda", seed: int = 0, max_positions: int = 8192):
-    """A randomly initialised fp32 LlamaForCausalLM allocated and initialised on ``device``."""
+def build_llama(layers: int = 32, device: str | torch.device = "cuda", seed: int = 0, max_positions: int = 8192,
+                dtype: torch.dtype = torch.float32):
+    """A randomly initialised LlamaForCausalLM allocated and initialised on ``device`` in ``dtype`` (built in
+    that dtype directly: a bf16 7B never exists in fp32 on the device)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = llama7b_config(layers, max_positions)
     cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.config.use_cache = False
     return model.train()
 

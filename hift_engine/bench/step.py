@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cycles-official", type=int, default=1, help="measured cycles of the official-style mode (it is ~20x slower)")
     p.add_argument("--modes", default="offload,resident,official,standard")
     p.add_argument("--store", default="native", choices=("native", "torch"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed"),
+                   help="HiFT modes' precision (bf16-mixed: bf16 model, fp32 masters; standard stays fp32 AdamW)")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--chunk-mib", default="", help="comma-separated transfer_chunk_mib values for the offload mode "
                    "(e.g. 0,64: measures both in the same run; the first is the 'offload' row); default: the engine's")
@@ -75,7 +77,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
         k = k_hint or 1
     else:
-        opt = _hift(model, mode, args.store, chunk_mib, **overrides)
+        opt = _hift(model, mode, args.store, chunk_mib, precision=args.precision, **overrides)
         k = opt.num_groups
     label = label or mode
     row = {"mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
@@ -147,7 +149,7 @@ def run(args) -> int:
     for layers, allowed, cycles in runs:
         if not layers:
             continue
-        model = build_llama(layers, dev)
+        model = build_llama(layers, dev, dtype=torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {layers} layers, {n_params / 1e9:.3f} B params", flush=True)
         for mode in allowed:
@@ -162,7 +164,7 @@ def run(args) -> int:
         del model
         _free()
     cols = ["layers", "mode", "groups", "step_ms", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "pcie_gib_per_step", "pcie_avg_GBps", "note"]
-    print_table(rows, cols, title=f"hift bench step: batch {args.batch} x {args.seq} tokens, fp32 AdamW")
+    print_table(rows, cols, title=f"hift bench step: batch {args.batch} x {args.seq} tokens, {args.precision} AdamW")
 
     def get(layers, mode, key="step_ms"):
         return next((r.get(key) for r in rows if r["layers"] == layers and r["mode"] == mode), None)
