@@ -184,5 +184,5 @@ def run(args) -> int:
             if r["layers"] == layers and r["mode"].startswith("offload-") and r.get("step_ms") and res:
                 summary[f"{layers}_layers"][f"{r['mode']}_over_resident"] = r["step_ms"] / res
     print(summary)
-    write_result(args.out, "step", rows, summary)
+    write_result(args.out, "step", rows, summary, precision=args.precision)
     return 0
