@@ -113,8 +113,6 @@ def save_checkpoint(
     ``keep_last`` (by save order). Re-saving a step writes a new directory and removes the old one only after
     the new one is complete. Returns the checkpoint's directory.
     """
-    from safetensors.torch import save_model
-
     step = optimizer.global_step if step is None else step
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"save_checkpoint: step must be an integer >= 0, got {step!r}")
@@ -126,15 +124,15 @@ def save_checkpoint(
     tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        _fsync_path(tmp / "model.safetensors")
         (tmp / "optim").mkdir()
         export = optimizer.export_state()
-        values = {}
+        values, masters = {}, {}
         for gid, group in enumerate(export.groups):  # each waits for its group's write-back
             _save_tensors(tmp / "optim" / f"group-{gid:04d}.safetensors", group.tensors)
             if group.values:
                 values[str(gid)] = group.values
+            masters.update(optimizer.master_weights(gid, group))
+        _save_weights(tmp / "model.safetensors", model, masters)
         rng_tensors, python_rng = _rng_state()
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
         if scheduler is not None:
@@ -173,6 +171,19 @@ def save_checkpoint(
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_weights(path: Path, model: nn.Module, masters: Mapping[str, torch.Tensor]) -> None:
+    """The model's state dict (a tensor shared by several names once), with fp32 master weights in place of
+    the rounded parameters where the optimizer keeps them: a bf16-mixed checkpoint loads as fp32 weights."""
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue  # tied weights: stored once; load_checkpoint accepts names that share storage
+        seen.add(key)
+        tensors[name] = masters.get(name, t)
+    _save_tensors(path, tensors)
 
 
 def _header(f: Path) -> Signature:

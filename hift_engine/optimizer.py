@@ -247,6 +247,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         number i is ``params[i]`` (e.g. ``list(model.parameters())``); this optimizer's hyper-parameters stay."""
         state_io.load_torch_state_dict(self, state_dict, params)
 
+    def master_weights(self, gid: int, state) -> dict[str, Tensor]:
+        """Parameter name -> fp32 master weight of group ``gid`` from its exported state (empty unless
+        bf16-mixed keeps masters); checkpoints store these as the model's weights."""
+        return self.path.master_weights(gid, state)
+
     def _restore_position(self, meta: Mapping[str, Any]) -> None:
         """After a load (everything checked): the saved position, and the wiring of its group."""
         if "format" in meta:

@@ -177,3 +177,39 @@ def test_bf16_mixed_demo_tracks_fp32_where_pure_bf16_stalls():
 
     fp32, mixed, pure = final("fp32"), final("bf16-mixed"), final("fp32", cast=True)
     assert mixed < 1.5 * fp32 and pure > 3 * fp32, (fp32, mixed, pure)
+
+
+def test_hift_train_runs_bf16_mixed_from_the_config(tmp_path):
+    from hift_engine.recipe import load_run_config, train
+
+    cfg = load_run_config(None, {"precision": "bf16-mixed", "steps": "6", "batch_size": "4", "output_dir": str(tmp_path / "run"),
+                                 "plot": "false", "log_every": "2"})
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"] + 1.0
+    meta = __import__("json").loads(next((tmp_path / "run" / "checkpoints").glob("ckpt-*/meta.json")).read_text())
+    assert meta["optimizer"]["masters"] is True
+
+
+def test_a_bf16_mixed_checkpoint_holds_the_fp32_masters_as_model_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_llama().to(torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, precision="bf16-mixed")
+    for step in range(opt.num_groups - 1):  # every group but the head trained once
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = ckpt.save_checkpoint(tmp_path, model, opt)
+    weights, state = load_file(str(path / "model.safetensors")), opt.state_dict()["state"]
+    names = {n: p for n, p in model.named_parameters()}
+    numbered = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    trained = [n for n, p in names.items() if numbered[id(p)] in state]
+    untouched = [n for n, p in names.items() if numbered[id(p)] not in state]
+    assert trained and untouched
+    for n in trained:
+        assert weights[n].dtype == torch.float32 and torch.equal(weights[n], state[numbered[id(names[n])]]["master"])
+    for n in untouched:  # never updated: the model's own (bf16-exact) weights
+        assert torch.equal(weights[n], names[n].detach())
+    fp32 = tiny_llama()  # the checkpoint loads for fp32 training or inference, masters and all
+    ckpt.load_checkpoint(path, fp32)
+    assert torch.equal(dict(fp32.named_parameters())[trained[0]].detach(), weights[trained[0]])

@@ -238,6 +238,13 @@ class FusedPath(UpdatePath):
             tensors["state"] = flat
         return GroupState(tensors)
 
+    def master_weights(self, gid: int, state: GroupState) -> dict[str, Tensor]:
+        flat = state.tensors.get("state")
+        if not self.masters or flat is None:  # never activated: the model's weights are the masters
+            return {}
+        lay = self.layouts[gid]
+        return dict(zip(lay.names, lay.state_views(flat, 0)))
+
     def _keys(self) -> tuple[str, ...]:
         """The flat state's vectors as torch.optim-style keys: "master" first when masters are kept."""
         return ("master",) * self.masters + tuple(self.state_names)

@@ -57,6 +57,10 @@ class UpdatePath(ABC):
         """Inverse of to_torch; raises ConfigError naming the parameter on a bad entry. ``build=False`` only
         checks (no tensors allocated) and returns None."""
 
+    def master_weights(self, gid: int, state: GroupState) -> dict[str, Tensor]:
+        """Parameter name -> fp32 master weight, where this path keeps masters (none by default)."""
+        return {}
+
     def state_bytes_per_element(self) -> int:
         """Bytes of optimizer state per parameter element (for describe())."""
         return 4 * len(self.state_names)

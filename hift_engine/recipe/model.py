@@ -37,8 +37,10 @@ def check_model_path(cfg: RunConfig) -> None:
 
 
 def build_model(cfg: RunConfig, device: torch.device):
-    """(model, tokenizer): the built-in tiny byte-level LLaMA, or a local Hugging Face model directory."""
-    dtype = _DTYPES[cfg.model.dtype]
+    """(model, tokenizer): the built-in tiny byte-level LLaMA, or a local Hugging Face model directory.
+    With ``optimizer.precision: bf16-mixed`` the weights are loaded in bf16 whatever ``model.dtype`` says: the
+    optimizer's fp32 masters start from them (bf16-exact)."""
+    dtype = torch.bfloat16 if cfg.optimizer.precision == "bf16-mixed" else _DTYPES[cfg.model.dtype]
     if cfg.model.path == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
