@@ -62,7 +62,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self, model: nn.Module, optimizer: Any = None, *, config: HiFTConfig | Mapping[str, Any] | None = None,
-        store: StateStore | StoreFactory | None = None, **kwargs: Any,
+        store: StateStore | StoreFactory | None = None, initial_masters: Mapping[str, Tensor] | None = None, **kwargs: Any,
     ) -> None:
         if config is not None:
             if optimizer is not None or kwargs:
@@ -72,22 +72,37 @@ class HiFTOptimizer(torch.optim.Optimizer):
             names = set(HiFTConfig.field_names())
             opt_kwargs = {**kwargs.pop("optimizer_kwargs", {}), **{k: v for k, v in kwargs.items() if k not in names}}
             cfg = HiFTConfig(optimizer=optimizer or "adamw", optimizer_kwargs=opt_kwargs, **{k: v for k, v in kwargs.items() if k in names})
-        self._setup(model, cfg, store)
+        self._setup(model, cfg, store, initial_masters)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: HiFTConfig | Mapping[str, Any]) -> "HiFTOptimizer":
         return cls(model, config=config)
 
     # ------------------------------------------------------------------------------------------ setup
-    def _setup(self, model: nn.Module, cfg: HiFTConfig, store) -> None:
+    def _setup(self, model: nn.Module, cfg: HiFTConfig, store, initial_masters) -> None:
         # Everything is validated and built before the model is touched: a failed construction changes nothing.
         self.config = cfg
         self.grouping: Grouping = build_grouping(model, cfg.layers_per_group, cfg.groups, cfg.freeze, user_requires_grad)
         named = [(n, p) for g in self.grouping.groups for n, p in zip(g.param_names, g.params)]
         self.device = check_params(named)
         spec, hyper, wd = optimizer_options(cfg, named)
-        masters = prepare_precision(cfg.precision, named, self.device)
+        masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
+        # bf16-mixed over fp32 weights: the fp32 tensors become the masters, the model continues in bf16 (undone
+        # if anything below fails).
+        seeds = {n: p.data for n, p in named if masters and p.dtype == torch.float32} | dict(initial_masters or {})
+        cast = [(p, p.data) for _, p in named if masters and p.dtype == torch.float32]
+        with torch.no_grad():
+            for p, data in cast:
+                p.data = data.to(torch.bfloat16)
+        try:
+            self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds)
+        except BaseException:
+            for p, data in cast:
+                p.data = data
+            raise
+
+    def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds) -> None:
         self._constructing = True
         super().__init__(build_param_groups(named, no_decay, cfg.lr, wd, hyper), {"lr": cfg.lr, "weight_decay": wd, **hyper})
         self._constructing = False
@@ -104,6 +119,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.path, self.kernel_backend = make_path(
             cfg, spec, hyper, self.layouts, self._grad_views, self.arena, self.param_groups, self.device, store, masters
         )
+        if seeds:
+            self.path.seed_masters(seeds)
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.global_step = 0

@@ -4,35 +4,47 @@ fp32        weights as given (bf16/fp16 weights get fp32 state and are rounded b
 tf32        fp32 weights; matmuls and convolutions in TF32 (torch's process-wide switches)
 bf16-mixed  bf16 weights on the device; each group's fp32 master weights live with its optimizer state (vector
             0 of the flat state), stream with it, and the fused update writes master, state and the rounded
-            bf16 weights in one pass
+            bf16 weights in one pass. Masters come from the most precise copy there is: fp32 weights on the
+            device (cast to bf16 by the optimizer), fp32 weights given as ``initial_masters`` (e.g. kept on the
+            host by ``to_device_bf16`` while the model moves to the GPU in bf16), or the bf16 weights themselves
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["prepare_precision", "enable_tf32"]
+__all__ = ["prepare_precision", "enable_tf32", "to_device_bf16"]
 
-def prepare_precision(precision: str, named: Sequence[tuple[str, nn.Parameter]], device: torch.device) -> bool:
+def prepare_precision(
+    precision: str, named: Sequence[tuple[str, nn.Parameter]], device: torch.device,
+    initial_masters: Mapping[str, torch.Tensor] | None = None,
+) -> bool:
     """Check ``named`` (the trained parameters) against ``precision``; returns whether fp32 masters are kept.
     Changes nothing (``enable_tf32`` is called once the optimizer exists)."""
+    if initial_masters and precision != "bf16-mixed":
+        raise ConfigError("initial_masters= applies to precision='bf16-mixed' only")
     dtypes = {p.dtype for _, p in named}
     if precision == "bf16-mixed":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"precision='bf16-mixed' but {torch.cuda.get_device_name(device)} has no bf16; use 'fp32' or 'tf32'")
-        other = [n for n, p in named if p.dtype != torch.bfloat16]
+        other = [n for n, p in named if p.dtype not in (torch.bfloat16, torch.float32)]
         if other:
             raise ConfigError(
-                f"precision='bf16-mixed' trains a bf16 model, but {other[0]!r} is {dict(named)[other[0]].dtype}. Load "
-                "or cast the model in bf16 first (from_pretrained(..., dtype=torch.bfloat16) or model.to(torch.bfloat16)): "
-                "its masters start bf16-exact"
+                f"precision='bf16-mixed' takes a bf16 model (masters start bf16-exact) or an fp32 one (fp32 masters, "
+                f"the model is cast to bf16), but {other[0]!r} is {dict(named)[other[0]].dtype}"
             )
+        shapes = {n: p.shape for n, p in named}
+        for name, t in (initial_masters or {}).items():
+            if name not in shapes:
+                raise ConfigError(f"initial_masters: {name!r} is not a trained parameter of this model")
+            if not torch.is_tensor(t) or t.dtype != torch.float32 or t.shape != shapes[name]:
+                raise ConfigError(f"initial_masters[{name!r}] must be a float32 tensor of shape {tuple(shapes[name])}")
         return True
     if precision == "tf32":
         if dtypes != {torch.float32}:
@@ -52,3 +64,17 @@ def enable_tf32() -> None:
     """torch's process-wide switches: fp32 matmuls and convolutions run on tensor cores in TF32."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device_bf16(model: nn.Module, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Move an fp32 model (e.g. loaded on the CPU) to ``device`` in bf16, one parameter at a time, and return
+    its fp32 weights by name (still where they were) for ``HiFTOptimizer(..., initial_masters=...)``: a 7B fp32
+    checkpoint starts a bf16-mixed run on a 24 GB card without the fp32 weights ever being on the GPU."""
+    masters = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dtype == torch.float32:
+                masters[name] = p.data
+                p.data = p.data.to(device=device, dtype=torch.bfloat16)
+    model.to(device)  # buffers (and parameters of other dtypes)
+    return masters

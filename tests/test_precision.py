@@ -136,8 +136,8 @@ def test_offloaded_masters_equal_resident_and_resume_is_exact(tmp_path):
 
 
 def test_precision_errors_say_what_to_do():
-    with pytest.raises(ConfigError, match="cast the model in bf16"):
-        HiFTOptimizer(_mlp(), "adamw", groups=[[".*"]], precision="bf16-mixed")
+    with pytest.raises(ConfigError, match="takes a bf16 model"):
+        HiFTOptimizer(_mlp().half(), "adamw", groups=[[".*"]], precision="bf16-mixed")
     with pytest.raises(ConfigError, match="use 'bf16-mixed' for bf16"):
         HiFTOptimizer(_mlp().to(torch.bfloat16), "adamw", groups=[[".*"]], precision="tf32")
     with pytest.raises(ConfigError, match="loss scaling"):
@@ -213,3 +213,41 @@ def test_a_bf16_mixed_checkpoint_holds_the_fp32_masters_as_model_weights(tmp_pat
     fp32 = tiny_llama()  # the checkpoint loads for fp32 training or inference, masters and all
     ckpt.load_checkpoint(path, fp32)
     assert torch.equal(dict(fp32.named_parameters())[trained[0]].detach(), weights[trained[0]])
+
+
+def test_masters_from_fp32_weights_on_the_device_or_given():
+    """An fp32 model gives fp32 masters (the optimizer casts it to bf16); so do fp32 weights handed over by
+    to_device_bf16 (the model moved in bf16, its fp32 weights kept where they were)."""
+    from hift_engine.precision import to_device_bf16
+
+    for given in (False, True):
+        model, masters = _mlp(), _mlp()  # same seed: masters is the fp32 reference
+        kw = {"initial_masters": to_device_bf16(model, "cpu")} if given else {}
+        opt = HiFTOptimizer(model, "adamw", lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", **kw)
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        ref = torch.optim.AdamW(masters.parameters(), lr=1e-2)
+        for step in range(3):
+            _loss(model, step).backward()
+            for pm, p in zip(masters.parameters(), model.parameters()):
+                pm.grad = p.grad.float()
+            opt.step()
+            opt.zero_grad()
+            ref.step()
+        state = opt.state_dict()["state"]
+        for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
+            assert torch.equal(state[i]["master"], pm.detach()), (given, i)
+            assert torch.equal(p.detach(), pm.detach().to(torch.bfloat16))
+
+
+def test_a_failed_construction_gives_the_fp32_model_back():
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def broken_store(layouts, device):
+        raise RuntimeError("store failed")
+
+    with pytest.raises(RuntimeError, match="store failed"):
+        HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="bf16-mixed", store=broken_store)
+    assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(ConfigError, match="initial_masters"):
+        HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="bf16-mixed", initial_masters={"0.weight": torch.zeros(3)})

@@ -238,6 +238,19 @@ class FusedPath(UpdatePath):
             tensors["state"] = flat
         return GroupState(tensors)
 
+    def seed_masters(self, seeds: dict[str, Tensor]) -> None:
+        """Start the masters of the named parameters from these fp32 tensors (any device), group by group; each
+        group's entries leave ``seeds`` once stored, so fp32 copies are freed as the store takes them."""
+        for lay in self.layouts:
+            if not any(n in seeds for n in lay.names):
+                continue
+            flat = torch.zeros(lay.state_numel, dtype=torch.float32, device=lay.device)
+            self._init_fresh(lay, flat, lay.buckets)
+            for n, view in zip(lay.names, lay.state_views(flat, 0)):
+                if n in seeds:
+                    view.copy_(seeds.pop(n))
+            self.store.load_state(lay.index, flat)
+
     def master_weights(self, gid: int, state: GroupState) -> dict[str, Tensor]:
         flat = state.tensors.get("state")
         if not self.masters or flat is None:  # never activated: the model's weights are the masters

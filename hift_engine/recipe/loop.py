@@ -22,7 +22,8 @@ from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
 from .data import Batches, encode_examples, load_examples
-from .model import build_model, check_model_path, resolve_device
+from ..precision import to_device_bf16
+from .model import build_model, check_model_path, masters_from_host, resolve_device
 from .rundir import check_output_dir, clear_previous_run, plan_resume
 
 __all__ = ["train", "build_model", "plot_training", "TrainingInterrupted"]
@@ -96,7 +97,9 @@ def train(
         )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
-    opt = HiFTOptimizer.from_config(model, cfg.optimizer)
+    masters = to_device_bf16(model, device) if masters_from_host(cfg) else None
+    opt = HiFTOptimizer(model, config=cfg.optimizer, initial_masters=masters)
+    del masters  # the store holds them now
     try:
         sched = opt.cycle_scheduler(
             cfg.schedule.schedule, total_steps=cfg.train.steps, warmup_steps=cfg.schedule.warmup_steps,

@@ -11,7 +11,12 @@ from ..errors import ConfigError
 from .config import RunConfig
 from .data import ByteTokenizer
 
-__all__ = ["build_model", "resolve_device"]
+__all__ = ["build_model", "resolve_device", "masters_from_host"]
+
+
+def masters_from_host(cfg: RunConfig) -> bool:
+    """bf16-mixed from fp32 weights: they become the masters and never go to the device in fp32."""
+    return cfg.optimizer.precision == "bf16-mixed" and cfg.model.dtype == "float32"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,9 +43,11 @@ def check_model_path(cfg: RunConfig) -> None:
 
 def build_model(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): the built-in tiny byte-level LLaMA, or a local Hugging Face model directory.
-    With ``optimizer.precision: bf16-mixed`` the weights are loaded in bf16 whatever ``model.dtype`` says: the
-    optimizer's fp32 masters start from them (bf16-exact)."""
-    dtype = torch.bfloat16 if cfg.optimizer.precision == "bf16-mixed" else _DTYPES[cfg.model.dtype]
+    For ``optimizer.precision: bf16-mixed`` with ``model.dtype: float32`` the model stays on the CPU in fp32:
+    the loop moves it to the device in bf16 and keeps its fp32 weights as the masters (``to_device_bf16``)."""
+    dtype = _DTYPES[cfg.model.dtype]
+    if masters_from_host(cfg):
+        device = torch.device("cpu")
     if cfg.model.path == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
