@@ -87,8 +87,9 @@ class HiFTConfig:
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's
                       process-wide TF32 switches), "bf16-mixed" (bf16 weights on the device, fp32 master
-                      weights kept with each group's optimizer state and streamed with it; fused optimizers).
-                      "fp16-mixed" needs loss scaling and is not available yet.
+                      weights kept with each group's optimizer state and streamed with it; fused optimizers),
+                      "fp16-mixed" (the same with fp16 weights and dynamic loss scaling: call
+                      ``loss = opt.scale_loss(loss)`` before backward).
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -187,14 +188,9 @@ class HiFTConfig:
             raise ConfigError(
                 f"precision={self.precision!r} is unknown; use one of {PRECISIONS}{suggest(str(self.precision), PRECISIONS)}"
             )
-        if self.precision == "fp16-mixed":
+        if self.precision.endswith("-mixed") and not isinstance(self.optimizer, str):
             raise ConfigError(
-                "precision='fp16-mixed' needs dynamic loss scaling, which hift_engine does not have yet; use "
-                "'bf16-mixed' (no loss scaling needed) on a GPU with bf16"
-            )
-        if self.precision == "bf16-mixed" and not isinstance(self.optimizer, str):
-            raise ConfigError(
-                "precision='bf16-mixed' keeps fp32 masters with the fused optimizers' state; use optimizer='adamw', "
+                f"precision={self.precision!r} keeps fp32 masters with the fused optimizers' state; use optimizer='adamw', "
                 "'adagrad' or 'sgd' (a torch.optim class keeps its own state: train it with precision='fp32')"
             )
         if not isinstance(self.optimizer_kwargs, Mapping):

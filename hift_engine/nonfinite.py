@@ -21,13 +21,16 @@ __all__ = ["SkipMonitor", "grad_flags"]
 log = logging.getLogger("hift_engine")
 
 
-def grad_flags(grads: Sequence[Tensor], clip: float | None, check: bool) -> tuple[Tensor | None, Tensor | None]:
-    """(flags, norm): flags = [clip coefficient, skip] on the device (None when neither clipping nor the check
-    is on), computed in one pass over ``grads`` (the gradients about to be applied).
+def grad_flags(
+    grads: Sequence[Tensor], clip: float | None, check: bool, inv_scale: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """(flags, norm): flags = [coefficient, skip] on the device (None when neither clipping, the check nor loss
+    scaling is on), computed in one pass over ``grads`` (the gradients about to be applied). With loss scaling
+    (``inv_scale`` = 1 / scale) the norm is the unscaled one and the coefficient includes the unscaling.
 
     Same reduction order as torch.nn.utils.clip_grad_norm_ (per-tensor norms grouped by dtype in order of first
     appearance, then the norm of those), so one group holding everything clips exactly like torch."""
-    if clip is None and not check:
+    if clip is None and not check and inv_scale is None:
         return None, None
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
@@ -40,7 +43,11 @@ def grad_flags(grads: Sequence[Tensor], clip: float | None, check: bool) -> tupl
             norms.extend(torch.linalg.vector_norm(v, dtype=torch.float32) for v in same)
     wide = torch.float64 if torch.float64 in by_dtype else torch.float32
     norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+    if inv_scale is not None:  # a power of two: the unscaled norm exactly
+        norm = norm * inv_scale
     coef = (clip / (norm + 1e-6)).clamp(max=1.0) if clip is not None else torch.ones_like(norm)
+    if inv_scale is not None:
+        coef = coef * inv_scale
     skip = (~torch.isfinite(norm)).to(wide) if check else torch.zeros_like(norm)
     return torch.stack([coef, skip]), norm
 

@@ -30,7 +30,8 @@ from .nonfinite import SkipMonitor, grad_flags
 from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
-from .precision import enable_tf32, prepare_precision
+from .loss_scale import LossScaler
+from .precision import compute_dtype, enable_tf32, prepare_precision
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
 from .store import StateStore
@@ -88,13 +89,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
-        # bf16-mixed over fp32 weights: the fp32 tensors become the masters, the model continues in bf16 (undone
-        # if anything below fails).
+        # Mixed precision over fp32 weights: the fp32 tensors become the masters, the model continues in bf16 or
+        # fp16 (undone if anything below fails).
         seeds = {n: p.data for n, p in named if masters and p.dtype == torch.float32} | dict(initial_masters or {})
         cast = [(p, p.data) for _, p in named if masters and p.dtype == torch.float32]
         with torch.no_grad():
             for p, data in cast:
-                p.data = data.to(torch.bfloat16)
+                p.data = data.to(compute_dtype(cfg.precision))
         try:
             self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds)
         except BaseException:
@@ -123,6 +124,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.path.seed_masters(seeds)
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
+        self.scaler = LossScaler(self.device) if cfg.precision == "fp16-mixed" else None
         self.global_step = 0
         self.last_grad_norm: Tensor | None = None
 
@@ -184,12 +186,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
         lay = self.layouts[gid]
         lay.check_unchanged()
         members = self.router.collect(lay.names)
+        if self.scaler is not None and members and not self.scaler.scaled:
+            raise ConfigError("precision='fp16-mixed': call loss = opt.scale_loss(loss) before backward (unscaled fp16 "
+                              "gradients underflow); hift train does this")
         if members:
             flags, self.last_grad_norm = grad_flags(
-                [self._grad_views[gid][i] for i in members], self.config.max_grad_norm, self.config.skip_nonfinite
+                [self._grad_views[gid][i] for i in members], self.config.max_grad_norm,
+                self.config.skip_nonfinite or self.scaler is not None, self.scaler.inv_scale() if self.scaler else None,
             )
             if flags is not None:
                 self.monitor.record(flags[1], self.global_step, gid)
+            if self.scaler is not None:
+                self.scaler.update(flags[1])
             self.path.update(gid, members, flags)
             self.path.put_away(gid, keep=nxt == gid)
         self.global_step += 1
@@ -199,6 +207,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.path.prefetch(nxt)
         self.monitor.poll()  # after the step is complete: a NonFiniteError never leaves it half done
         return loss
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` times the dynamic loss scale under fp16-mixed (call it before backward); ``loss`` otherwise."""
+        return self.scaler.scale_loss(loss) if self.scaler is not None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim: the active group's gradients become None (or zeros, kept as gradients, with
@@ -275,6 +287,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.order.load_state_dict(meta["order"])
             self.global_step = meta["global_step"]
             self.monitor.load_state_dict(meta["skips"])
+            if self.scaler is not None and meta.get("loss_scale") is not None:
+                self.scaler.load_state_dict(meta["loss_scale"])
         if self.order.current != self._wired:
             self._switch(self.order.current)
         else:

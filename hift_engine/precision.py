@@ -19,7 +19,12 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["prepare_precision", "enable_tf32", "to_device_bf16"]
+__all__ = ["prepare_precision", "enable_tf32", "to_device_bf16", "compute_dtype"]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype on the device under ``precision`` (fp32 and tf32: float32)."""
+    return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision, torch.float32)
 
 def prepare_precision(
     precision: str, named: Sequence[tuple[str, nn.Parameter]], device: torch.device,
@@ -27,17 +32,18 @@ def prepare_precision(
 ) -> bool:
     """Check ``named`` (the trained parameters) against ``precision``; returns whether fp32 masters are kept.
     Changes nothing (``enable_tf32`` is called once the optimizer exists)."""
-    if initial_masters and precision != "bf16-mixed":
-        raise ConfigError("initial_masters= applies to precision='bf16-mixed' only")
+    if initial_masters and not precision.endswith("-mixed"):
+        raise ConfigError("initial_masters= applies to the mixed precisions (bf16-mixed, fp16-mixed) only")
     dtypes = {p.dtype for _, p in named}
-    if precision == "bf16-mixed":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"precision='bf16-mixed' but {torch.cuda.get_device_name(device)} has no bf16; use 'fp32' or 'tf32'")
-        other = [n for n, p in named if p.dtype not in (torch.bfloat16, torch.float32)]
+    if precision.endswith("-mixed"):
+        low = compute_dtype(precision)
+        if low == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"precision='bf16-mixed' but {torch.cuda.get_device_name(device)} has no bf16; use 'fp16-mixed' or 'tf32'")
+        other = [n for n, p in named if p.dtype not in (low, torch.float32)]
         if other:
             raise ConfigError(
-                f"precision='bf16-mixed' takes a bf16 model (masters start bf16-exact) or an fp32 one (fp32 masters, "
-                f"the model is cast to bf16), but {other[0]!r} is {dict(named)[other[0]].dtype}"
+                f"precision={precision!r} takes a {str(low)[6:]} model (masters start exact) or an fp32 one (fp32 "
+                f"masters, the model is cast to {str(low)[6:]}), but {other[0]!r} is {dict(named)[other[0]].dtype}"
             )
         shapes = {n: p.shape for n, p in named}
         for name, t in (initial_masters or {}).items():
@@ -66,15 +72,16 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def to_device_bf16(model: nn.Module, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Move an fp32 model (e.g. loaded on the CPU) to ``device`` in bf16, one parameter at a time, and return
-    its fp32 weights by name (still where they were) for ``HiFTOptimizer(..., initial_masters=...)``: a 7B fp32
-    checkpoint starts a bf16-mixed run on a 24 GB card without the fp32 weights ever being on the GPU."""
+def to_device_bf16(model: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Move an fp32 model (e.g. loaded on the CPU) to ``device`` in ``dtype`` (bf16, or fp16 for fp16-mixed),
+    one parameter at a time, and return its fp32 weights by name (still where they were) for
+    ``HiFTOptimizer(..., initial_masters=...)``: a 7B fp32 checkpoint starts a mixed run on a 24 GB card
+    without the fp32 weights ever being on the GPU."""
     masters = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dtype == torch.float32:
                 masters[name] = p.data
-                p.data = p.data.to(device=device, dtype=torch.bfloat16)
+                p.data = p.data.to(device=device, dtype=dtype)
     model.to(device)  # buffers (and parameters of other dtypes)
     return masters

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .loss_scale import LossScaler
 
 __all__ = [
     "STATE_FORMAT", "GroupState", "Signature", "StateExport", "signature_of", "export_state", "check_state",
@@ -67,6 +68,8 @@ def export_state(opt) -> StateExport:
         "optimizer": opt.path.name,
         "state_names": list(opt.path.state_names),
         "masters": bool(getattr(opt.path, "masters", False)),
+        "precision": opt.config.precision,
+        "loss_scale": opt.scaler.state_dict() if opt.scaler is not None else None,
         "param_names": [name_of[id(p)] for g in opt.param_groups for p in g["params"]],
         "groups": [list(lay.names) for lay in opt.layouts],
         "order": opt.order.state_dict(),
@@ -123,6 +126,10 @@ def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, 
         if meta.get("optimizer") != opt.path.name:
             raise ConfigError(f"saved for optimizer {meta.get('optimizer')!r}, this one is {opt.path.name!r}")
         mine = export_state(opt).meta
+        if mine["masters"] and meta.get("masters") and meta.get("precision", mine["precision"]) != mine["precision"]:
+            raise ConfigError(f"saved with precision {meta.get('precision')!r}, this optimizer has {mine['precision']!r}")
+        if meta.get("loss_scale") is not None:
+            LossScaler.check_state_dict(meta["loss_scale"])
         if bool(meta.get("masters", False)) != mine["masters"]:
             raise ConfigError(
                 f"saved {'with' if meta.get('masters') else 'without'} fp32 master weights (precision "

@@ -136,12 +136,10 @@ def test_offloaded_masters_equal_resident_and_resume_is_exact(tmp_path):
 
 
 def test_precision_errors_say_what_to_do():
-    with pytest.raises(ConfigError, match="takes a bf16 model"):
+    with pytest.raises(ConfigError, match="takes a bfloat16 model"):
         HiFTOptimizer(_mlp().half(), "adamw", groups=[[".*"]], precision="bf16-mixed")
     with pytest.raises(ConfigError, match="use 'bf16-mixed' for bf16"):
         HiFTOptimizer(_mlp().to(torch.bfloat16), "adamw", groups=[[".*"]], precision="tf32")
-    with pytest.raises(ConfigError, match="loss scaling"):
-        HiFTConfig(precision="fp16-mixed")
     with pytest.raises(ConfigError, match="fused optimizers"):
         HiFTConfig(optimizer=torch.optim.RMSprop, precision="bf16-mixed")
     with pytest.raises(ConfigError, match="did you mean 'bf16-mixed'"):
@@ -251,3 +249,63 @@ def test_a_failed_construction_gives_the_fp32_model_back():
     assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(ConfigError, match="initial_masters"):
         HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="bf16-mixed", initial_masters={"0.weight": torch.zeros(3)})
+
+
+
+def test_fp16_mixed_equals_torch_on_fp32_masters_with_loss_scaling():
+    """Gradients of the scaled loss, unscaled in fp32 inside the update: bit for bit torch.optim.AdamW on fp32
+    masters fed (fp16 gradient) / scale."""
+    model = _mlp().half()
+    masters = copy.deepcopy(model).float()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, groups=[[".*"]], no_decay=[], precision="fp16-mixed", max_grad_norm=0.05)
+    ref = torch.optim.AdamW(masters.parameters(), lr=1e-2)
+    for step in range(4):
+        opt.scale_loss(_loss(model, step)).backward()
+        scale = opt.scaler.scale.item()
+        for pm, p in zip(masters.parameters(), model.parameters()):
+            pm.grad = p.grad.float() * (1.0 / scale)
+        torch.nn.utils.clip_grad_norm_(list(masters.parameters()), 0.05)
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        ref.zero_grad()
+    state = opt.state_dict()["state"]
+    for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
+        assert torch.equal(state[i]["master"], pm.detach())
+        assert torch.equal(p.detach(), pm.detach().half())
+
+
+def test_fp16_overflow_skips_the_step_backs_off_and_is_saved(tmp_path):
+    model = _mlp().half()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, groups=[[".*"]], precision="fp16-mixed")
+    opt.scale_loss(_loss(model, 0)).backward()
+    opt.step()
+    opt.zero_grad()
+    weights = [p.detach().clone() for p in model.parameters()]
+    masters = opt.state_dict()["state"][0]["master"].clone()
+    opt.scale_loss(_loss(model, 1)).backward()
+    model[0].weight.grad[0, 0] = float("inf")  # an fp16 overflow
+    opt.step()
+    assert opt.nonfinite_skips == 1 and opt.scaler.scale.item() == 2.0**15
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert torch.equal(opt.state_dict()["state"][0]["master"], masters)
+    assert opt.state_dict()["hift"]["loss_scale"] == {"scale": 2.0**15, "growth_tracker": 0}
+    ckpt.save_checkpoint(tmp_path, model, opt)
+    model2 = _mlp().half()
+    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-2, groups=[[".*"]], precision="fp16-mixed")
+    ckpt.load_checkpoint(tmp_path, model2, opt2)
+    assert opt2.scaler.scale.item() == 2.0**15 and params_equal(model, model2)
+
+
+def test_loss_scale_grows_after_the_interval_and_backward_without_scaling_is_refused():
+    from hift_engine.loss_scale import LossScaler
+
+    scaler = LossScaler(torch.device("cpu"), init_scale=4.0, growth_interval=2)
+    for skipped, expected in ((0.0, 4.0), (0.0, 8.0), (1.0, 4.0), (0.0, 4.0)):
+        scaler.update(torch.tensor(skipped))
+        assert scaler.scale.item() == expected
+    model = _mlp().half()
+    opt = HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="fp16-mixed")
+    _loss(model, 0).backward()
+    with pytest.raises(ConfigError, match="scale_loss"):
+        opt.step()

@@ -16,6 +16,7 @@ import time
 import torch
 
 from .common import gib, print_table, require_cuda, write_result
+from ..precision import compute_dtype
 from .model_factory import build_llama, random_batch
 
 ALIGN_SEQ = 64  # cheap steps that only move the group order to a cycle position
@@ -30,7 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--flat-cycles", type=int, default=3, help="cycles at batch 1 to check reserved memory is flat")
     p.add_argument("--seq-probe", default="1024,2048,3072,4096,6144,8192", help="sequence lengths to try at batch 1 ('' skips)")
     p.add_argument("--store", default="native", choices=("native", "torch", "resident"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed"),
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed", "fp16-mixed"),
                    help="bf16-mixed builds the model in bf16 and keeps fp32 masters with the streamed state")
 
 
@@ -82,7 +83,7 @@ def _steps(model, opt, batch, seq, n, nvml, dev, label) -> list[dict]:
         group = opt.active_group
         start.record()
         loss = model(**data).loss
-        loss.backward()
+        opt.scale_loss(loss).backward()
         opt.step()
         opt.zero_grad()
         end.record()
@@ -110,7 +111,7 @@ def run(args) -> int:
     cap = _set_cap(args.cap_gib, nvml, dev)
     print(f"cap: {cap}", flush=True)
     t0 = time.perf_counter()
-    model = build_llama(args.layers, dev, dtype=torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32)
+    model = build_llama(args.layers, dev, dtype=compute_dtype(args.precision))
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())

@@ -22,6 +22,7 @@ import time
 import torch
 
 from .common import gib, print_table, require_cuda, write_result
+from ..precision import compute_dtype
 from .model_factory import build_llama, random_batch
 
 
@@ -35,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cycles-official", type=int, default=1, help="measured cycles of the official-style mode (it is ~20x slower)")
     p.add_argument("--modes", default="offload,resident,official,standard")
     p.add_argument("--store", default="native", choices=("native", "torch"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed"),
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed", "fp16-mixed"),
                    help="HiFT modes' precision (bf16-mixed: bf16 model, fp32 masters; standard stays fp32 AdamW)")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--chunk-mib", default="", help="comma-separated transfer_chunk_mib values for the offload mode "
@@ -64,7 +65,7 @@ def _hift(model, mode, store_kind, chunk_mib=None, **overrides):
 def _loop(model, opt, batches, steps):
     for i in range(steps):
         loss = model(**batches[i % len(batches)]).loss
-        loss.backward()
+        getattr(opt, "scale_loss", lambda x: x)(loss).backward()  # standard mode: a torch optimizer
         opt.step()
         opt.zero_grad()
 
@@ -149,7 +150,7 @@ def run(args) -> int:
     for layers, allowed, cycles in runs:
         if not layers:
             continue
-        model = build_llama(layers, dev, dtype=torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32)
+        model = build_llama(layers, dev, dtype=compute_dtype(args.precision))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {layers} layers, {n_params / 1e9:.3f} B params", flush=True)
         for mode in allowed:

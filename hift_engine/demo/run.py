@@ -11,6 +11,7 @@ import torch
 
 from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
+from ..precision import compute_dtype
 from .task import VOCAB_SIZE, ArithmeticTask
 
 __all__ = ["DemoResult", "run_demo", "tiny_llama"]
@@ -61,8 +62,8 @@ def run_demo(
     torch.manual_seed(seed)
     task = ArithmeticTask()
     model = tiny_llama(seed=seed, device=dev)
-    if precision == "bf16-mixed":
-        model = model.to(torch.bfloat16)
+    if precision.endswith("-mixed"):
+        model = model.to(compute_dtype(precision))
     opt = HiFTOptimizer(
         model, "adamw", lr=lr, weight_decay=0.0, layers_per_group=layers_per_group, strategy=strategy, seed=seed,
         precision=precision,
@@ -79,7 +80,7 @@ def run_demo(
     for step in range(steps):
         batch = task.batch(rng, batch_size, dev)
         loss = model(**batch).loss
-        loss.backward()
+        opt.scale_loss(loss).backward()
         group, lr_now = opt.active_group, opt.param_groups[0]["lr"]
         opt.step()
         sched.step()

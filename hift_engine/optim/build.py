@@ -53,6 +53,6 @@ def make_path(
     elif callable(store) and not isinstance(store, StateStore):
         store = store(layouts, device)
     backend = resolve_kernels(cfg.kernels, device)
-    path = FusedPath(spec, layouts, grad_views, arena, param_groups, store, backend, clip=cfg.max_grad_norm is not None,
-                     masters=masters)
+    apply_coef = cfg.max_grad_norm is not None or cfg.precision == "fp16-mixed"
+    path = FusedPath(spec, layouts, grad_views, arena, param_groups, store, backend, apply_coef, masters=masters)
     return path, backend

@@ -68,11 +68,12 @@ class FusedPath(UpdatePath):
         param_groups: list[dict[str, Any]],
         store: StateStore | None,
         backend: str,
-        clip: bool,
+        apply_coef: bool,
         masters: bool = False,
     ) -> None:
         self.spec, self.layouts, self.arena, self.param_groups = spec, list(layouts), arena, param_groups
-        self.store, self.backend, self.clip, self.masters = store, backend, clip, masters
+        # apply_coef: the gradients are multiplied by flags[0] (clipping, loss-scale unscaling) before the math
+        self.store, self.backend, self.apply_coef, self.masters = store, backend, apply_coef, masters
         self.name = spec.name
         self.state_names = spec.state_names(param_groups[0])
         self._structure = spec.structure(param_groups[0])
@@ -128,7 +129,7 @@ class FusedPath(UpdatePath):
             return
         if flags is not None and flags[1].item() != 0:  # reference path: a host sync is acceptable here
             return
-        coef = flags[0] if flags is not None and self.clip else None
+        coef = flags[0] if flags is not None and self.apply_coef else None
         for b in lay.buckets:
             sub = [i for i in b.members if i in member_set]
             if not sub:

@@ -22,7 +22,7 @@ from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
 from .data import Batches, encode_examples, load_examples
-from ..precision import to_device_bf16
+from ..precision import compute_dtype, to_device_bf16
 from .model import build_model, check_model_path, masters_from_host, resolve_device
 from .rundir import check_output_dir, clear_previous_run, plan_resume
 
@@ -97,7 +97,7 @@ def train(
         )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
-    masters = to_device_bf16(model, device) if masters_from_host(cfg) else None
+    masters = to_device_bf16(model, device, compute_dtype(cfg.optimizer.precision)) if masters_from_host(cfg) else None
     opt = HiFTOptimizer(model, config=cfg.optimizer, initial_masters=masters)
     del masters  # the store holds them now
     try:
@@ -153,7 +153,7 @@ def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, p
                 for micro in range(cfg.train.grad_accum):
                     batch = batches.get(step, micro, device)
                     loss = model(**batch).loss / cfg.train.grad_accum
-                    loss.backward()
+                    opt.scale_loss(loss).backward()  # the loss scale under fp16-mixed; the loss itself otherwise
                     step_loss += loss.item()
                     window_tokens += int(batch["attention_mask"].sum())
                 opt.step()

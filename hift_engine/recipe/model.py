@@ -16,7 +16,7 @@ __all__ = ["build_model", "resolve_device", "masters_from_host"]
 
 def masters_from_host(cfg: RunConfig) -> bool:
     """bf16-mixed from fp32 weights: they become the masters and never go to the device in fp32."""
-    return cfg.optimizer.precision == "bf16-mixed" and cfg.model.dtype == "float32"
+    return cfg.optimizer.precision.endswith("-mixed") and cfg.model.dtype == "float32"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
