@@ -46,7 +46,7 @@ from .checkpoint_dir import (
 from .errors import CheckpointError, ConfigError
 from .state_io import Signature
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "model_weights"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -132,7 +132,7 @@ def save_checkpoint(
             if group.values:
                 values[str(gid)] = group.values
             masters.update(optimizer.master_weights(gid, group))
-        _save_weights(tmp / "model.safetensors", model, masters)
+        _save_tensors(tmp / "model.safetensors", model_weights(model, masters=masters))
         rng_tensors, python_rng = _rng_state()
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
         if scheduler is not None:
@@ -173,9 +173,16 @@ def save_checkpoint(
     return final
 
 
-def _save_weights(path: Path, model: nn.Module, masters: Mapping[str, torch.Tensor]) -> None:
-    """The model's state dict (a tensor shared by several names once), with fp32 master weights in place of
-    the rounded parameters where the optimizer keeps them: a bf16-mixed checkpoint loads as fp32 weights."""
+def model_weights(model: nn.Module, optimizer=None, masters: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """The model's state dict (a tensor shared by several names once), with the fp32 master weights of a mixed
+    precision run in place of the rounded parameters (``masters``, or taken from ``optimizer``): what to save
+    so that the weights load for fp32 training or inference (``save_pretrained(state_dict=...)`` too)."""
+    if masters is None:
+        masters = {}
+        if optimizer is not None:
+            export = optimizer.export_state()
+            for gid, group in enumerate(export.groups):
+                masters.update(optimizer.master_weights(gid, group))
     seen, tensors = set(), {}
     for name, t in model.state_dict().items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -183,7 +190,7 @@ def _save_weights(path: Path, model: nn.Module, masters: Mapping[str, torch.Tens
             continue  # tied weights: stored once; load_checkpoint accepts names that share storage
         seen.add(key)
         tensors[name] = masters.get(name, t)
-    _save_tensors(path, tensors)
+    return tensors
 
 
 def _header(f: Path) -> Signature:

@@ -31,7 +31,7 @@ from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .loss_scale import LossScaler
-from .precision import compute_dtype, enable_tf32, prepare_precision
+from .precision import enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
 from .store import StateStore
@@ -50,6 +50,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         config: a HiFTConfig (or mapping) instead of keyword options.
         store: where fused optimizer state lives, instead of ``config.state_store``: a StateStore, or a callable
             ``(layouts, device) -> StateStore`` (benchmarks use it for their baselines).
+        initial_masters: under bf16-/fp16-mixed, fp32 weights by parameter name to start the masters from
+            (``precision.to_device_bf16`` returns them for a model moved to the GPU from fp32 on the host).
         All other keyword arguments are HiFTConfig fields (lr, weight_decay, layers_per_group, strategy, ...);
         anything else is an optimizer option (betas, eps, amsgrad, momentum, nesterov, lr_decay, ...).
 
@@ -89,18 +91,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
-        # Mixed precision over fp32 weights: the fp32 tensors become the masters, the model continues in bf16 or
-        # fp16 (undone if anything below fails).
-        seeds = {n: p.data for n, p in named if masters and p.dtype == torch.float32} | dict(initial_masters or {})
-        cast = [(p, p.data) for _, p in named if masters and p.dtype == torch.float32]
-        with torch.no_grad():
-            for p, data in cast:
-                p.data = data.to(compute_dtype(cfg.precision))
+        seeds, undo = take_fp32_masters(cfg.precision, named, masters, initial_masters)
         try:
             self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds)
         except BaseException:
-            for p, data in cast:
-                p.data = data
+            undo()  # the model as it was
             raise
 
     def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds) -> None:

@@ -12,14 +12,14 @@ bf16-mixed  bf16 weights on the device; each group's fp32 master weights live wi
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["prepare_precision", "enable_tf32", "to_device_bf16", "compute_dtype"]
+__all__ = ["prepare_precision", "enable_tf32", "to_device_bf16", "compute_dtype", "take_fp32_masters"]
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -42,8 +42,9 @@ def prepare_precision(
         other = [n for n, p in named if p.dtype not in (low, torch.float32)]
         if other:
             raise ConfigError(
-                f"precision={precision!r} takes a {str(low)[6:]} model (masters start exact) or an fp32 one (fp32 "
-                f"masters, the model is cast to {str(low)[6:]}), but {other[0]!r} is {dict(named)[other[0]].dtype}"
+                f"precision={precision!r} takes a {str(low)[6:]} model (masters start exact; parameters kept in fp32 "
+                f"stay fp32) or an fp32 one (fp32 masters, the model is cast to {str(low)[6:]}), but {other[0]!r} is "
+                f"{dict(named)[other[0]].dtype}"
             )
         shapes = {n: p.shape for n, p in named}
         for name, t in (initial_masters or {}).items():
@@ -85,3 +86,24 @@ def to_device_bf16(model: nn.Module, device: torch.device | str, dtype: torch.dt
                 p.data = p.data.to(device=device, dtype=dtype)
     model.to(device)  # buffers (and parameters of other dtypes)
     return masters
+
+
+def take_fp32_masters(
+    precision: str, named: Sequence[tuple[str, nn.Parameter]], masters: bool,
+    initial_masters: Mapping[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    """(seeds, undo): under a mixed precision an all-fp32 model is cast to the compute dtype and its fp32
+    tensors become the masters' seeds (with ``initial_masters``); ``undo`` casts back. A model that is already
+    partly bf16/fp16 keeps its fp32 parameters (modules kept in fp32 on purpose)."""
+    whole = masters and all(p.dtype == torch.float32 for _, p in named)
+    seeds = {n: p.data for n, p in named if whole} | dict(initial_masters or {})
+    cast = [(p, p.data) for _, p in named if whole]
+    with torch.no_grad():
+        for p, data in cast:
+            p.data = data.to(compute_dtype(precision))
+
+    def undo() -> None:
+        for p, data in cast:
+            p.data = data
+
+    return seeds, undo

@@ -23,8 +23,11 @@ def _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, mom
                HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                MASTER: tl.constexpr):
     """The update of one chunk; ``mask`` is None for chunks fully inside their tensor."""
-    if MASTER:  # mixed precision: the fp32 master is the weight; the model's copy is only written
-        p = tl.load(w_ptrs, mask=mask)
+    if MASTER:  # mixed precision: the fp32 master is the weight, unless the model's copy was changed by the
+        # user since the last update (it is no longer the rounded master): then the user's weight wins
+        w = tl.load(w_ptrs, mask=mask)
+        cur = tl.load(p_ptrs, mask=mask)
+        p = tl.where(cur != w.to(p_ptrs.dtype.element_ty), cur.to(tl.float32), w)
     else:
         p = tl.load(p_ptrs, mask=mask).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)

@@ -309,3 +309,87 @@ def test_loss_scale_grows_after_the_interval_and_backward_without_scaling_is_ref
     _loss(model, 0).backward()
     with pytest.raises(ConfigError, match="scale_loss"):
         opt.step()
+
+
+# --------------------------------------------------------------------------------------- found in review
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_weights_the_user_changes_win_over_their_masters(kernels, tmp_path):
+    """After a group's first update, model.load_state_dict / p.data.copy_ must not be undone by the masters."""
+    model = _mlp().to(torch.bfloat16)
+    opt = HiFTOptimizer(model, "sgd", lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", kernels=kernels)
+    _loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    new = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    model.load_state_dict(new)
+    path = ckpt.save_checkpoint(tmp_path, model, opt)
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(t, torch.full_like(t, 0.5)) for t in load_file(str(path / "model.safetensors")).values())
+    ref = copy.deepcopy(model).float()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
+    _loss(model, 1).backward()
+    for pr, p in zip(ref.parameters(), model.parameters()):
+        pr.grad = p.grad.float()
+    opt.step()
+    ref_opt.step()
+    for pr, p in zip(ref.parameters(), model.parameters()):
+        assert (p.float() - pr).abs().max().item() <= 2 ** -8  # from 0.5, not from the old masters
+
+
+def test_loading_the_optimizer_before_the_model_still_resumes_exactly():
+    """Groups not yet trained at the save have no masters in the state dict: a fresh optimizer takes them from
+    whatever weights the model holds at load time, and the model's real weights, loaded after, must win."""
+    model = tiny_llama().to(torch.bfloat16)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, precision="bf16-mixed")
+    for step in range(opt.num_groups + 2):
+        model(**lm_batch(seed=step)).loss.backward()
+        model.model.layers[0].mlp.up_proj.weight.grad = None  # activated, never updated: step count 0, no "master"
+        opt.step()
+        opt.zero_grad()
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    model2 = tiny_llama(seed=1).to(torch.bfloat16)  # other weights until the model's state dict comes
+    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-3, precision="bf16-mixed")
+    opt2.load_state_dict(saved_opt)  # before the model's weights: torch.optim does not care about the order
+    model2.load_state_dict(saved_model)
+    for m, o in ((model, opt), (model2, opt2)):
+        for step in range(100, 100 + 2 * o.num_groups):
+            m(**lm_batch(seed=step)).loss.backward()
+            o.step()
+            o.zero_grad()
+    assert params_equal(model, model2)
+
+
+def test_torch_state_dicts_and_mixed_state_dicts_cross_precisions_cleanly():
+    model = _mlp()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _loss(model, 0).backward()
+    torch_opt.step()
+    mixed_model = copy.deepcopy(model).to(torch.bfloat16)
+    mixed = HiFTOptimizer(mixed_model, "adamw", lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed")
+    mixed.load_torch_state_dict(torch_opt.state_dict(), list(mixed_model.parameters()))  # masters from the weights
+    assert torch.equal(mixed.state_dict()["state"][0]["master"], mixed_model[0].weight.float())
+    stripped = {k: v for k, v in mixed.state_dict().items() if k != "hift"}
+    plain = HiFTOptimizer(_mlp(), "adamw", lr=1e-2, groups=[[".*"]], no_decay=[])
+    with pytest.raises(ConfigError, match="fp32 master weights"):
+        plain.load_state_dict(stripped)
+
+
+def test_parameters_kept_in_fp32_stay_fp32():
+    model = _mlp().to(torch.bfloat16)
+    model[2].float()  # e.g. a module transformers keeps in fp32
+    HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="bf16-mixed")
+    assert model[0].weight.dtype == torch.bfloat16 and model[2].weight.dtype == torch.float32
+
+
+def test_hift_train_final_weights_are_the_fp32_masters(tmp_path):
+    from safetensors.torch import load_file
+
+    from hift_engine.recipe import load_run_config, train
+
+    cfg = load_run_config(None, {"precision": "bf16-mixed", "steps": "4", "batch_size": "4", "output_dir": str(tmp_path / "r"),
+                                 "plot": "false"})
+    train(cfg, progress=False)
+    final = load_file(str(tmp_path / "r" / "final" / "model.safetensors"))
+    saved = load_file(str(next((tmp_path / "r" / "checkpoints").glob("ckpt-*")) / "model.safetensors"))
+    assert all(final[k].dtype == torch.float32 and torch.equal(final[k], saved[k]) for k in final)

@@ -142,6 +142,10 @@ class FusedPath(UpdatePath):
             states = [lay.state_views(state, k, sub) for k in range(self.masters, lay.num_state)]
             steps = lay.steps[sub].tolist()
             params = lay.state_views(state, 0, sub) if self.masters else [lay.params[i] for i in sub]
+            if self.masters:  # a weight the user changed since the last update wins over its master (as in the kernels)
+                for i, master in zip(sub, params):
+                    weight = lay.params[i].detach()
+                    torch.where(weight != master.to(weight.dtype), weight.float(), master, out=master)
             self.spec.reference(params, grads, states, steps, self.param_groups[b.param_group])
             if self.masters:
                 for i, master in zip(sub, params):
@@ -214,8 +218,15 @@ class FusedPath(UpdatePath):
             step = e.get("step", 1)
             if not _valid_step(step):
                 raise ConfigError(f"load_state_dict: step of {lay.names[i]!r} is {step!r}, not a finite count >= 0")
+            if not self.masters and "master" in e:
+                raise ConfigError(
+                    f"load_state_dict: {lay.names[i]!r} has fp32 master weights (saved by a bf16-/fp16-mixed run); "
+                    "create the optimizer with that precision, or load the checkpoint's model weights instead"
+                )
             for key in self._keys():
                 src = e.get(key)
+                if src is None and key == "master":
+                    continue  # a torch.optim state dict: the master starts from the model's weight
                 if src is None:
                     raise ConfigError(f"load_state_dict: state of {lay.names[i]!r} lacks {key!r} (saved by another optimizer?)")
                 if not torch.is_tensor(src) or tuple(src.shape) != tuple(lay.params[i].shape):
@@ -235,7 +246,8 @@ class FusedPath(UpdatePath):
             self._init_fresh(lay, flat, lay.buckets)  # parameters without saved state start fresh
             for i, e in enumerate(entries):
                 for k, key in enumerate(self._keys() if e else ()):
-                    lay.state_views(flat, k, [i])[0].copy_(e[key])
+                    if key in e:
+                        lay.state_views(flat, k, [i])[0].copy_(e[key])
             tensors["state"] = flat
         return GroupState(tensors)
 
@@ -257,7 +269,11 @@ class FusedPath(UpdatePath):
         if not self.masters or flat is None:  # never activated: the model's weights are the masters
             return {}
         lay = self.layouts[gid]
-        return dict(zip(lay.names, lay.state_views(flat, 0)))
+        out = {}
+        for name, p, master in zip(lay.names, lay.params, lay.state_views(flat, 0)):
+            weight = p.detach().to(master.device)  # where the user changed the weight, the weight is what counts
+            out[name] = torch.where(weight == master.to(weight.dtype), master, weight.float())
+        return out
 
     def _keys(self) -> tuple[str, ...]:
         """The flat state's vectors as torch.optim-style keys: "master" first when masters are kept."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, model_weights, save_checkpoint
 from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
@@ -121,7 +121,7 @@ def train(
             log_path.unlink()
         losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress)
         final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last)
-        model.save_pretrained(out / "final")
+        model.save_pretrained(out / "final", state_dict=model_weights(model, opt))  # fp32 masters of a mixed run
         if hasattr(tok, "save_pretrained"):
             tok.save_pretrained(out / "final")
         plot = plot_training(log_path, out / "training.png") if cfg.train.plot else None
