@@ -53,3 +53,25 @@ def to_pointer(addr, like_ptr, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def load_weight(p_ptrs, w_ptrs, mask, MASTER: tl.constexpr):
+    """The fp32 weight an update starts from: the parameter itself, or under mixed precision its fp32 master,
+    unless the model's copy was changed since the last update (it is no longer the rounded master): then the
+    user's weight wins."""
+    if MASTER:
+        w = tl.load(w_ptrs, mask=mask)
+        cur = tl.load(p_ptrs, mask=mask)
+        p = tl.where(cur != w.to(p_ptrs.dtype.element_ty), cur.to(tl.float32), w)
+    else:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    return p
+
+
+@triton.jit
+def store_weight(p_ptrs, w_ptrs, p, mask, MASTER: tl.constexpr):
+    """Write the updated fp32 weight: the master (mixed precision) and the model's copy in its own dtype."""
+    if MASTER:
+        tl.store(w_ptrs, p, mask=mask)
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)

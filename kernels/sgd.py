@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import DEFAULT_WARPS, check_update_args, is_aligned, launch_device
-from ._locate import locate_chunk, to_pointer
+from ._locate import load_weight, locate_chunk, store_weight, to_pointer
 from .reference import state_names
 from .table import TensorTable
 
@@ -23,13 +23,7 @@ def _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, mom
                HAS_FLAGS: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                MASTER: tl.constexpr):
     """The update of one chunk; ``mask`` is None for chunks fully inside their tensor."""
-    if MASTER:  # mixed precision: the fp32 master is the weight, unless the model's copy was changed by the
-        # user since the last update (it is no longer the rounded master): then the user's weight wins
-        w = tl.load(w_ptrs, mask=mask)
-        cur = tl.load(p_ptrs, mask=mask)
-        p = tl.where(cur != w.to(p_ptrs.dtype.element_ty), cur.to(tl.float32), w)
-    else:
-        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    p = load_weight(p_ptrs, w_ptrs, mask, MASTER)  # the master under mixed precision
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     if HAS_FLAGS:
         g = g * tl.load(scale_ptr)
@@ -45,9 +39,7 @@ def _sgd_apply(p_ptrs, w_ptrs, g_ptrs, buf_ptrs, mask, scale_ptr, first, lr, mom
         else:
             g = buf
     p = p - lr * g
-    if MASTER:
-        tl.store(w_ptrs, p, mask=mask)
-    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+    store_weight(p_ptrs, w_ptrs, p, mask, MASTER)
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
