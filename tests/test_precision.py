@@ -393,3 +393,15 @@ def test_hift_train_final_weights_are_the_fp32_masters(tmp_path):
     final = load_file(str(tmp_path / "r" / "final" / "model.safetensors"))
     saved = load_file(str(next((tmp_path / "r" / "checkpoints").glob("ckpt-*")) / "model.safetensors"))
     assert all(final[k].dtype == torch.float32 and torch.equal(final[k], saved[k]) for k in final)
+
+
+def test_trainer_helper_takes_bf16_mixed_and_refuses_fp16_mixed(tmp_path):
+    from transformers import TrainingArguments
+
+    from hift_engine.integrations.hf import create_hift_optimizer_and_scheduler
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[])
+    with pytest.raises(ConfigError, match="Trainer does not"):
+        create_hift_optimizer_and_scheduler(_mlp().half(), args, precision="fp16-mixed", groups=[[".*"]])
+    opt, _ = create_hift_optimizer_and_scheduler(_mlp().to(torch.bfloat16), args, precision="bf16-mixed", groups=[[".*"]])
+    assert "masters=fp32" in opt.describe()

@@ -38,6 +38,11 @@ def create_hift_optimizer_and_scheduler(
         )
     options: dict[str, Any] = {"optimizer": "adamw", "lr": args.learning_rate, "weight_decay": args.weight_decay}
     options.update(hift_options)
+    if options.get("precision") == "fp16-mixed":
+        raise ConfigError(
+            "precision='fp16-mixed' needs opt.scale_loss(loss) before backward, which transformers.Trainer does not "
+            "call; use precision='bf16-mixed' with Trainer"
+        )
     if options["optimizer"] == "adamw":
         options.setdefault("betas", (args.adam_beta1, args.adam_beta2))
         options.setdefault("eps", args.adam_epsilon)

@@ -284,7 +284,10 @@ class FusedPath(UpdatePath):
         return 4 * len(self._keys())
 
     def describe(self) -> str:
-        return f"state_store={self.store.kind if self.store else 'none'}" + (" masters=fp32" if self.masters else "")
+        out = f"state_store={self.store.kind if self.store else 'none'}" + (" masters=fp32" if self.masters else "")
+        if self.store is not None and self.store.kind.startswith("offload"):  # said before it is taken
+            out += f" pinned host state={sum(self.store.numels) * 4 / 2**30:.2f} GiB"
+        return out
 
     def synchronize(self) -> None:
         if self.store is not None:
