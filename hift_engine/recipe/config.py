@@ -58,6 +58,7 @@ class TrainSection:
     keep_last: int = 2
     output_dir: str = "runs/hift"
     plot: bool = True
+    head_chunk_tokens: int = 0  # > 0: LM head + loss in chunks of this many tokens, no full logits (long sequences)
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "schedule": ScheduleSection, "train": TrainSection}
@@ -92,6 +93,8 @@ class RunConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
         if t.save_every < 0:
             raise ConfigError(f"train.save_every must be >= 0 (0: only at the end), got {t.save_every}")
+        if t.head_chunk_tokens < 0:
+            raise ConfigError(f"train.head_chunk_tokens must be >= 0 (0: the model's own loss), got {t.head_chunk_tokens}")
         if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
         if self.schedule.schedule not in SCHEDULES:

@@ -22,6 +22,7 @@ from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
 from .data import Batches, encode_examples, load_examples
+from ..head_loss import causal_lm_loss
 from ..precision import compute_dtype, to_device_bf16
 from .model import build_model, check_model_path, masters_from_host, resolve_device
 from .rundir import check_output_dir, clear_previous_run, plan_resume
@@ -63,6 +64,13 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, checkpoint: Path | None, output_dir: Path) -> None:
         super().__init__(f"interrupted after step {step}")
         self.step, self.checkpoint, self.output_dir = step, checkpoint, output_dir
+
+
+def _loss(model, batch: dict, head_chunk_tokens: int):
+    """The model's own loss, or with ``head_chunk_tokens`` the same loss without the full-vocabulary logits."""
+    if not head_chunk_tokens:
+        return model(**batch).loss
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), head_chunk_tokens)
 
 
 def train(
@@ -152,7 +160,7 @@ def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, p
                 step_loss = 0.0
                 for micro in range(cfg.train.grad_accum):
                     batch = batches.get(step, micro, device)
-                    loss = model(**batch).loss / cfg.train.grad_accum
+                    loss = _loss(model, batch, cfg.train.head_chunk_tokens) / cfg.train.grad_accum
                     opt.scale_loss(loss).backward()  # the loss scale under fp16-mixed; the loss itself otherwise
                     step_loss += loss.item()
                     window_tokens += int(batch["attention_mask"].sum())
