@@ -23,6 +23,7 @@ STRATEGIES = ("bottom2up", "top2down", "random")
 STATE_STORES = ("auto", "resident", "torch", "native")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
+CHECKPOINTING = ("off", "always")
 FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
@@ -90,6 +91,8 @@ class HiFTConfig:
                       weights kept with each group's optimizer state and streamed with it; fused optimizers),
                       "fp16-mixed" (the same with fp16 weights and dynamic loss scaling: call
                       ``loss = opt.scale_loss(loss)`` before backward).
+    activation_checkpointing: "off", or "always": the blocks above the active group keep only their inputs and
+                      are recomputed in backward (the active group and the blocks below it cost nothing extra).
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -110,6 +113,7 @@ class HiFTConfig:
     transfer_chunk_mib: int = 16
     kernels: str = "auto"
     precision: str = "fp32"
+    activation_checkpointing: str = "off"
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -192,6 +196,11 @@ class HiFTConfig:
             raise ConfigError(
                 f"precision={self.precision!r} keeps fp32 masters with the fused optimizers' state; use optimizer='adamw', "
                 "'adagrad' or 'sgd' (a torch.optim class keeps its own state: train it with precision='fp32')"
+            )
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ConfigError(
+                f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {CHECKPOINTING}"
+                + (" ('auto', sized to a memory budget, is not built yet)" if self.activation_checkpointing == "auto" else "")
             )
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")

@@ -112,6 +112,7 @@ class ParamClaim:
                 stacklevel=4,
             )
         self.original = {id(p): p.requires_grad for p in params}
+        self.on_release: list = []  # more undo steps of the same optimizer (e.g. wrapped block forwards)
         self._params = [(id(p), weakref.ref(p)) for p in params]
         self.released = False
         # Hooks first: torch only registers them on tensors that require grad.
@@ -127,6 +128,8 @@ class ParamClaim:
             return
         self.released = True
         self.router.remove()
+        for undo in self.on_release:
+            undo()
         for key, ref in self._params:
             if _CLAIMS.get(key, (None, None))[1] is self:
                 del _CLAIMS[key]

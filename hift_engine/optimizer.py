@@ -30,6 +30,7 @@ from .nonfinite import SkipMonitor, grad_flags
 from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
+from .activation import Recompute
 from .loss_scale import LossScaler
 from .precision import enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
@@ -128,6 +129,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         frozen = [by_name[n] for n in self.grouping.frozen if user_requires_grad(by_name[n])]
         self._claim = ParamClaim([p for _, p in named], frozen)
         self.router = self._claim.router
+        self._recompute = _recompute(model, self.grouping) if cfg.activation_checkpointing == "always" else None
+        position = {u.name: i for i, u in enumerate(self.grouping.units)}
+        self._last_unit = [max(position[u] for u in g.units) for g in self.grouping.groups]
+        if self._recompute is not None:
+            self._claim.on_release.append(self._recompute.remove)
         weakref.finalize(self, self._claim.release)  # a collected optimizer gives the model back as it was
         if cfg.precision == "tf32":
             enable_tf32()
@@ -218,6 +224,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for p in lay.params:
             p.requires_grad_(True)
         self.router.set_active(lay.params, self._grad_views[gid])
+        if self._recompute is not None:
+            self._recompute.set_active(self._last_unit[gid])
         self._wired = gid  # the group whose parameters require grad (the order may be ahead during a load)
 
     def _switch(self, new: int) -> None:
@@ -298,3 +306,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._claim.release()
         self.path.close()
 
+
+def _recompute(model: nn.Module, grouping: Grouping) -> Recompute:
+    """Wrap the model's blocks (units that are modules, in forward order) for HiFT-aware checkpointing."""
+    modules = dict(model.named_modules())
+    found = [(pos, modules[u.name]) for pos, u in enumerate(grouping.units) if u.name in modules and u.name]
+    if not found:
+        raise ConfigError(
+            "activation_checkpointing needs the model's blocks as units (found automatically for Hugging Face "
+            "decoders and any model with one ModuleList of blocks); with explicit groups=, use 'off'"
+        )
+    return Recompute([m for _, m in found], [pos for pos, _ in found])
