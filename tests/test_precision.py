@@ -23,6 +23,26 @@ def _loss(model, step):
     return model(x).float().pow(2).mean()
 
 
+def _train_beside_torch(model, masters, opt, ref, steps, clip=None):
+    """Step ``opt`` (mixed precision) and ``ref`` (torch.optim on the fp32 ``masters``, fed the same gradients
+    unscaled), then check masters and weights: bit for bit."""
+    for step in range(steps):
+        opt.scale_loss(_loss(model, step)).backward()
+        inv = 1.0 / opt.scaler.scale.item() if opt.scaler is not None else 1.0
+        for pm, p in zip(masters.parameters(), model.parameters()):
+            pm.grad = p.grad.float() * inv if inv != 1.0 else p.grad.float()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(masters.parameters()), clip)
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        ref.zero_grad()
+    state = opt.state_dict()["state"]
+    for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
+        assert torch.equal(state[i]["master"], pm.detach())
+        assert torch.equal(p.detach(), pm.detach().to(p.dtype))
+
+
 @pytest.mark.parametrize("name", sorted(TORCH))
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_bf16_mixed_equals_torch_on_fp32_masters(name, clip):
@@ -33,20 +53,7 @@ def test_bf16_mixed_equals_torch_on_fp32_masters(name, clip):
     cls, kw = TORCH[name]
     opt = HiFTOptimizer(model, name, lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", max_grad_norm=clip, **kw)
     ref = cls(masters.parameters(), lr=1e-2, **kw)
-    for step in range(4):
-        _loss(model, step).backward()
-        for pm, p in zip(masters.parameters(), model.parameters()):
-            pm.grad = p.grad.float()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(list(masters.parameters()), clip)
-        opt.step()
-        opt.zero_grad()
-        ref.step()
-        ref.zero_grad()
-    state = opt.state_dict()["state"]
-    for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
-        assert torch.equal(state[i]["master"], pm.detach())
-        assert torch.equal(p.detach(), pm.detach().to(torch.bfloat16))
+    _train_beside_torch(model, masters, opt, ref, 4, clip)
 
 
 @pytest.mark.parametrize("name", sorted(TORCH))
@@ -259,20 +266,7 @@ def test_fp16_mixed_equals_torch_on_fp32_masters_with_loss_scaling():
     masters = copy.deepcopy(model).float()
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, groups=[[".*"]], no_decay=[], precision="fp16-mixed", max_grad_norm=0.05)
     ref = torch.optim.AdamW(masters.parameters(), lr=1e-2)
-    for step in range(4):
-        opt.scale_loss(_loss(model, step)).backward()
-        scale = opt.scaler.scale.item()
-        for pm, p in zip(masters.parameters(), model.parameters()):
-            pm.grad = p.grad.float() * (1.0 / scale)
-        torch.nn.utils.clip_grad_norm_(list(masters.parameters()), 0.05)
-        opt.step()
-        opt.zero_grad()
-        ref.step()
-        ref.zero_grad()
-    state = opt.state_dict()["state"]
-    for i, (pm, p) in enumerate(zip(masters.parameters(), model.parameters())):
-        assert torch.equal(state[i]["master"], pm.detach())
-        assert torch.equal(p.detach(), pm.detach().half())
+    _train_beside_torch(model, masters, opt, ref, 4, clip=0.05)
 
 
 def test_fp16_overflow_skips_the_step_backs_off_and_is_saved(tmp_path):

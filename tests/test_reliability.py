@@ -130,10 +130,18 @@ def test_no_decay_pattern_matching_nothing_is_an_error():
 
 
 # --------------------------------------------------------------------------------------- 5. longer schedule
-def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+@pytest.mark.parametrize("kind", ["cycle", "transformers"])
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, kind):
+    """A finished run (LR at 0) extended to twice its length resumes half-way along the new schedule, with the
+    LR that implies set at once (not at the next cycle boundary)."""
+    def build(model, factor):
+        opt = HiFTOptimizer(model, "adamw", lr=1e-2)
+        total = factor * opt.num_groups
+        return opt, (opt.cycle_scheduler("cosine", total_steps=total) if kind == "cycle"
+                     else opt.transformers_scheduler("linear", total_steps=total))
+
     model = tiny_llama()
-    opt = HiFTOptimizer(model, "adamw", lr=1e-2)
-    sched = opt.cycle_scheduler("cosine", total_steps=2 * opt.num_groups)
+    opt, sched = build(model, 2)
     for _ in range(2 * opt.num_groups):
         model(**lm_batch()).loss.backward()
         opt.step()
@@ -142,10 +150,9 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.0
     ckpt.save_checkpoint(tmp_path, model, opt, sched)
     model2 = tiny_llama()
-    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-2)
-    sched2 = opt2.cycle_scheduler("cosine", total_steps=4 * opt2.num_groups)
+    opt2, sched2 = build(model2, 4)
     ckpt.load_checkpoint(tmp_path, model2, opt2, sched2)
-    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-2)  # half-way along the new cosine
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-2)  # half-way along the new cosine / linear
     assert sched2.get_last_lr() == [pytest.approx(0.5e-2)] * len(opt2.param_groups)
 
 
@@ -417,25 +424,6 @@ def test_a_replaced_optimizer_refuses_loads_and_zero_grad():
         with pytest.raises(ConfigError, match="replaced by a newer one"):
             call()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.weight"] and o2.active_group == 0
-
-
-def test_resume_with_a_longer_transformers_schedule_sets_its_lr_at_once(tmp_path):
-    model = tiny_llama()
-    opt = HiFTOptimizer(model, "adamw", lr=1e-2)
-    k = opt.num_groups
-    sched = opt.transformers_scheduler("linear", total_steps=2 * k)
-    for _ in range(2 * k):
-        model(**lm_batch()).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    assert opt.param_groups[0]["lr"] == 0.0
-    ckpt.save_checkpoint(tmp_path, model, opt, sched)
-    model2 = tiny_llama()
-    opt2 = HiFTOptimizer(model2, "adamw", lr=1e-2)
-    sched2 = opt2.transformers_scheduler("linear", total_steps=4 * k)
-    ckpt.load_checkpoint(tmp_path, model2, opt2, sched2)
-    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5e-2)
 
 
 def test_a_state_dict_of_another_optimizer_type_is_refused():
