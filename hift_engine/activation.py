@@ -3,12 +3,15 @@
 Below the active group nothing is stored anyway (no gradient flows there); the active group needs its
 activations for its own gradients; the blocks *above* it need theirs only to pass the gradient down, so they
 keep just their inputs and are recomputed in backward (``torch.utils.checkpoint``, non-reentrant, RNG state
-preserved). Works on any model whose blocks are modules (every Hugging Face decoder): each block's ``forward``
-is wrapped on the instance, and the wrapper asks which blocks are above the active group at call time.
+preserved). Works on any model whose blocks are modules (every Hugging Face decoder): each block gets an
+instance ``forward`` bound to itself that asks the optimizer's Recompute (through a weak reference) whether the
+block is above the active group; a deep copy of the model gets methods bound to the copy, never the original.
 """
 
 from __future__ import annotations
 
+import types
+import weakref
 from typing import Sequence
 
 import torch
@@ -18,27 +21,32 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["Recompute"]
 
 
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """The block's forward, bound to the block itself (so ``copy.deepcopy`` of the model rebinds it to the copy):
+    through ``checkpoint()`` while the owning Recompute says the block is above the active group."""
+    forward = type(self).forward
+    owner = self.__dict__.get("_hift_recompute")
+    owner = owner() if owner is not None else None
+    if owner is not None and owner.recomputes(self._hift_position) and torch.is_grad_enabled():
+        owner.recomputed += 1
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
 class Recompute:
     """``blocks[i]`` is the module of unit ``positions[i]`` (its index in forward order)."""
 
     def __init__(self, blocks: Sequence[nn.Module], positions: Sequence[int]) -> None:
         self._blocks = list(blocks)
-        self._positions = list(positions)
         self.above = -1  # blocks at unit positions > above are recomputed; -1 before the first activation
         self.recomputed = 0  # blocks run through checkpoint() so far (for tests and diagnostics)
-        for block, pos in zip(self._blocks, self._positions):
-            inner = getattr(block, "_hift_inner_forward", None) or block.forward  # a previous optimizer's wrapper
-            block._hift_inner_forward = inner
-            block.forward = self._wrap(inner, pos)
+        me = weakref.ref(self)
+        for block, pos in zip(self._blocks, positions):
+            block._hift_recompute, block._hift_position = me, pos
+            block.forward = types.MethodType(_checkpointed_forward, block)
 
-    def _wrap(self, inner, position: int):
-        def forward(*args, **kwargs):
-            if position > self.above and torch.is_grad_enabled():
-                self.recomputed += 1
-                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-            return inner(*args, **kwargs)
-
-        return forward
+    def recomputes(self, position: int) -> bool:
+        return position > self.above
 
     def set_active(self, last_unit: int) -> None:
         """The active group ends at unit ``last_unit``: the blocks after it are recomputed."""
@@ -46,7 +54,6 @@ class Recompute:
 
     def remove(self) -> None:
         for block in self._blocks:
-            inner = block.__dict__.pop("_hift_inner_forward", None)
-            if inner is not None and "forward" in block.__dict__:
-                del block.forward
+            for name in ("forward", "_hift_recompute", "_hift_position"):
+                block.__dict__.pop(name, None)
         self._blocks.clear()

@@ -22,6 +22,11 @@ IGNORE_INDEX = -100  # transformers' label for tokens without a loss (padding, p
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # backward recomputes in the same dtypes
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, labels, chunk)
+
+    @staticmethod
+    def _forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -38,6 +43,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _LinearCrossEntropy._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         hidden, weight, safe, valid, lse, count = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -57,7 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
     """``cross_entropy(hidden @ weight.T, labels, ignore_index=-100)`` with at most ``chunk_tokens`` rows of
-    logits alive. hidden: [N, H]; weight: [V, H]; labels: [N] int64."""
+    logits alive. hidden: [N, H]; weight: [V, H]; labels: [N] int64 in [0, V) or -100 (not checked: that would
+    wait for the device). With every label -100 the loss is 0 (torch gives nan). Autocast is off inside."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or labels.shape != hidden.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
@@ -72,7 +83,17 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
                    chunk_tokens: int = 4096) -> Tensor:
     """The loss ``model(input_ids, labels=labels).loss`` of a transformers causal LM (next-token prediction,
     mean over labelled tokens), computed from the decoder's hidden states without materialising the logits.
-    Works for models whose head is a bias-free ``nn.Linear`` (LLaMA, Mistral, Qwen2, GPT-NeoX, OPT, ...)."""
+    Works for models whose head is a bias-free ``nn.Linear`` whose logits are used as they are (LLaMA, Mistral,
+    Qwen2, GPT-NeoX, OPT, ...); models that scale or soft-cap their logits (Cohere, Granite, Gemma 2/3) are
+    refused."""
+    cfg = getattr(model, "config", None)
+    transforms = {k: getattr(cfg, k, None) for k in ("logit_scale", "logits_scaling", "final_logit_softcapping")}
+    transforms = {k: v for k, v in transforms.items() if v not in (None, 0, 0.0, 1, 1.0)}
+    if transforms:
+        raise ConfigError(
+            f"causal_lm_loss: {type(model).__name__} transforms its logits after the head ({transforms}); the chunked "
+            "loss would train a different objective. Use the model's own loss (head_chunk_tokens: 0)"
+        )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(head, nn.Linear) or head.bias is not None or decoder is None:
@@ -80,6 +101,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
             f"causal_lm_loss: {type(model).__name__} needs a bias-free nn.Linear output head and a base model "
             f"attribute ({getattr(model, 'base_model_prefix', None)!r}); compute the loss with model(..., labels=...)"
         )
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a recomputed block must not append to a KV cache a second time
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # predict token t+1 at position t
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), chunk_tokens)

@@ -29,7 +29,7 @@ class LossScaler:
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         self.scaled = True
-        return loss * self.scale.to(loss.dtype)
+        return loss.float() * self.scale  # in fp32, as GradScaler: 2^16 is inf in fp16
 
     def inv_scale(self) -> Tensor:
         return self.scale.double().reciprocal().float()  # as GradScaler computes it

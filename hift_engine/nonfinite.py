@@ -62,13 +62,16 @@ class SkipMonitor:
         self.consecutive = 0
         self._pending: deque = deque()
 
-    def record(self, skip_flag: Tensor, step: int, group: int) -> None:
-        """Queue this step's flag. Never raises: poll() does, between steps, so a step is never left half done."""
+    def record(self, skip_flag: Tensor, step: int, group: int, abortable: Tensor | None = None) -> None:
+        """Queue this step's flag. Never raises: poll() does, between steps, so a step is never left half done.
+        ``abortable`` (default: the flag itself) says whether a skip counts toward ``max_consecutive``: a loss-scale
+        overflow at a high scale is routine (the scale backs off) and does not."""
+        flags = torch.stack([skip_flag.reshape(()), (skip_flag if abortable is None else abortable).reshape(())]).float()
         if not self.cuda:
-            self._pending.append((None, skip_flag.detach().clone(), step, group))
+            self._pending.append((None, flags.detach().clone(), step, group))
             return
-        host = torch.empty(1, dtype=torch.float32, pin_memory=True)
-        host.copy_(skip_flag.reshape(1), non_blocking=True)
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending.append((event, host, step, group))
@@ -83,13 +86,16 @@ class SkipMonitor:
             if event is not None:
                 event.synchronize()
             self._pending.popleft()
-            self._account(bool(host.item()), step, group)
+            self._account(bool(host[0].item()), bool(host[1].item()), step, group)
 
-    def _account(self, skipped: bool, step: int, group: int) -> None:
+    def _account(self, skipped: bool, abortable: bool, step: int, group: int) -> None:
         if not skipped:
             self.consecutive = 0
             return
         self.total += 1
+        if not abortable:
+            log.info("step %d: gradient overflow at the current loss scale, update skipped, scale backed off", step)
+            return
         self.consecutive += 1
         log.warning("step %d: non-finite gradients in group %d, update skipped (%d in a row)", step, group, self.consecutive)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:

@@ -195,10 +195,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 [self._grad_views[gid][i] for i in members], self.config.max_grad_norm,
                 self.config.skip_nonfinite or self.scaler is not None, self.scaler.inv_scale() if self.scaler else None,
             )
-            if flags is not None:
-                self.monitor.record(flags[1], self.global_step, gid)
-            if self.scaler is not None:
+            if self.scaler is not None:  # overflows above a scale of 1 are routine: they back the scale off
+                self.monitor.record(flags[1], self.global_step, gid, abortable=flags[1] * (self.scaler.scale <= 1.0))
                 self.scaler.update(flags[1])
+            elif flags is not None:
+                self.monitor.record(flags[1], self.global_step, gid)
             self.path.update(gid, members, flags)
             self.path.put_away(gid, keep=nxt == gid)
         self.global_step += 1

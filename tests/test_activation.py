@@ -50,10 +50,32 @@ def test_a_replacing_optimizer_rewraps_once_and_errors_are_clear():
     with pytest.warns(UserWarning, match="still attached"):
         opt = HiFTOptimizer(model, "adamw", activation_checkpointing="always")
     layer = model.model.layers[0]
-    assert layer._hift_inner_forward.__func__ is type(layer).forward  # wrapped once, around the real forward
+    assert layer.forward.__self__ is layer and layer._hift_recompute() is opt._recompute  # wrapped once, by opt
     model(**lm_batch()).loss.backward()
     opt.step()
     with pytest.raises(ConfigError, match="not built yet"):
         HiFTConfig(activation_checkpointing="auto")
     with pytest.raises(ConfigError, match="explicit groups"):
         HiFTOptimizer(tiny_llama(), "adamw", groups=[[".*"]], activation_checkpointing="always")
+
+
+def test_a_deep_copy_runs_its_own_weights_and_gives_the_original_no_gradients():
+    import copy
+
+    model = tiny_llama()
+    HiFTOptimizer(model, "adamw", activation_checkpointing="always")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.model.layers[2].parameters():
+            p.add_(0.1)
+    fresh = copy.deepcopy(clone)
+    for m in fresh.modules():  # the same weights without any wrapper
+        for name in ("forward", "_hift_recompute", "_hift_position"):
+            m.__dict__.pop(name, None)
+    batch = lm_batch()
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    loss = clone(**batch).loss
+    assert torch.equal(loss, fresh(**batch).loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())

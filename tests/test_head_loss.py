@@ -70,3 +70,24 @@ def test_hift_train_with_a_chunked_head_matches_the_plain_loss(tmp_path):
     assert runs["16"]["last_loss"] == pytest.approx(runs["0"]["last_loss"], rel=1e-3)
     with pytest.raises(ConfigError, match="head_chunk_tokens"):
         load_run_config(None, {"head_chunk_tokens": "-1"})
+
+
+def test_models_that_transform_their_logits_are_refused():
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2 (Cohere: logit_scale, Granite: logits_scaling)
+    batch = lm_batch()
+    with pytest.raises(ConfigError, match="transforms its logits"):
+        causal_lm_loss(model, batch["input_ids"], batch["labels"])
+
+
+def test_autocast_does_not_bias_the_gradients():
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(64, 32, generator=g) * 4).requires_grad_()
+    weight = torch.randn(100, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 100, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, 16)
+    gw = torch.autograd.grad(loss, weight)[0]
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), labels)
+    rw = torch.autograd.grad(ref, [weight])[0]
+    torch.testing.assert_close(gw.double(), rw.double(), rtol=1e-4, atol=1e-6)  # autocast off inside: fp32 throughout

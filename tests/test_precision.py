@@ -399,3 +399,18 @@ def test_trainer_helper_takes_bf16_mixed_and_refuses_fp16_mixed(tmp_path):
         create_hift_optimizer_and_scheduler(_mlp().half(), args, precision="fp16-mixed", groups=[[".*"]])
     opt, _ = create_hift_optimizer_and_scheduler(_mlp().to(torch.bfloat16), args, precision="bf16-mixed", groups=[[".*"]])
     assert "masters=fp32" in opt.describe()
+
+
+def test_fp16_backoff_is_not_a_run_of_failures_and_an_fp16_loss_scales_in_fp32():
+    """Overflows while the scale is high back it off and are counted, but do not stop training the way
+    max_consecutive_skips stops a run whose gradients stay non-finite; scale_loss works in fp32."""
+    model = _mlp().half()
+    opt = HiFTOptimizer(model, "adamw", groups=[[".*"]], precision="fp16-mixed", max_consecutive_skips=3)
+    for _ in range(6):  # six overflows in a row: 2^16 -> 2^10
+        opt.scale_loss(_loss(model, 0)).backward()
+        model[0].weight.grad[0, 0] = float("inf")
+        opt.step()
+        opt.zero_grad()
+    assert opt.nonfinite_skips == 6 and opt.scaler.scale.item() == 2.0**10
+    scaled = opt.scale_loss(torch.tensor(157.75, dtype=torch.float16))
+    assert scaled.dtype == torch.float32 and torch.isfinite(scaled)
