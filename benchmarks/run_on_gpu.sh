@@ -9,6 +9,13 @@
 #   offload   the offload (transfer bandwidth, pinned allocation) benchmark
 #   memory    smoke runs, then the 7B memory benchmark
 #   step      the step benchmark
+#   verify    every CUDA test plus the precision/kernel/checkpointing tests on the GPU, then 2-layer smoke runs
+#             of the mixed-precision, checkpointing and 13B benchmark paths and the mixed kernel row
+#   mixed     precision comparisons at 7B: bf16-mixed vs pure bf16 vs fp32 at batch 4 x 512, tf32 vs fp32 at
+#             batch 1 x 512 (offload and resident each), the mixed AdamW kernel at 7B size
+#   long      activation checkpointing cost at 7B fp32 1 x 2048, the longest sequence per checkpointing mode
+#             (7B bf16-mixed in 23.5 GiB, 7B fp32 in 47.5 GiB measured with TF32 matmuls: same bytes), 13B
+#             bf16-mixed batches in 47.5 GiB
 # Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
 set -uo pipefail
 OUT=${OUT:-./gpu-out}
@@ -73,7 +80,37 @@ elif [ "$stage" = step ]; then
   ensure_installed
   run timeout 120 $py -m hift_engine.cli.main bench step --layers-small 2 --layers-full 0 --cycles 1 --out /tmp/smoke \
     && run timeout 420 $py -m hift_engine.cli.main bench step --out "$OUT"
+elif [ "$stage" = verify ]; then
+  ensure_installed
+  run timeout 330 $py -m pytest -q -p no:cacheprovider tests -m cuda -rs
+  run timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_precision.py tests/kernels tests/test_activation.py tests/test_head_loss.py
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 120 $hb step --layers-small 2 --layers-full 0 --cycles 1 --precision fp32,bf16-mixed,bf16-pure,tf32 \
+    --activation-checkpointing off,auto,always --head-chunk-tokens 1024 --modes offload,resident --out /tmp/smoke
+  run timeout 120 $hb memory --layers 2 --batches 1 --extra-steps 1 --flat-cycles 1 --seq-probe 1024,2048 --precision bf16-mixed \
+    --activation-checkpointing off,auto,always --head-chunk-tokens 1024 --cap-gib 23.5 --out /tmp/smoke
+  run timeout 90 $hb memory --shape 13b --layers 2 --batches 1,2 --extra-steps 1 --flat-cycles 0 --seq-probe "" --precision bf16-mixed --out /tmp/smoke
+  run timeout 120 $hb kernels --shape block --dtype bf16-mixed --optimizers adamw,sgd,adagrad --out "$OUT"
+elif [ "$stage" = mixed ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 150 $hb kernels --shape all --dtype bf16-mixed --optimizers adamw --out "$OUT"
+  run timeout 400 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 4 --precision bf16-mixed,bf16-pure,fp32 \
+    --modes offload,resident --out "$OUT"
+  run timeout 200 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 1 --precision fp32,tf32,bf16-mixed \
+    --modes offload,resident --out "$OUT"
+elif [ "$stage" = long ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 300 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 1 --seq 2048 --precision fp32 \
+    --modes offload --activation-checkpointing off,auto,always --head-chunk-tokens 4096 --out "$OUT"
+  run timeout 400 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches 1,2 --flat-cycles 2 \
+    --seq-probe 4096,8192,16384,24576,32768 --activation-checkpointing off,auto,always --full-cycle-modes auto,always \
+    --head-chunk-tokens 4096 --out "$OUT"
+  run timeout 400 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 2048,4096,8192,16384,24576 \
+    --activation-checkpointing off,auto,always --full-cycle-modes "" --head-chunk-tokens 4096 --out "$OUT"
+  run timeout 300 $hb memory --shape 13b --precision bf16-mixed --cap-gib 47.5 --batches 1,2,4,8 --flat-cycles 1 --seq-probe "" --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step)"; exit 2
+  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long)"; exit 2
 fi
 done

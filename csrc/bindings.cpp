@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("chunk_bytes") = 0,
            "Store for len(numels) groups of fp32 state, streamed into the given slots (paced if chunk_bytes > 0).")
       .def("host", &S::host, py::arg("gid"), release(),
-           "CPU float32 view of a group's host buffer; allocates (and pins) it on first use.")
+           "CPU float32 view of a group's host buffer; allocates (and pins) it if the background thread has not yet.")
       .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"), release(),
            "Copy a group's host state into a slot on the in-stream, after the slot's previous users.")
       .def("zero", &S::zero, py::arg("slot"), py::arg("numel"), release(),
@@ -37,6 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait_host", &S::wait_host, py::arg("gid"), release(),
            "Block until a group's host buffer holds its latest write-back.")
       .def("synchronize", &S::synchronize, release(), "Block until every copy in flight finished (no-op once closed).")
+      .def("wait_allocated", &S::wait_allocated, release(),
+           "Block until the background thread has allocated every group's host buffer (or stopped).")
       .def("close", &S::close, release(), "Finish copies; release streams, events and host memory (idempotent).")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).");
 }

@@ -2,8 +2,10 @@
 //
 // The Python side (hift_engine/store/offload.py) decides which group goes into which slot and when; this
 // class owns the memory and orders the copies:
-//   host buffers  exactly sized (4 KiB pages), allocated lazily per group, page-locked by mmap (transparent
-//                 huge pages) + multi-threaded first touch + cudaHostRegister (<= 64 GiB per registration)
+//   host buffers  exactly sized (4 KiB pages), page-locked by mmap (transparent huge pages) + multi-threaded
+//                 first touch + cudaHostRegister (<= 64 GiB per registration); allocated in group order by a
+//                 background thread from construction, so the first cycle's write-backs find them ready (a
+//                 group needed before the thread reached it is allocated by the caller instead)
 //   streams       host-to-device copies on one stream, device-to-host on another, so both run at once; each
 //                 transfer is paced (paced_copier.h) so small copies of other streams never wait behind it
 //   events        per slot (SlotSync): compute_done, arrived, written; per group (GroupSync): host_written
@@ -13,9 +15,13 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef HIFT_WITH_CUDA
@@ -43,6 +49,7 @@ struct Tuning {
   std::string alloc_mode = "register";  // HIFT_ALLOC_MODE: "register" (mmap + touch + register) or "hostalloc"
   int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: cores, at most 16)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
+  bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
   static Tuning from_env();
 };
 
@@ -75,7 +82,7 @@ class PinnedStore {
   PinnedStore(const PinnedStore&) = delete;
   PinnedStore& operator=(const PinnedStore&) = delete;
 
-  at::Tensor host(int64_t gid);  // CPU float32 view of group gid's host buffer; allocates on first use
+  at::Tensor host(int64_t gid);  // CPU float32 view of group gid's host buffer; allocates it if not yet there
   void fetch(int64_t gid, int64_t slot);
   void zero(int64_t slot, int64_t numel);
   void writeback(int64_t gid, int64_t slot);
@@ -84,8 +91,9 @@ class PinnedStore {
   void wait_host(int64_t gid);
   void synchronize();  // a no-op once closed
   void close();        // idempotent
+  void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
 
-  int64_t host_bytes() const { return host_bytes_; }
+  int64_t host_bytes() const { return host_bytes_.load(); }
   int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
 
  private:
@@ -93,6 +101,10 @@ class PinnedStore {
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
   std::shared_ptr<HostBuffer> allocate(size_t bytes);
+  std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
+  std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
+  void allocate_in_background();
+  void stop_allocator();
   float* slot_ptr(int64_t slot) const;
 #ifdef HIFT_WITH_CUDA
   void prepare_in_stream(int64_t slot);
@@ -103,7 +115,16 @@ class PinnedStore {
   std::vector<std::shared_ptr<HostBuffer>> host_;
   Tuning tuning_;
   int64_t chunk_bytes_;
-  int64_t host_bytes_ = 0;
+  std::atomic<int64_t> host_bytes_{0};
+  // Allocation state per group, guarded by alloc_mu_: host_[g] set = ready; claimed_[g] = someone is
+  // allocating it (the background thread or a caller).
+  std::mutex alloc_mu_;
+  std::condition_variable alloc_cv_;
+  std::vector<char> claimed_;
+  std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
+  bool stop_alloc_ = false;
+  bool allocator_done_ = true;
+  std::thread allocator_;
   bool cuda_ = false;
   bool closed_ = false;
 #ifdef HIFT_WITH_CUDA

@@ -23,7 +23,7 @@ STRATEGIES = ("bottom2up", "top2down", "random")
 STATE_STORES = ("auto", "resident", "torch", "native")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
-CHECKPOINTING = ("off", "always")
+CHECKPOINTING = ("off", "auto", "always")
 FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
@@ -91,8 +91,14 @@ class HiFTConfig:
                       weights kept with each group's optimizer state and streamed with it; fused optimizers),
                       "fp16-mixed" (the same with fp16 weights and dynamic loss scaling: call
                       ``loss = opt.scale_loss(loss)`` before backward).
-    activation_checkpointing: "off", or "always": the blocks above the active group keep only their inputs and
-                      are recomputed in backward (the active group and the blocks below it cost nothing extra).
+    activation_checkpointing: "off"; "always": the blocks above the active group keep only their inputs and
+                      are recomputed in backward (the active group and the blocks below it cost nothing extra);
+                      "auto": only as many of those blocks as needed to stay inside memory_budget_gib are
+                      recomputed, decided block by block in forward from measured sizes (short sequences
+                      recompute nothing). CUDA only.
+    memory_budget_gib: device memory (GiB, as torch's allocator counts it) "auto" keeps inside; default: what
+                      this process may use when the optimizer is built (its memory fraction of the card, or the
+                      free memory plus what torch has reserved, whichever is smaller).
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -114,6 +120,7 @@ class HiFTConfig:
     kernels: str = "auto"
     precision: str = "fp32"
     activation_checkpointing: str = "off"
+    memory_budget_gib: Any = None
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -200,8 +207,16 @@ class HiFTConfig:
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {CHECKPOINTING}"
-                + (" ('auto', sized to a memory budget, is not built yet)" if self.activation_checkpointing == "auto" else "")
             )
+        budget = self.memory_budget_gib
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+                raise ConfigError(f"memory_budget_gib must be a positive number of GiB (or None: the device's), got {budget!r}")
+            if self.activation_checkpointing != "auto":
+                raise ConfigError(
+                    f"memory_budget_gib={budget} sizes activation_checkpointing='auto', but it is "
+                    f"{self.activation_checkpointing!r}; set activation_checkpointing='auto' or drop memory_budget_gib"
+                )
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
         self.optimizer_kwargs = dict(self.optimizer_kwargs)

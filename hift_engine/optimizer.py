@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import state_io
+from .activation import MemoryBudget, Recompute
 from .config import HiFTConfig
 from .errors import ConfigError
 from .grouping import Grouping, build_grouping
@@ -30,7 +31,6 @@ from .nonfinite import SkipMonitor, grad_flags
 from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
-from .activation import Recompute
 from .loss_scale import LossScaler
 from .precision import enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
@@ -92,14 +92,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
+        budget = _memory_budget(cfg, self.device, named) if cfg.activation_checkpointing == "auto" else None
         seeds, undo = take_fp32_masters(cfg.precision, named, masters, initial_masters)
         try:
-            self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds)
+            self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget)
         except BaseException:
             undo()  # the model as it was
             raise
 
-    def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds) -> None:
+    def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget) -> None:
         self._constructing = True
         super().__init__(build_param_groups(named, no_decay, cfg.lr, wd, hyper), {"lr": cfg.lr, "weight_decay": wd, **hyper})
         self._constructing = False
@@ -129,7 +130,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         frozen = [by_name[n] for n in self.grouping.frozen if user_requires_grad(by_name[n])]
         self._claim = ParamClaim([p for _, p in named], frozen)
         self.router = self._claim.router
-        self._recompute = _recompute(model, self.grouping) if cfg.activation_checkpointing == "always" else None
+        self._recompute = _recompute(model, self.grouping, budget) if cfg.activation_checkpointing != "off" else None
         position = {u.name: i for i, u in enumerate(self.grouping.units)}
         self._last_unit = [max(position[u] for u in g.units) for g in self.grouping.groups]
         if self._recompute is not None:
@@ -299,6 +300,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.zero_grad()
         self.path.prefetch(self.order.current)
 
+    @property
+    def recomputed_blocks(self) -> int:
+        """Blocks run through activation checkpointing so far (0 with activation_checkpointing='off')."""
+        return self._recompute.recomputed if self._recompute is not None else 0
+
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Remove hooks, free the state store, and give the model its requires_grad flags back."""
@@ -308,7 +314,29 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.path.close()
 
 
-def _recompute(model: nn.Module, grouping: Grouping) -> Recompute:
+def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget:
+    """activation_checkpointing='auto': the budget in bytes (the device's when not given), refused when the
+    weights alone do not fit it."""
+    if device.type != "cuda":
+        raise ConfigError(
+            "activation_checkpointing='auto' sizes itself by the CUDA allocator and the parameters are on "
+            f"{device}; use 'always' (or 'off') there"
+        )
+    if cfg.memory_budget_gib is not None:
+        budget = int(cfg.memory_budget_gib * 2**30)
+    else:
+        free, total = torch.cuda.mem_get_info(device)
+        budget = min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))
+    weights = sum(p.numel() * p.element_size() for _, p in named if p.device.type == "cuda")
+    if budget <= weights:
+        raise ConfigError(
+            f"memory_budget_gib={budget / 2**30:.2f} is below what the trained weights alone take on the device "
+            f"({weights / 2**30:.2f} GiB); give a larger budget, or train in bf16-mixed (half the weight bytes)"
+        )
+    return MemoryBudget(budget, lambda: torch.cuda.memory_allocated(device))
+
+
+def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None = None) -> Recompute:
     """Wrap the model's blocks (units that are modules, in forward order) for HiFT-aware checkpointing."""
     modules = dict(model.named_modules())
     found = [(pos, modules[u.name]) for pos, u in enumerate(grouping.units) if u.name in modules and u.name]
@@ -317,4 +345,4 @@ def _recompute(model: nn.Module, grouping: Grouping) -> Recompute:
             "activation_checkpointing needs the model's blocks as units (found automatically for Hugging Face "
             "decoders and any model with one ModuleList of blocks); with explicit groups=, use 'off'"
         )
-    return Recompute([m for _, m in found], [pos for pos, _ in found])
+    return Recompute([m for _, m in found], [pos for pos, _ in found], budget)

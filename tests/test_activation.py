@@ -53,8 +53,13 @@ def test_a_replacing_optimizer_rewraps_once_and_errors_are_clear():
     assert layer.forward.__self__ is layer and layer._hift_recompute() is opt._recompute  # wrapped once, by opt
     model(**lm_batch()).loss.backward()
     opt.step()
-    with pytest.raises(ConfigError, match="not built yet"):
-        HiFTConfig(activation_checkpointing="auto")
+    with pytest.raises(ConfigError, match="sizes itself by the CUDA allocator"):
+        HiFTOptimizer(tiny_llama(), "adamw", activation_checkpointing="auto")  # CPU parameters
+    with pytest.raises(ConfigError, match="set activation_checkpointing='auto' or drop memory_budget_gib"):
+        HiFTConfig(activation_checkpointing="always", memory_budget_gib=20)
+    for bad in (0, -1.0, float("inf"), "20", True):
+        with pytest.raises(ConfigError, match="memory_budget_gib must be a positive number"):
+            HiFTConfig(activation_checkpointing="auto", memory_budget_gib=bad)
     with pytest.raises(ConfigError, match="explicit groups"):
         HiFTOptimizer(tiny_llama(), "adamw", groups=[[".*"]], activation_checkpointing="always")
 
@@ -79,3 +84,139 @@ def test_a_deep_copy_runs_its_own_weights_and_gives_the_original_no_gradients():
     assert torch.equal(loss, fresh(**batch).loss)
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _FakeAllocator:
+    """Stands in for torch.cuda.memory_allocated on the CPU: every block that autograd records and that runs
+    without checkpointing keeps ``per_element`` bytes per element of its input until the step ends."""
+
+    def __init__(self, blocks, per_element, recompute):
+        self.bytes, self.per_element, self.recompute = 0, per_element, recompute
+        for block in blocks:
+            block.register_forward_pre_hook(self._pre)
+            block.register_forward_hook(self._post)
+
+    def _pre(self, module, args):
+        self._count = self.recompute.recomputed
+
+    def _post(self, module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if out.requires_grad and self.recompute.recomputed == self._count:  # stored, not checkpointed
+            self.bytes += self.per_element * args[0].numel()
+
+    def __call__(self):
+        return self.bytes
+
+
+def test_auto_recomputes_the_lowest_blocks_only_when_the_rest_would_not_fit():
+    """'auto' on a budget: nothing recomputed while everything fits; under a budget that holds n stored blocks,
+    the lowest blocks above the active group are recomputed and the top n stored, and the gradients equal
+    plain training for every active group."""
+    from hift_engine.activation import MemoryBudget
+
+    layers = 6
+    base = tiny_llama(layers=layers)
+    plain, auto = twin(base), twin(base)
+    o_plain = HiFTOptimizer(plain, "adamw", lr=1e-3, seed=3, strategy="random")
+    o_auto = HiFTOptimizer(auto, "adamw", lr=1e-3, seed=3, strategy="random", activation_checkpointing="always")
+    fake = _FakeAllocator(auto.model.layers, 4, o_auto._recompute)
+    batch0 = lm_batch(seed=0)
+    x_numel = batch0["input_ids"].numel() * auto.config.hidden_size
+    block = 4 * x_numel
+    for budget_blocks in (100, 5, 2):
+        budget = MemoryBudget(budget_blocks * block, fake, margin_bytes=0)
+        budget.bytes_per_element = 4.0  # as measured (the first measurement is tested on the device)
+        o_auto._recompute.budget = budget
+        for step in range(o_plain.num_groups):
+            batch = lm_batch(seed=step)
+            fake.bytes = 0
+            before = o_auto._recompute.recomputed
+            lp, la = plain(**batch).loss, auto(**batch).loss
+            assert torch.equal(lp, la)
+            lp.backward()
+            la.backward()
+            for (n, p), q in zip(plain.named_parameters(), auto.parameters()):
+                if p.grad is not None:
+                    assert torch.equal(p.grad, q.grad), (budget_blocks, step, n)
+            rc = o_auto._recompute
+            above = sum(1 for pos in rc._positions if pos > rc.above)
+            active = int(rc.above in rc._positions)  # the active group is a block: its activations count too
+            stored = min(above, max(0, budget_blocks - 2 - active))  # 2: MemoryBudget's reserve_blocks
+            assert rc.recomputed - before == above - stored, (budget_blocks, step)
+            o_plain.step(), o_auto.step()
+            o_plain.zero_grad(), o_auto.zero_grad()
+
+
+def test_auto_recomputes_everything_above_until_a_block_was_measured():
+    from hift_engine.activation import MemoryBudget
+
+    budget = MemoryBudget(1 << 40, lambda: 0)
+    x = torch.zeros(8, 16)
+    assert not budget.fits(x, 1)  # nothing measured: recompute (the safe choice)
+    budget.observe(-1000, x)  # a stored block kept 1000 bytes for 128 input elements
+    assert budget.bytes_per_element == 1000 / 128 and budget.fits(x, 1)
+    budget.observe(-10, x)  # a smaller block does not lower the estimate
+    assert budget.bytes_per_element == 1000 / 128
+
+
+def _cuda_llama(layers=8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=1024, max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).cuda()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_keeps_its_budget_and_recomputes_nothing_when_everything_fits(cuda_device):
+    """On the device, with the real allocator: under a budget half-way between the weights and plain training's
+    peak, 'auto' recomputes some blocks and stays inside it with the same losses; with the device's whole
+    memory it recomputes nothing once a block was measured."""
+    batches = [lm_batch(vocab=1024, batch=4, seq=1024, seed=s, device=cuda_device) for s in range(3)]
+    base = _cuda_llama()
+    plain = twin(base)
+    o_plain = HiFTOptimizer(plain, "adamw", lr=1e-4, strategy="bottom2up")
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for b in batches:  # the bottom groups: the most blocks above the active one
+        loss = plain(**b).loss
+        loss.backward()
+        o_plain.step(), o_plain.zero_grad()
+        losses.append(loss.item())
+    peak_plain = torch.cuda.max_memory_allocated()
+    o_plain.close()
+    del plain, o_plain
+    torch.cuda.empty_cache()
+
+    auto = twin(base)
+    budget = start + (512 << 20) + (peak_plain - start) // 2  # 512 MiB: MemoryBudget's smallest margin
+    o_auto = HiFTOptimizer(auto, "adamw", lr=1e-4, strategy="bottom2up", activation_checkpointing="auto",
+                           memory_budget_gib=budget / 2**30)
+    o_auto._recompute.budget.margin_bytes = 512 << 20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for b, want in zip(batches, losses):
+        loss = auto(**b).loss
+        loss.backward()
+        o_auto.step(), o_auto.zero_grad()
+        assert loss.item() == pytest.approx(want, rel=1e-5)  # attention backward may sum in another order
+    assert torch.cuda.max_memory_allocated() <= budget < peak_plain
+    assert o_auto._recompute.recomputed > 0
+    o_auto.close()
+
+    roomy_model = twin(base)
+    roomy = HiFTOptimizer(roomy_model, "adamw", strategy="bottom2up", activation_checkpointing="auto")  # the device's
+    for cycle in range(2):
+        before = roomy._recompute.recomputed
+        for step in range(roomy.num_groups):
+            roomy_model(**batches[step % 3]).loss.backward()
+            roomy.step(), roomy.zero_grad()
+        if cycle == 1:  # the first step (nothing measured yet) may recompute; after that everything fits
+            assert roomy._recompute.recomputed == before
+    roomy.close()

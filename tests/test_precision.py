@@ -19,7 +19,8 @@ def _mlp(seed=0):
 
 
 def _loss(model, step):
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).to(next(model.parameters()).dtype)
+    p = next(model.parameters())
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).to(device=p.device, dtype=p.dtype)
     return model(x).float().pow(2).mean()
 
 
@@ -175,7 +176,7 @@ def test_bf16_mixed_demo_tracks_fp32_where_pure_bf16_stalls():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r = demo.run_demo(eval_problems=5, printer=None, precision=precision)
+                r = demo.run_demo(eval_problems=5, printer=None, precision=precision, device="cpu")  # as in CI
         finally:
             demo.tiny_llama = build
         return sum(r.losses[-20:]) / 20
@@ -309,7 +310,8 @@ def test_loss_scale_grows_after_the_interval_and_backward_without_scaling_is_ref
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_weights_the_user_changes_win_over_their_masters(kernels, tmp_path):
     """After a group's first update, model.load_state_dict / p.data.copy_ must not be undone by the masters."""
-    model = _mlp().to(torch.bfloat16)
+    on_gpu = kernels == "triton" and torch.cuda.is_available()  # the compiled kernels there, the interpreter here
+    model = _mlp().to(torch.bfloat16).to("cuda" if on_gpu else "cpu")
     opt = HiFTOptimizer(model, "sgd", lr=1e-2, groups=[[".*"]], no_decay=[], precision="bf16-mixed", kernels=kernels)
     _loss(model, 0).backward()
     opt.step()
@@ -320,7 +322,7 @@ def test_weights_the_user_changes_win_over_their_masters(kernels, tmp_path):
     from safetensors.torch import load_file
 
     assert all(torch.equal(t, torch.full_like(t, 0.5)) for t in load_file(str(path / "model.safetensors")).values())
-    ref = copy.deepcopy(model).float()
+    ref = copy.deepcopy(model).float()  # on the model's device
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2)
     _loss(model, 1).backward()
     for pr, p in zip(ref.parameters(), model.parameters()):

@@ -9,6 +9,9 @@ For a group shaped like one LLaMA-2-7B block (4 x 4096^2 + 3 x 4096*11008 = 202 
   copy          the time dst.copy_(src) takes to move the same number of bytes (read + write), from the
                 bandwidth of a 2 GiB device-to-device copy measured in the same run
 Effective bandwidth counts the bytes an update must move: AdamW 28 B/param in fp32, AdaGrad/SGD 20.
+With --dtype bf16-mixed the parameters and gradients are bf16 and the fp32 masters sit in the state (AdamW 30
+B/param): the hift rows are the mixed-precision kernels, and torch-fused/foreach run torch.optim on fp32
+masters with fp32 gradients (what a hand-written mixed-precision loop does), beside the same-bytes copy.
 """
 
 from __future__ import annotations
@@ -39,17 +42,19 @@ HPARAMS = {
 }
 
 
-def bytes_per_param(optimizer: str, esize: int) -> int:
+def bytes_per_param(optimizer: str, esize: int, master: bool = False) -> int:
     from ..optim import FUSED_SPECS
 
     spec = FUSED_SPECS[optimizer]()
-    return spec.bytes_per_param(spec.normalize({k: v for k, v in HPARAMS[optimizer].items() if k not in ("lr", "weight_decay")}), esize)
+    hyper = spec.normalize({k: v for k, v in HPARAMS[optimizer].items() if k not in ("lr", "weight_decay")})
+    return spec.bytes_per_param(hyper, esize, master)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--shape", choices=("block", "7b", "all"), default="all")
     p.add_argument("--optimizers", default="adamw,adagrad,sgd", help="comma-separated subset of adamw,adagrad,sgd")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter dtype (state is fp32)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "bf16-mixed"), default="fp32",
+                   help="parameter dtype (state is fp32); bf16-mixed: bf16 parameters with fp32 masters in the state")
     p.add_argument("--rep-ms", type=int, default=400, help="timing budget per provider (ms)")
 
 
@@ -73,32 +78,38 @@ class _Holder(nn.Module):
         self.ps = nn.ParameterList(params)
 
 
-def _time_kernel(opt_name, shapes, dtype, dev, rep_ms) -> float:
-    """The kernel alone, on a group laid out exactly as the engine lays it out (flat state and gradients)."""
+def _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master=False) -> float:
+    """The kernel alone, on a group laid out exactly as the engine lays it out (flat state and gradients; with
+    ``master``, the fp32 masters as state vector 0, equal to the rounded weights as in training)."""
     from ..layout import GroupLayout
     from ..optim import FUSED_SPECS
 
     spec = FUSED_SPECS[opt_name]()
     hyper = {**spec.normalize({k: v for k, v in HPARAMS[opt_name].items() if k not in ("lr", "weight_decay")}), **HPARAMS[opt_name]}
     ps = _params(shapes, dtype, dev, grads=False)
-    lay = GroupLayout(0, [str(i) for i in range(len(ps))], ps, [0] * len(ps), len(spec.state_names(hyper)), dev)
+    lay = GroupLayout(0, [str(i) for i in range(len(ps))], ps, [0] * len(ps), len(spec.state_names(hyper)) + master, dev)
     state = torch.zeros(lay.state_numel, dtype=torch.float32, device=dev)
+    if master:
+        for view, p in zip(lay.state_views(state, 0), ps):
+            view.copy_(p.detach())
     grads = torch.randn(max(lay.grad_numel.values()), device=dev).mul_(1e-3).to(dtype)
     lay.steps.fill_(1)
     table = lay.table(lay.buckets[0])
-    return median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper), rep_ms=rep_ms)
+    return median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper, master=master),
+                     rep_ms=rep_ms)
 
 
-def _time_hift(opt_name, shapes, dtype, dev, rep_ms):
+def _time_hift(opt_name, shapes, dtype, dev, rep_ms, master=False):
     """(kernel-only ms, HiFTOptimizer.step() ms) for one group of ``shapes``, through public interfaces only."""
     from ..optimizer import HiFTOptimizer
 
-    t_kernel = _time_kernel(opt_name, shapes, dtype, dev, rep_ms)
+    t_kernel = _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master)
     _free()
     # The whole step: gradients set by hand are applied by step(), as in torch.optim.
     model = _Holder(_params(shapes, dtype, dev, grads=False))
     opt = HiFTOptimizer(
-        model, opt_name, groups=[[".*"]], no_decay=[], state_store="resident", kernels="triton", **HPARAMS[opt_name]
+        model, opt_name, groups=[[".*"]], no_decay=[], state_store="resident", kernels="triton",
+        precision="bf16-mixed" if master else "fp32", **HPARAMS[opt_name]
     )
     gen = torch.Generator(device=dev).manual_seed(1)
     for p in model.parameters():
@@ -133,6 +144,7 @@ def _copy_GBps(dev, rep_ms) -> float:
 def run(args) -> int:
     dev = require_cuda("kernels")
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    master = args.dtype == "bf16-mixed"
     esize = torch.tensor([], dtype=dtype).element_size()
     shapes_list = ["block", "7b"] if args.shape == "all" else [args.shape]
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -147,8 +159,8 @@ def run(args) -> int:
         n = sum(int(torch.Size(s).numel()) for s in shapes)
         free, _ = torch.cuda.mem_get_info(dev)
         for opt_name in optimizers:
-            bpp = bytes_per_param(opt_name, esize)
-            need = n * (2 * esize + bpp - 3 * esize)  # params + grads + state
+            bpp = bytes_per_param(opt_name, esize, master)
+            need = n * (2 * esize + bpp - 3 * esize) + (n * 12 if master else 0)  # params + grads + state (+ torch's fp32 copy)
             if need > 0.92 * free:
                 skipped.append(f"{shape}/{opt_name}: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
                 continue
@@ -156,13 +168,13 @@ def run(args) -> int:
             t_copy = moved / copy_GBps / 1e6  # the time a copy moving the same bytes takes
             base = dict(shape=shape, optimizer=opt_name, dtype=args.dtype, params=n, bytes_per_param=bpp)
             rows.append({**base, "provider": "copy", "ms": t_copy, "note": f"{COPY_BYTES >> 30} GiB d2d copy"})
-            t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms)
+            t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms, master)
             _free()
             rows.append({**base, "provider": "hift-kernel", "ms": t_kernel})
             rows.append({**base, "provider": "hift-step", "ms": t_step})
-            if dtype == torch.float32:
+            if dtype == torch.float32 or master:  # under bf16-mixed torch runs on fp32 masters
                 for mode in ("fused", "foreach"):
-                    t, err = _time_torch(opt_name, shapes, dtype, dev, args.rep_ms, mode)
+                    t, err = _time_torch(opt_name, shapes, torch.float32, dev, args.rep_ms, mode)
                     _free()
                     rows.append({**base, "provider": f"torch-{mode}", "ms": t, "note": err})
             for r in rows:

@@ -36,8 +36,14 @@ def add_arguments(p) -> None:
     p.add_argument("--cycles-official", type=int, default=1, help="measured cycles of the official-style mode (it is ~20x slower)")
     p.add_argument("--modes", default="offload,resident,official,standard")
     p.add_argument("--store", default="native", choices=("native", "torch"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed", "fp16-mixed"),
-                   help="HiFT modes' precision (bf16-mixed: bf16 model, fp32 masters; standard stays fp32 AdamW)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated, each measured in this run: fp32, tf32, bf16-mixed, fp16-mixed (the model in "
+                   "bf16/fp16, fp32 masters), bf16-pure (a bf16 model trained without masters). The standard mode "
+                   "trains the same model with torch.optim.AdamW")
+    p.add_argument("--activation-checkpointing", default="off",
+                   help="comma-separated (off, auto, always): the offload mode is measured with each, in this run")
+    p.add_argument("--head-chunk-tokens", type=int, default=0,
+                   help="> 0: every HiFT mode computes the LM head and loss in chunks of this many tokens")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--chunk-mib", default="", help="comma-separated transfer_chunk_mib values for the offload mode "
                    "(e.g. 0,64: measures both in the same run; the first is the 'offload' row); default: the engine's")
@@ -62,15 +68,48 @@ def _hift(model, mode, store_kind, chunk_mib=None, **overrides):
         [lay.state_numel for lay in layouts], device, [lay.num_state * len(lay.params) for lay in layouts]))
 
 
-def _loop(model, opt, batches, steps):
+def _loop(model, opt, batches, steps, head_chunk_tokens=0):
+    from ..head_loss import causal_lm_loss
+
     for i in range(steps):
-        loss = model(**batches[i % len(batches)]).loss
+        b = batches[i % len(batches)]
+        if head_chunk_tokens and hasattr(opt, "num_groups"):
+            loss = causal_lm_loss(model, b["input_ids"], b["labels"], None, head_chunk_tokens)
+        else:
+            loss = model(**b).loss
         getattr(opt, "scale_loss", lambda x: x)(loss).backward()  # standard mode: a torch optimizer
         opt.step()
         opt.zero_grad()
 
 
-def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chunk_mib=None, label=None, **overrides) -> dict:
+PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure")
+
+
+def hift_precision(precision: str) -> str:
+    """The engine's precision for a bench precision: bf16-pure is a bf16 model under precision='fp32'."""
+    return "fp32" if precision == "bf16-pure" else precision
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16-pure" else compute_dtype(precision)
+
+
+def parse_precisions(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in PRECISIONS]
+    if bad or not out:
+        raise SystemExit(f"hift bench: --precision {text!r}: use a comma-separated list of {', '.join(PRECISIONS)}")
+    return out
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Every precision starts from torch's defaults: a tf32 run switches TF32 on process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chunk_mib=None, label=None,
+             precision="fp32", **overrides) -> dict:
     batches = [random_batch(args.batch, args.seq, dev, seed=s) for s in range(4)]
     if mode == "standard":
         for p in model.parameters():
@@ -78,25 +117,31 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
         k = k_hint or 1
     else:
-        opt = _hift(model, mode, args.store, chunk_mib, precision=args.precision, **overrides)
+        opt = _hift(model, mode, args.store, chunk_mib, precision=hift_precision(precision), **overrides)
         k = opt.num_groups
     label = label or mode
-    row = {"mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
+    row = {"precision": precision, "mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
     if mode == "offload":
         row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib)
     try:
-        _loop(model, opt, batches, k)  # warm-up cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _loop(model, opt, batches, k, args.head_chunk_tokens)  # the first cycle: zero fills, compilation, host buffers
+        torch.cuda.synchronize()
+        first_ms = 1e3 * (time.perf_counter() - t0) / k
         torch.cuda.reset_peak_memory_stats(dev)
         stats0 = _store_bytes(opt)
         n = k * cycles
         t0 = time.perf_counter()
-        _loop(model, opt, batches, n)
+        recomputed = getattr(opt, "recomputed_blocks", 0)
+        _loop(model, opt, batches, n, args.head_chunk_tokens)
         torch.cuda.synchronize()
+        row["recomputed_blocks_per_cycle"] = (getattr(opt, "recomputed_blocks", 0) - recomputed) / cycles
         seconds = time.perf_counter() - t0
         moved = _store_bytes(opt) - stats0
         row.update(
-            step_ms=1e3 * seconds / n, tokens_per_s=n * args.batch * args.seq / seconds,
+            step_ms=1e3 * seconds / n, first_cycle_step_ms=first_ms, first_over_later=first_ms / (1e3 * seconds / n),
+            tokens_per_s=n * args.batch * args.seq / seconds,
             peak_allocated_gib=gib(torch.cuda.max_memory_allocated(dev)), peak_reserved_gib=gib(torch.cuda.max_memory_reserved(dev)),
             pcie_gib_per_step=gib(moved / n), pcie_avg_GBps=moved / seconds / 1e9,
         )
@@ -144,46 +189,73 @@ def _profile(model, opt, batches, k, out_dir, label) -> dict:
 def run(args) -> int:
     dev = require_cuda("step")
     modes = [m for m in args.modes.split(",") if m]
+    precisions = parse_precisions(args.precision)
+    ckpts = [c.strip() for c in args.activation_checkpointing.split(",") if c.strip()]
+    if not ckpts or any(c not in ("off", "auto", "always") for c in ckpts):
+        raise SystemExit(f"hift bench step: --activation-checkpointing {args.activation_checkpointing!r}: use off, auto, always")
     rows = []
     runs = ((args.layers_small, modes, args.cycles), (args.layers_full, [m for m in modes if m != "standard"], args.cycles_full))
     chunks = [int(c) for c in args.chunk_mib.split(",") if c] if args.chunk_mib else [None]
     for layers, allowed, cycles in runs:
         if not layers:
             continue
-        model = build_llama(layers, dev, dtype=compute_dtype(args.precision))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {layers} layers, {n_params / 1e9:.3f} B params", flush=True)
-        for mode in allowed:
-            for i, chunk in enumerate(chunks if mode == "offload" else [None]):
-                label = mode if i == 0 else f"{mode}-chunk{chunk}"
-                row = _measure(model, mode, args, dev, args.cycles_official if mode == "official" else cycles,
-                               k_hint=layers + 2, profile_dir=args.out if args.profile else None,
-                               chunk_mib=chunk, label=label)
-                row.update(layers=layers, params=n_params)
-                rows.append(row)
-                print({k: v for k, v in row.items() if k != "trace_summary"}, flush=True)
-        del model
-        _free()
-    cols = ["layers", "mode", "groups", "step_ms", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "pcie_gib_per_step", "pcie_avg_GBps", "note"]
-    print_table(rows, cols, title=f"hift bench step: batch {args.batch} x {args.seq} tokens, {args.precision} AdamW")
-
-    def get(layers, mode, key="step_ms"):
-        return next((r.get(key) for r in rows if r["layers"] == layers and r["mode"] == mode), None)
-
-    summary = {}
-    for layers in sorted({r["layers"] for r in rows}):
-        off, res, off_peak = get(layers, "offload"), get(layers, "resident"), get(layers, "offload", "peak_reserved_gib")
-        official, std_peak = get(layers, "official"), get(layers, "standard", "peak_reserved_gib")
-        off_alloc, std_alloc = get(layers, "offload", "peak_allocated_gib"), get(layers, "standard", "peak_allocated_gib")
-        summary[f"{layers}_layers"] = {
-            "offload_over_resident": off / res if off and res else None,
-            "official_over_offload": official / off if off and official else None,
-            "hift_peak_over_standard_peak": off_peak / std_peak if off_peak and std_peak else None,
-            "hift_peak_allocated_over_standard": off_alloc / std_alloc if off_alloc and std_alloc else None,
-        }
-        for r in rows:  # every other offload variant measured (--chunk-mib) against resident
-            if r["layers"] == layers and r["mode"].startswith("offload-") and r.get("step_ms") and res:
-                summary[f"{layers}_layers"][f"{r['mode']}_over_resident"] = r["step_ms"] / res
+        for precision in precisions:
+            set_matmul_precision(precision)
+            model = build_llama(layers, dev, dtype=model_dtype(precision))
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model: {layers} layers, {n_params / 1e9:.3f} B params, {precision}", flush=True)
+            for mode in allowed:
+                if mode == "standard" and precision != precisions[0]:
+                    continue  # one full fine-tuning reference per model size
+                variants = [(c, None) for c in chunks] + [(chunks[0], a) for a in ckpts[1:]] if mode == "offload" else [(None, None)]
+                for i, (chunk, ckpt) in enumerate(variants):
+                    label = mode if i == 0 else f"{mode}-ckpt-{ckpt}" if ckpt else f"{mode}-chunk{chunk}"
+                    extra = {"activation_checkpointing": ckpt or ckpts[0]} if mode != "standard" else {}
+                    row = _measure(model, mode, args, dev, args.cycles_official if mode == "official" else cycles,
+                                   k_hint=layers + 2, profile_dir=args.out if args.profile else None,
+                                   chunk_mib=chunk, label=label, precision=precision, **extra)
+                    row.update(layers=layers, params=n_params)
+                    rows.append(row)
+                    print({k: v for k, v in row.items() if k != "trace_summary"}, flush=True)
+            del model
+            _free()
+    set_matmul_precision("fp32")
+    cols = ["layers", "precision", "mode", "groups", "step_ms", "tokens_per_s", "first_over_later", "recomputed_blocks_per_cycle", "peak_allocated_gib",
+            "peak_reserved_gib", "pcie_gib_per_step", "pcie_avg_GBps", "note"]
+    print_table(rows, cols, title=f"hift bench step: batch {args.batch} x {args.seq} tokens, AdamW")
+    summary = summarize(rows, precisions)
     print(summary)
     write_result(args.out, "step", rows, summary, precision=args.precision)
     return 0
+
+
+def summarize(rows: list[dict], precisions: list[str]) -> dict:
+    """Ratios within one precision (offload/resident, ...) and across precisions (tokens/s against fp32)."""
+
+    def get(layers, precision, mode, key="step_ms"):
+        return next((r.get(key) for r in rows if r["layers"] == layers and r["precision"] == precision and r["mode"] == mode), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    summary = {}
+    for layers in sorted({r["layers"] for r in rows}):
+        for precision in precisions:
+            off, res = get(layers, precision, "offload"), get(layers, precision, "resident")
+            entry = {
+                "offload_over_resident": ratio(off, res),
+                "official_over_offload": ratio(get(layers, precision, "official"), off),
+                "hift_peak_over_standard_peak": ratio(get(layers, precision, "offload", "peak_reserved_gib"),
+                                                      get(layers, precisions[0], "standard", "peak_reserved_gib")),
+                "offload_first_cycle_over_later": get(layers, precision, "offload", "first_over_later"),
+            }
+            for other in precisions:  # offloaded tokens/s of this precision over the others'
+                if other != precision:
+                    entry[f"tokens_per_s_over_{other}"] = ratio(get(layers, precision, "offload", "tokens_per_s"),
+                                                                 get(layers, other, "offload", "tokens_per_s"))
+            for r in rows:  # every other offload variant measured (--chunk-mib, checkpointing) against resident and offload
+                if r["layers"] == layers and r["precision"] == precision and r["mode"].startswith("offload-") and r.get("step_ms"):
+                    entry[f"{r['mode']}_over_resident"] = ratio(r["step_ms"], res)
+                    entry[f"{r['mode']}_over_offload"] = ratio(r["step_ms"], off)
+            summary[f"{layers}_layers/{precision}"] = entry
+    return summary

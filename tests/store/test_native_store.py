@@ -15,6 +15,7 @@ def native():
 
 def test_host_bytes_are_exact_to_the_page(native, monkeypatch):
     monkeypatch.setenv("HIFT_TOUCH_THREADS", "2")  # a diagnostic setting, read when a store is built
+    monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")  # lazily, as a diagnostic can ask
     numels = [1, 1024, 1025, 3_000_001]
     store = native.PinnedStore(numels, [torch.empty(max(numels))])
     assert store.host_bytes == 0  # lazily: nothing before a group is put away
@@ -24,6 +25,33 @@ def test_host_bytes_are_exact_to_the_page(native, monkeypatch):
     assert store.host_bytes == expected
     assert store.host_bytes <= 1.01 * sum(n * 4 for n in numels) + 4096 * len(numels)
     store.close()
+
+
+def test_background_allocation_takes_every_buffer_once(native):
+    """From construction a thread allocates every group's buffer; a caller that needs one first allocates it
+    itself or waits for it, and either way each group gets exactly one buffer, counted once."""
+    numels = [3_000_001, 7, 1_000_000, 2048, 500_000] * 4
+    expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
+    for _ in range(5):  # races between the thread and the caller land differently each time
+        slots = [torch.empty(max(numels)), torch.empty(max(numels))]
+        store = native.PinnedStore(numels, slots)
+        for g in reversed(range(len(numels))):  # against the thread's order: some are claimed by the caller
+            slots[0][: numels[g]].fill_(float(g))
+            store.writeback(g, 0)
+        store.wait_allocated()
+        assert store.host_bytes == expected
+        for g in range(len(numels)):
+            store.fetch(g, 1)
+            assert torch.equal(slots[1][: numels[g]], torch.full((numels[g],), float(g)))
+        store.close()
+        assert store.host_bytes == 0
+
+
+def test_close_stops_background_allocation(native):
+    store = native.PinnedStore([4_000_000] * 64, [torch.empty(4_000_000)])  # 1 GiB if it ran to the end
+    store.close()  # joins the thread before any buffer goes
+    assert store.host_bytes == 0
+    store.wait_allocated()  # returns: the thread has stopped
 
 
 def test_round_trip_is_bit_exact(native):
@@ -77,6 +105,7 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_PACE_DEPTH", "0", r"HIFT_PACE_DEPTH must be in \[1, 64\], got 0"),
         ("HIFT_TOUCH_THREADS", "-1", "HIFT_TOUCH_THREADS must be >= 0, got -1"),
         ("HIFT_TOUCH_THREADS", "two", "HIFT_TOUCH_THREADS must be an integer, got 'two'"),
+        ("HIFT_BACKGROUND_ALLOC", "2", "HIFT_BACKGROUND_ALLOC must be 0 or 1, got 2"),
     ],
 )
 def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
