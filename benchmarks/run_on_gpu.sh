@@ -13,9 +13,10 @@
 #             of the mixed-precision, checkpointing and 13B benchmark paths and the mixed kernel row
 #   mixed     precision comparisons at 7B: bf16-mixed vs pure bf16 vs fp32 at batch 4 x 512, tf32 vs fp32 at
 #             batch 1 x 512 (offload and resident each), the mixed AdamW kernel at 7B size
-#   long      activation checkpointing cost at 7B fp32 1 x 2048, the longest sequence per checkpointing mode
-#             (7B bf16-mixed in 23.5 GiB, 7B fp32 in 47.5 GiB measured with TF32 matmuls: same bytes), 13B
-#             bf16-mixed batches in 47.5 GiB
+#   long      activation checkpointing cost at 7B fp32 1 x 2048 under a 47.5 GiB cap; 13B bf16-mixed batches
+#             in 47.5 GiB
+#   seqprobe  the longest batch-1 sequence per checkpointing mode: 7B bf16-mixed in 23.5 GiB, 7B fp32 in 47.5
+#             GiB (measured with TF32 matmuls: the same bytes, 3.7x faster)
 # Output goes to $OUT (default ./gpu-out): one log per stage plus the benchmark JSON/PNG files.
 set -uo pipefail
 OUT=${OUT:-./gpu-out}
@@ -102,15 +103,18 @@ elif [ "$stage" = mixed ]; then
 elif [ "$stage" = long ]; then
   ensure_installed
   hb="$py -m hift_engine.cli.main bench"
-  run timeout 300 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 1 --seq 2048 --precision fp32 \
+  run timeout 300 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 1 --seq 2048 --precision fp32 --cap-gib 47.5 \
     --modes offload --activation-checkpointing off,auto,always --head-chunk-tokens 4096 --out "$OUT"
-  run timeout 400 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches 1,2 --flat-cycles 2 \
-    --seq-probe 4096,8192,16384,24576,32768 --activation-checkpointing off,auto,always --full-cycle-modes auto,always \
+  run timeout 200 $hb memory --shape 13b --precision bf16-mixed --cap-gib 47.5 --batches 1,2,4,8 --flat-cycles 1 --seq-probe "" --out "$OUT"
+elif [ "$stage" = seqprobe ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 280 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 --flat-cycles 2 \
+    --seq-probe 4096,8192,16384,24576 --activation-checkpointing off,auto,always --full-cycle-modes always \
     --head-chunk-tokens 4096 --out "$OUT"
-  run timeout 400 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 2048,4096,8192,16384,24576 \
+  run timeout 240 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 2048,4096,8192,16384,24576 \
     --activation-checkpointing off,auto,always --full-cycle-modes "" --head-chunk-tokens 4096 --out "$OUT"
-  run timeout 300 $hb memory --shape 13b --precision bf16-mixed --cap-gib 47.5 --batches 1,2,4,8 --flat-cycles 1 --seq-probe "" --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long)"; exit 2
+  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe)"; exit 2
 fi
 done

@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
                    help="comma-separated (off, auto, always): the offload mode is measured with each, in this run")
     p.add_argument("--head-chunk-tokens", type=int, default=0,
                    help="> 0: every HiFT mode computes the LM head and loss in chunks of this many tokens")
+    p.add_argument("--cap-gib", type=float, default=0.0,
+                   help="> 0: cap the process's device memory (pynvml view, CUDA context included) as on a smaller card")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--chunk-mib", default="", help="comma-separated transfer_chunk_mib values for the offload mode "
                    "(e.g. 0,64: measures both in the same run; the first is the 'offload' row); default: the engine's")
@@ -188,6 +190,10 @@ def _profile(model, opt, batches, k, out_dir, label) -> dict:
 
 def run(args) -> int:
     dev = require_cuda("step")
+    if args.cap_gib:
+        from .memory import _Nvml, _set_cap
+
+        print(f"cap: {_set_cap(args.cap_gib, _Nvml(), dev)}", flush=True)
     modes = [m for m in args.modes.split(",") if m]
     precisions = parse_precisions(args.precision)
     ckpts = [c.strip() for c in args.activation_checkpointing.split(",") if c.strip()]
