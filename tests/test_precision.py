@@ -160,29 +160,34 @@ def test_precision_errors_say_what_to_do():
     torch.backends.cudnn.allow_tf32 = True
 
 
-@pytest.mark.slow
-def test_bf16_mixed_demo_tracks_fp32_where_pure_bf16_stalls():
-    """The built-in demo (1500 steps, the same seed), on the CPU: measured final losses (mean of the last 20
-    steps) fp32 0.244, bf16-mixed 0.330, pure bf16 weights 1.100. Masters recover most of what pure bf16 loses;
-    the rest is bf16 compute in forward/backward (the issue's 2% target is not met here: 35%)."""
+def test_at_a_small_lr_pure_bf16_stalls_and_bf16_mixed_tracks_fp32():
+    """Why masters: at lr 1e-5 an AdamW update (~lr) is below half a bf16 step of most weights, so pure bf16
+    weights round it away, while fp32 masters accumulate it. Measured here (120 steps on one batch, tiny LLaMA):
+    loss drop fp32 0.0512, bf16-mixed 0.0480, pure bf16 0.0093. (The demo task's final loss varies 4x across
+    seeds, 0.24 to 0.99 in fp32, so a one-seed demo comparison says nothing either way.)"""
     import warnings
 
-    import hift_engine.demo.run as demo
+    def drop(kind):
+        model = tiny_llama(layers=2, hidden=64, vocab=64)
+        if kind != "fp32":
+            model = model.to(torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pure bf16 under precision='fp32' warns, as it should
+            opt = HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, precision="bf16-mixed" if kind == "mixed" else "fp32")
+        batch = lm_batch(vocab=64, batch=8, seq=16, seed=0)
+        with torch.no_grad():
+            before = model(**batch).loss.float().item()
+        for _ in range(120):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            return before - model(**batch).loss.float().item()
 
-    def final(precision, cast=False):
-        build = demo.tiny_llama
-        if cast:
-            demo.tiny_llama = lambda **kw: build(**kw).to(torch.bfloat16)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r = demo.run_demo(eval_problems=5, printer=None, precision=precision, device="cpu")  # as in CI
-        finally:
-            demo.tiny_llama = build
-        return sum(r.losses[-20:]) / 20
-
-    fp32, mixed, pure = final("fp32"), final("bf16-mixed"), final("fp32", cast=True)
-    assert mixed < 1.5 * fp32 and pure > 3 * fp32, (fp32, mixed, pure)
+    fp32, mixed, pure = drop("fp32"), drop("mixed"), drop("pure")
+    assert fp32 > 0.02, fp32
+    assert abs(mixed - fp32) < 0.15 * fp32, (fp32, mixed)
+    assert pure < 0.3 * fp32, (fp32, pure)
 
 
 def test_hift_train_runs_bf16_mixed_from_the_config(tmp_path):
