@@ -4,6 +4,7 @@ Each optimizer step trains one group of layers; the optimizer state of idle grou
 memory and streams to and from the GPU on side streams, hidden behind forward and backward.
 """
 
+from .auto_groups import measure_activation_gib
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import HiFTConfig
 from .errors import (
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HiFTOptimizer",
     "HiFTConfig",
+    "measure_activation_gib",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",

@@ -66,7 +66,11 @@ class HiFTConfig:
     lr, weight_decay: base hyper-parameters; weight decay is decoupled for AdamW, L2 for AdaGrad/SGD
                       (exactly as torch.optim); weight_decay=None takes the optimizer's torch default
                       (AdamW 0.01, AdaGrad and SGD 0).
-    layers_per_group: consecutive units (embedding, each block, head) per group; k = ceil(units / m).
+    layers_per_group: consecutive units (embedding, each block, head) per group; k = ceil(units / m). "auto":
+                      the fewest groups whose step fits memory_budget_gib (auto_groups.py has the memory
+                      model); needs activation_gib (hift train measures it; see measure_activation_gib).
+    activation_gib:   with layers_per_group="auto": device memory of one step's activations at the training
+                      batch x sequence with the bottom group active.
     strategy:         "bottom2up" (embedding first), "top2down", or "random" (fresh permutation per cycle).
     seed:             seeds the random order; the order is a pure function of (seed, cycle).
     groups:           explicit groups: a list of groups, each a list of module/parameter names or regexes.
@@ -96,7 +100,7 @@ class HiFTConfig:
                       "auto": only as many of those blocks as needed to stay inside memory_budget_gib are
                       recomputed, decided block by block in forward from measured sizes (short sequences
                       recompute nothing). CUDA only.
-    memory_budget_gib: device memory (GiB, as torch's allocator counts it) "auto" keeps inside; default: what
+    memory_budget_gib: device memory (GiB, as torch's allocator counts it) the "auto" options keep inside; default: what
                       this process may use when the optimizer is built (its memory fraction of the card, or the
                       free memory plus what torch has reserved, whichever is smaller).
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
@@ -105,7 +109,7 @@ class HiFTConfig:
     optimizer: Any = "adamw"
     lr: float = 1e-5
     weight_decay: Any = None
-    layers_per_group: int = 1
+    layers_per_group: Any = 1
     strategy: str = "bottom2up"
     seed: int = 0
     groups: Any = None
@@ -121,6 +125,7 @@ class HiFTConfig:
     precision: str = "fp32"
     activation_checkpointing: str = "off"
     memory_budget_gib: Any = None
+    activation_gib: Any = None
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -152,10 +157,22 @@ class HiFTConfig:
             raise ConfigError(
                 f"weight_decay must be a finite number >= 0, or None for the optimizer's torch default, got {self.weight_decay!r}"
             )
-        if not _is_int(self.layers_per_group) or self.layers_per_group < 1:
+        if self.layers_per_group != "auto" and (not _is_int(self.layers_per_group) or self.layers_per_group < 1):
             raise ConfigError(
-                f"layers_per_group must be an integer >= 1 (units per group), got {self.layers_per_group!r}"
+                f"layers_per_group must be an integer >= 1 (units per group) or 'auto', got {self.layers_per_group!r}"
             )
+        auto_groups = self.layers_per_group == "auto"
+        if auto_groups and self.groups is not None:
+            raise ConfigError("layers_per_group='auto' sizes the automatically found units' groups; with explicit groups= leave it at 1")
+        if auto_groups and not isinstance(self.optimizer, str):
+            raise ConfigError("layers_per_group='auto' models the built-in optimizers' state (adamw, adagrad, sgd); "
+                              "with a torch.optim class give layers_per_group as a number")
+        act = self.activation_gib
+        if act is not None:
+            if isinstance(act, bool) or not isinstance(act, (int, float)) or not 0 <= act < float("inf"):
+                raise ConfigError(f"activation_gib must be a number of GiB >= 0, got {act!r}")
+            if not auto_groups:
+                raise ConfigError("activation_gib sizes layers_per_group='auto'; set layers_per_group='auto' or drop activation_gib")
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"strategy={self.strategy!r} is unknown; use one of {STRATEGIES}"
@@ -212,10 +229,10 @@ class HiFTConfig:
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
                 raise ConfigError(f"memory_budget_gib must be a positive number of GiB (or None: the device's), got {budget!r}")
-            if self.activation_checkpointing != "auto":
+            if self.activation_checkpointing != "auto" and self.layers_per_group != "auto":
                 raise ConfigError(
-                    f"memory_budget_gib={budget} sizes activation_checkpointing='auto', but it is "
-                    f"{self.activation_checkpointing!r}; set activation_checkpointing='auto' or drop memory_budget_gib"
+                    f"memory_budget_gib={budget} sizes activation_checkpointing='auto' and layers_per_group='auto', "
+                    "but neither is set; set one of them to 'auto' or drop memory_budget_gib"
                 )
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")

@@ -229,9 +229,11 @@ def build_grouping(
     groups: Sequence[Sequence[str]] | None = None,
     freeze: Iterable[str] = (),
     trainable: Callable[[nn.Parameter], bool] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Grouping:
     """Units and groups of ``model``. Parameters for which ``trainable`` is False (default: those with
-    ``requires_grad=False`` at this point) count as frozen."""
+    ``requires_grad=False`` at this point) count as frozen. ``sizes``: units per group, bottom-up (from
+    layers_per_group='auto'), instead of ``layers_per_group`` for every group."""
     if not isinstance(model, nn.Module):
         raise GroupingError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     freeze = tuple(freeze)
@@ -284,16 +286,20 @@ def build_grouping(
         raise GroupingError("every parameter is frozen: nothing left to train; remove some freeze patterns")
 
     by_name = dict(named)
-    step = 1 if groups is not None else layers_per_group
+    step = 1 if groups is not None or sizes is not None else layers_per_group
     if step > len(units):
         warnings.warn(
             f"hift_engine: layers_per_group={layers_per_group} is larger than the {len(units)} units of this model: "
             "one group holds everything (plain full fine-tuning)",
             stacklevel=3,
         )
+    if sizes is not None and (sum(sizes) != len(units) or min(sizes) < 1):
+        raise GroupingError(f"group sizes {list(sizes)} do not cover the model's {len(units)} units")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))] if sizes is not None else list(range(0, len(units), step))
+    ends = starts[1:] + [len(units)]
     out_groups = []
-    for gi, start in enumerate(range(0, len(units), step)):
-        chunk = units[start : start + step]
+    for gi, (start, end) in enumerate(zip(starts, ends)):
+        chunk = units[start:end]
         names = tuple(n for u in chunk for n in u.param_names)
         out_groups.append(Group(gi, tuple(u.name for u in chunk), names, tuple(by_name[n] for n in names)))
     return Grouping(units=units, groups=out_groups, frozen=frozen, source=source)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import state_io
 from .activation import MemoryBudget, Recompute
+from .auto_groups import GroupPlan, plan_groups
 from .config import HiFTConfig
 from .errors import ConfigError
 from .grouping import Grouping, build_grouping
@@ -32,7 +33,7 @@ from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .loss_scale import LossScaler
-from .precision import enable_tf32, prepare_precision, take_fp32_masters
+from .precision import compute_dtype, enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
 from .store import StateStore
@@ -86,11 +87,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _setup(self, model: nn.Module, cfg: HiFTConfig, store, initial_masters) -> None:
         # Everything is validated and built before the model is touched: a failed construction changes nothing.
         self.config = cfg
-        self.grouping: Grouping = build_grouping(model, cfg.layers_per_group, cfg.groups, cfg.freeze, user_requires_grad)
+        auto = cfg.layers_per_group == "auto"
+        self.grouping: Grouping = build_grouping(model, 1 if auto else cfg.layers_per_group, cfg.groups, cfg.freeze, user_requires_grad)
         named = [(n, p) for g in self.grouping.groups for n, p in zip(g.param_names, g.params)]
         self.device = check_params(named)
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
+        self.group_plan: GroupPlan | None = None
+        if auto:  # the same units, packed into the fewest groups that fit (the parameter order is unchanged)
+            self.group_plan = _plan_groups(cfg, model, self.grouping, spec, hyper, masters, self.device, store)
+            self.grouping = build_grouping(model, 1, None, cfg.freeze, user_requires_grad, sizes=self.group_plan.sizes)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
         budget = _memory_budget(cfg, self.device, named) if cfg.activation_checkpointing == "auto" else None
         seeds, undo = take_fp32_masters(cfg.precision, named, masters, initial_masters)
@@ -170,7 +176,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def describe(self) -> str:
         return (
-            self.grouping.describe(state_bytes_per_element=self.path.state_bytes_per_element())
+            (self.group_plan.describe() + "\n" if self.group_plan is not None else "")
+            + self.grouping.describe(state_bytes_per_element=self.path.state_bytes_per_element())
             + f"\noptimizer={self.path.name} kernels={self.kernel_backend} {self.path.describe()} "
             f"device={self.device} grad arena={self.arena.nbytes / 2**30:.3f} GiB"
         )
@@ -314,6 +321,36 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.path.close()
 
 
+def _budget_bytes(cfg: HiFTConfig, device: torch.device, what: str) -> int:
+    """memory_budget_gib in bytes, or what this process may use of its CUDA device now."""
+    if cfg.memory_budget_gib is not None:
+        return int(cfg.memory_budget_gib * 2**30)
+    if device.type != "cuda":
+        raise ConfigError(f"{what} on {device} needs memory_budget_gib= (the device's own memory is known on CUDA only)")
+    free, total = torch.cuda.mem_get_info(device)
+    return min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))
+
+
+def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper, masters: bool, device, store) -> GroupPlan:
+    """layers_per_group='auto': the plan for these units (one per group in ``units``) under the budget."""
+    if cfg.activation_gib is None:
+        raise ConfigError(
+            "layers_per_group='auto' needs activation_gib=: the device memory of one step's activations at your batch "
+            "x sequence. Measure it with hift_engine.measure_activation_gib(model, batch) (hift train does), or give "
+            "layers_per_group as a number"
+        )
+    esize = compute_dtype(cfg.precision).itemsize if masters else None
+    numel = [sum(p.numel() for p in g.params) for g in units.groups]
+    grad = [sum(p.numel() * (esize or p.element_size()) for p in g.params) for g in units.groups]
+    trained = {id(p) for g in units.groups for p in g.params}
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in trained and p.device == device)
+    num_state = (len(spec.state_names(hyper)) if spec is not None else 0) + masters
+    resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda" and store is None)
+    slots = None if resident or num_state == 0 else cfg.slots
+    budget = _budget_bytes(cfg, device, "layers_per_group='auto'")
+    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(cfg.activation_gib * 2**30))
+
+
 def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget:
     """activation_checkpointing='auto': the budget in bytes (the device's when not given), refused when the
     weights alone do not fit it."""
@@ -322,11 +359,7 @@ def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget
             "activation_checkpointing='auto' sizes itself by the CUDA allocator and the parameters are on "
             f"{device}; use 'always' (or 'off') there"
         )
-    if cfg.memory_budget_gib is not None:
-        budget = int(cfg.memory_budget_gib * 2**30)
-    else:
-        free, total = torch.cuda.mem_get_info(device)
-        budget = min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))
+    budget = _budget_bytes(cfg, device, "activation_checkpointing='auto'")
     weights = sum(p.numel() * p.element_size() for _, p in named if p.device.type == "cuda")
     if budget <= weights:
         raise ConfigError(

@@ -15,7 +15,7 @@ def test_overrides_are_type_checked_against_the_schema():
     cfg.apply_overrides({"lr": "1e-4", "layers_per_group": "2", "train.steps": "7", "per_step": "yes", "max_grad_norm": "0.5"})
     assert (cfg.optimizer.lr, cfg.optimizer.layers_per_group, cfg.train.steps) == (1e-4, 2, 7)
     assert cfg.schedule.per_step is True and cfg.optimizer.max_grad_norm == 0.5
-    with pytest.raises(ConfigError, match="cannot parse 'two' as int"):
+    with pytest.raises(ConfigError, match="layers_per_group must be an integer >= 1 .units per group. or 'auto', got 'two'"):
         RunConfig().apply_overrides({"layers_per_group": "two"})
     with pytest.raises(ConfigError, match="unknown option --layer_per_group.*did you mean 'layers_per_group'"):
         RunConfig().apply_overrides({"layer_per_group": "2"})

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoint import load_checkpoint, model_weights, save_checkpoint
 from ..memory import memory_bytes
+from ..auto_groups import measure_activation_gib
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
 from .data import Batches, encode_examples, load_examples
@@ -73,6 +76,21 @@ def _loss(model, batch: dict, head_chunk_tokens: int):
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), head_chunk_tokens)
 
 
+def _measure_activations_for_auto(cfg: RunConfig, model, device) -> None:
+    """layers_per_group='auto' without activation_gib: measure one step's activations on a full-length batch
+    (batch_size x data.max_length) with the bottom group active, and put the number in the config (logged, and
+    saved in config.json: pass it as --activation_gib to resume with the same groups)."""
+    opt_cfg = cfg.optimizer
+    if opt_cfg.layers_per_group != "auto" or opt_cfg.activation_gib is not None or device.type != "cuda":
+        return  # on the CPU the optimizer asks for activation_gib and memory_budget_gib itself
+    ids = torch.zeros(cfg.train.batch_size, cfg.data.max_length, dtype=torch.long, device=device)
+    batch = {"input_ids": ids, "labels": ids}
+    opt_cfg.activation_gib = measure_activation_gib(model, batch, lambda m, b: _loss(m, b, cfg.train.head_chunk_tokens))
+    log.info("layers_per_group=auto: one step's activations at %d x %d tokens take %.2f GiB (pass --activation_gib "
+             "%.3f to pin the grouping on resume)", cfg.train.batch_size, cfg.data.max_length, opt_cfg.activation_gib,
+             opt_cfg.activation_gib)
+
+
 def train(
     cfg: RunConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
     resume_fallback: bool = False,
@@ -106,7 +124,10 @@ def train(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
     masters = to_device_bf16(model, device, compute_dtype(cfg.optimizer.precision)) if masters_from_host(cfg) else None
+    _measure_activations_for_auto(cfg, model, device)
     opt = HiFTOptimizer(model, config=cfg.optimizer, initial_masters=masters)
+    if opt.group_plan is not None:
+        log.info("%s", opt.group_plan.describe())
     del masters  # the store holds them now
     try:
         sched = opt.cycle_scheduler(

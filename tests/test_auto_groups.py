@@ -1,0 +1,86 @@
+"""layers_per_group='auto': the fewest consecutive groups whose modelled step fits the memory budget."""
+
+import pytest
+import torch
+
+from hift_engine import ConfigError, HiFTConfig, HiFTOptimizer
+from hift_engine.auto_groups import margin_bytes, plan_groups
+from tests.helpers import lm_batch, tiny_llama
+
+MARGIN = 512 << 20  # the smallest margin: every budget below ~17 GiB
+
+
+def test_units_are_packed_bottom_up_into_the_fewest_groups_that_fit():
+    # units of 100, 10, 10, 10, 10, 100 fp32 params; AdamW (2 vectors) offloaded through 2 slots: a group of n
+    # params costs 4n (gradients) + 2 x 8n (state slots) = 20n bytes on top of the fixed weights
+    numel = [100, 10, 10, 10, 10, 100]
+    grad = [4 * n for n in numel]
+    weights = sum(grad)
+    budget = MARGIN + weights + 20 * 120  # room for 120 params in the largest group
+    plan = plan_groups(numel, grad, 0, 2, 2, budget, 0)
+    assert plan.sizes == [3, 3]  # 100 + 10 + 10 | 10 + 10 + 100: each exactly 120
+    assert plan.peak_bytes == MARGIN + weights + 20 * 120 == budget
+    tighter = plan_groups(numel, grad, 0, 2, 2, budget - 20, 0)  # room for 119
+    assert tighter.sizes == [2, 3, 1]  # 110 | 30 | 100: greedy from the bottom, the fewest consecutive groups
+    roomy = plan_groups(numel, grad, 0, 2, 2, budget + 20 * 1000, 0)
+    assert roomy.sizes == [6]  # everything fits: one group (full fine-tuning)
+
+
+def test_activations_frozen_weights_and_resident_state_take_room_first():
+    numel, grad = [100, 100, 100], [400, 400, 400]
+    base = MARGIN + 1200 + 20 * 200
+    assert plan_groups(numel, grad, 0, 2, 2, base, 0).sizes == [2, 1]
+    assert plan_groups(numel, grad, 0, 2, 2, base, 20 * 100).sizes == [1, 1, 1]  # activations
+    assert plan_groups(numel, grad, 20 * 100, 2, 2, base, 0).sizes == [1, 1, 1]  # frozen weights
+    # resident state is fixed (all of it on the device); then only the gradient arena grows with the group
+    resident = plan_groups(numel, grad, 0, 2, None, MARGIN + 1200 + 8 * 300 + 4 * 200, 0)
+    assert resident.sizes == [2, 1] and resident.parts["resident_state"] == 8 * 300
+
+
+def test_a_unit_too_big_for_the_budget_is_refused_with_the_numbers():
+    with pytest.raises(ConfigError, match=r"even one unit per group does not fit.*unit 1 needs"):
+        plan_groups([10, 1000], [40, 4000], 0, 2, 2, MARGIN + 4040 + 20 * 100, 0)
+
+
+def test_margin_is_three_percent_above_17_gib():
+    assert margin_bytes(1 << 30) == MARGIN and margin_bytes(100 << 30) == int(0.03 * (100 << 30))
+
+
+def test_the_optimizer_trains_the_planned_groups_and_says_so():
+    model = tiny_llama(layers=6, hidden=32, vocab=64)
+    units = [sum(p.numel() for p in g.params) for g in HiFTOptimizer(tiny_llama(layers=6, hidden=32, vocab=64), "adamw").grouping.groups]
+    weights = 4 * sum(units)
+    # resident AdamW on the CPU: state fixed (8 B/param), gradients of the largest group grow: room for 3 blocks
+    block = units[1]
+    budget = MARGIN + weights + 8 * sum(units) + 4 * 3 * block + 100
+    opt = HiFTOptimizer(model, "adamw", layers_per_group="auto", memory_budget_gib=budget / 2**30, activation_gib=0.0)
+    assert opt.group_plan.sizes == [int(s) for s in opt.group_plan.sizes] and sum(opt.group_plan.sizes) == len(units)
+    assert max(sum(units[a:b]) for a, b in _bounds(opt.group_plan.sizes)) <= 3 * block
+    assert opt.num_groups == len(opt.group_plan.sizes) < len(units)
+    assert "layers_per_group=auto" in opt.describe()
+    for step in range(2 * opt.num_groups):
+        model(**lm_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _bounds(sizes):
+    edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return list(zip(edges, edges[1:]))
+
+
+def test_bad_auto_options_are_refused():
+    with pytest.raises(ConfigError, match="needs activation_gib="):
+        HiFTOptimizer(tiny_llama(), "adamw", layers_per_group="auto", memory_budget_gib=1)
+    with pytest.raises(ConfigError, match="needs memory_budget_gib="):
+        HiFTOptimizer(tiny_llama(), "adamw", layers_per_group="auto", activation_gib=0.1)
+    with pytest.raises(ConfigError, match="set layers_per_group='auto' or drop activation_gib"):
+        HiFTConfig(activation_gib=1.0)
+    with pytest.raises(ConfigError, match="explicit groups"):
+        HiFTConfig(layers_per_group="auto", groups=[[".*"]])
+    with pytest.raises(ConfigError, match="torch.optim class"):
+        HiFTConfig(layers_per_group="auto", optimizer=torch.optim.RMSprop)
+    with pytest.raises(ConfigError, match="integer >= 1 .* or 'auto'"):
+        HiFTConfig(layers_per_group="two")
+    with pytest.raises(ConfigError, match="activation_gib must be a number"):
+        HiFTConfig(layers_per_group="auto", activation_gib=-1)
