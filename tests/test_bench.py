@@ -119,3 +119,32 @@ def test_trace_summary_without_gpu_events(tmp_path):
     from hift_engine.bench.trace import summarize_trace
 
     assert "error" in summarize_trace(_trace(tmp_path, [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]))
+
+
+def test_converge_runs_every_cpu_method_on_real_text_and_compares_at_equal_updates(tmp_path, capsys):
+    """A tiny run of hift bench converge: every method trains from the same pretrained weights, the curves and
+    the equal-updates comparison are written, and a method that cannot run here is a row with a note."""
+    out = tmp_path / "res"
+    rc = main(["bench", "converge", "--hidden", "32", "--layers", "2", "--seq", "32", "--batch", "4",
+               "--pretrain-steps", "5", "--updates", "2", "--eval-points", "2", "--eval-batches", "2",
+               "--switch-every", "2", "--methods", "full,hift-1,hift-2,badam,hift-auto", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(next(out.glob("converge-*.json")).read_text())
+    methods = {s["method"]: s for s in data["summary"]["methods"]}
+    assert methods["full"]["steps"] == 2 and methods["full"]["groups_k"] == 1
+    assert methods["hift-1"]["groups_k"] == 4 and methods["hift-1"]["steps"] == 8  # embedding, 2 blocks, head
+    assert methods["hift-2"]["groups_k"] == 2 and methods["badam"]["steps"] == 8
+    assert "activation_gib" in methods["hift-auto"]["note"]  # the CPU cannot measure it: a row with the reason
+    for name in ("full", "hift-1", "hift-2", "badam"):
+        rows = [r for r in data["rows"] if r["method"] == name]
+        assert rows[0]["step"] == 0 and rows[-1]["updates_per_param"] == 2.0
+        assert len({r["heldout_loss"] for r in rows}) > 1  # it trained
+        assert methods[name]["heldout_at_full_updates"] == rows[-1]["heldout_loss"]
+    assert data["summary"]["corpus"]["heldout_files"] > 0 and len(data["summary"]["corpus"]["sha256"]) == 64
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert next(out.glob("converge-*.png")).stat().st_size > 0
+
+
+def test_converge_refuses_an_unknown_method():
+    with pytest.raises(SystemExit, match="unknown method 'adam'"):
+        main(["bench", "converge", "--methods", "full,adam"])

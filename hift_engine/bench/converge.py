@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import HiFTError
 from .common import print_table, write_result
 from .text_corpus import load_corpus
 
@@ -43,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--switch-every", type=int, default=10, help="badam: steps per block before switching")
     p.add_argument("--memory-budget-gib", type=float, default=None, help="hift-auto's budget (default: the device's)")
+    p.add_argument("--activation-gib", type=float, default=None,
+                   help="hift-auto's activation size (default: measured on the GPU; on the CPU give it with the budget)")
     p.add_argument("--cap-gib", type=float, default=0.0, help="> 0 (GPU): cap the process's device memory as on a smaller card")
     p.add_argument("--seed", type=int, default=0)
 
@@ -116,7 +119,16 @@ def _hift(layers_per_group):
     def make(model, args):
         from ..optimizer import HiFTOptimizer
 
-        extra = {"memory_budget_gib": args.memory_budget_gib} if layers_per_group == "auto" and args.memory_budget_gib else {}
+        extra = {}
+        if layers_per_group == "auto":
+            extra["activation_gib"] = args.activation_gib
+            if extra["activation_gib"] is None and next(model.parameters()).is_cuda:
+                from ..auto_groups import measure_activation_gib
+
+                ids = torch.zeros(args.batch, args.seq, dtype=torch.long, device=next(model.parameters()).device)
+                extra["activation_gib"] = measure_activation_gib(model, {"input_ids": ids, "labels": ids})
+            if args.memory_budget_gib:
+                extra["memory_budget_gib"] = args.memory_budget_gib
         opt = HiFTOptimizer(model, "adamw", lr=args.lr, weight_decay=0.0, layers_per_group=layers_per_group,
                             strategy="bottom2up", **extra)
 
@@ -125,6 +137,7 @@ def _hift(layers_per_group):
             opt.step()
             opt.zero_grad()
 
+        step.plan = opt.group_plan.sizes if opt.group_plan is not None else None
         return step, opt.num_groups, opt.close
 
     return make
@@ -188,7 +201,7 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
     rows = []
     try:
         step, k, close = method_factory(name)(model, args)
-    except (RuntimeError, torch.OutOfMemoryError) as e:
+    except (RuntimeError, torch.OutOfMemoryError, HiFTError) as e:  # a method that cannot run here is a row, not a crash
         return rows, {"method": name, "note": str(e).splitlines()[0][:160]}
     total = args.updates * k
     every = max(1, total // args.eval_points)
@@ -215,7 +228,7 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
         note = f"out of memory after {done} steps: {str(e).splitlines()[0][:100]}"
     finally:
         close()
-    summary = {"method": name, "groups_k": k, "steps": done, "updates_per_param": done / k, "train_seconds": trained,
+    summary = {"method": name, "groups_k": k, "plan": getattr(step, "plan", None), "steps": done, "updates_per_param": done / k, "train_seconds": trained,
                "s_per_step": trained / done if done else None, "final_heldout_loss": rows[-1]["heldout_loss"], "note": note}
     del model
     gc.collect()
