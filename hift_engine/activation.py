@@ -48,7 +48,9 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         return forward(self, *args, **kwargs)
     before = owner.budget.allocated()
     out = forward(self, *args, **kwargs)
-    owner.budget.observe(before, x)  # what a stored block keeps, for the next decisions
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    if torch.is_tensor(first) and first.grad_fn is not None:  # autograd recorded it: it keeps activations
+        owner.budget.observe(before, x)  # what a stored block keeps, for the next decisions
     return out
 
 
@@ -61,7 +63,9 @@ class MemoryBudget:
     than frozen ones, so the estimate errs towards recomputing). Until a block has been measured every block
     above the active group is recomputed (the safe choice). Beyond the stored blocks, ``reserve_blocks``
     blocks' worth (the recompute of one block and backward's working memory) plus ``margin_bytes`` is kept
-    free. ``allocated`` reads the bytes allocated now (``torch.cuda.memory_allocated`` on a GPU)."""
+    free. ``allocated`` reads the bytes allocated now (``torch.cuda.memory_allocated`` on a GPU). Memory the
+    LM head needs after the last block (full-vocabulary logits) is covered only by that reserve and margin: at
+    long sequences use the chunked head (``head_loss.causal_lm_loss``, ``hift train --head_chunk_tokens``)."""
 
     def __init__(self, budget_bytes: int, allocated: Callable[[], int], margin_bytes: int | None = None,
                  reserve_blocks: float = 2.0) -> None:

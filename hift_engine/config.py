@@ -70,7 +70,8 @@ class HiFTConfig:
                       the fewest groups whose step fits memory_budget_gib (auto_groups.py has the memory
                       model); needs activation_gib (hift train measures it; see measure_activation_gib).
     activation_gib:   with layers_per_group="auto": device memory of one step's activations at the training
-                      batch x sequence with the bottom group active.
+                      batch x sequence with the bottom unit active, or [that, what each further active unit
+                      adds] as measure_activation_gib returns it.
     strategy:         "bottom2up" (embedding first), "top2down", or "random" (fresh permutation per cycle).
     seed:             seeds the random order; the order is a pure function of (seed, cycle).
     groups:           explicit groups: a list of groups, each a list of module/parameter names or regexes.
@@ -169,8 +170,13 @@ class HiFTConfig:
                               "with a torch.optim class give layers_per_group as a number")
         act = self.activation_gib
         if act is not None:
-            if isinstance(act, bool) or not isinstance(act, (int, float)) or not 0 <= act < float("inf"):
-                raise ConfigError(f"activation_gib must be a number of GiB >= 0, got {act!r}")
+            values = list(act) if isinstance(act, (list, tuple)) else [act]
+            if not 1 <= len(values) <= 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values
+            ):
+                raise ConfigError(f"activation_gib must be a number of GiB >= 0, or [bottom, per active unit], got {act!r}")
+            if isinstance(act, tuple):
+                self.activation_gib = list(act)
             if not auto_groups:
                 raise ConfigError("activation_gib sizes layers_per_group='auto'; set layers_per_group='auto' or drop activation_gib")
         if self.strategy not in STRATEGIES:

@@ -345,10 +345,14 @@ def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper
     trained = {id(p) for g in units.groups for p in g.params}
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in trained and p.device == device)
     num_state = (len(spec.state_names(hyper)) if spec is not None else 0) + masters
-    resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda" and store is None)
+    if store is not None:  # its state sizes would depend on the plan, and the plan on where the state lives
+        raise ConfigError("layers_per_group='auto' plans the groups before any state store exists, so it cannot take "
+                          "store=; choose the store with state_store=, or give layers_per_group as a number")
+    resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda")
     slots = None if resident or num_state == 0 else cfg.slots
     budget = _budget_bytes(cfg, device, "layers_per_group='auto'")
-    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(cfg.activation_gib * 2**30))
+    act = cfg.activation_gib if isinstance(cfg.activation_gib, list) else [cfg.activation_gib, 0.0]
+    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(act[0] * 2**30), int(act[-1] * 2**30 if len(act) > 1 else 0))
 
 
 def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget:

@@ -138,9 +138,14 @@ def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, 
         if list(meta.get("param_names", [])) != mine["param_names"]:
             raise ConfigError("the saved parameter names differ from this model's; it belongs to another model")
         if [list(g) for g in meta.get("groups", [])] != mine["groups"]:
+            sizes = [len(g) for g in meta.get("groups", [])]
             raise ConfigError(
                 "the saved group layout differs (layers_per_group, groups or freeze changed); resume with the same "
-                "grouping options"
+                "grouping options" + (
+                    f". With layers_per_group='auto' the plan depends on memory_budget_gib and activation_gib: give "
+                    f"both as logged when the run started (the saved groups have {sizes} parameters each)"
+                    if opt.config.layers_per_group == "auto" else ""
+                )
             )
         opt.order.check_state_dict(meta.get("order"))
         skips = meta.get("skips")

@@ -37,6 +37,14 @@ def test_activations_frozen_weights_and_resident_state_take_room_first():
     assert resident.sizes == [2, 1] and resident.parts["resident_state"] == 8 * 300
 
 
+def test_each_further_active_unit_adds_its_activations():
+    numel, grad = [100, 100, 100], [400, 400, 400]
+    base = MARGIN + 1200 + 20 * 200
+    assert plan_groups(numel, grad, 0, 2, 2, base, 0, per_unit_activation_bytes=0).sizes == [2, 1]
+    assert plan_groups(numel, grad, 0, 2, 2, base, 0, per_unit_activation_bytes=1).sizes == [1, 1, 1]  # 2 units: +1 byte
+    assert plan_groups(numel, grad, 0, 2, 2, base + 1, 0, per_unit_activation_bytes=1).sizes == [2, 1]
+
+
 def test_a_unit_too_big_for_the_budget_is_refused_with_the_numbers():
     with pytest.raises(ConfigError, match=r"even one unit per group does not fit.*unit 1 needs"):
         plan_groups([10, 1000], [40, 4000], 0, 2, 2, MARGIN + 4040 + 20 * 100, 0)
@@ -82,5 +90,12 @@ def test_bad_auto_options_are_refused():
         HiFTConfig(layers_per_group="auto", optimizer=torch.optim.RMSprop)
     with pytest.raises(ConfigError, match="integer >= 1 .* or 'auto'"):
         HiFTConfig(layers_per_group="two")
-    with pytest.raises(ConfigError, match="activation_gib must be a number"):
-        HiFTConfig(layers_per_group="auto", activation_gib=-1)
+    for bad in (-1, [1.0, -1.0], [1, 2, 3], "1"):
+        with pytest.raises(ConfigError, match="activation_gib must be a number"):
+            HiFTConfig(layers_per_group="auto", activation_gib=bad)
+    assert HiFTConfig(layers_per_group="auto", activation_gib=(1.0, 0.5)).activation_gib == [1.0, 0.5]
+    from hift_engine.store import ResidentStore
+
+    with pytest.raises(ConfigError, match="cannot take store="):
+        HiFTOptimizer(tiny_llama(), "adamw", layers_per_group="auto", memory_budget_gib=1, activation_gib=0.0,
+                      store=lambda layouts, device: ResidentStore([lay.state_numel for lay in layouts], device))

@@ -10,7 +10,8 @@ and evaluated on held-out ``email`` files (text_corpus.py says why this text). M
   badam             BAdam-style block coordinate descent: one block (the hift-1 groups) trained for
                     --switch-every steps with a fresh AdamW, then the next (state reset at every switch)
 Each method runs --updates updates of every parameter (k steps per update for a method with k groups), or until
---seconds of training time, whichever comes first; evaluation time is not counted. Reports the held-out loss
+--seconds of training time, whichever comes first; evaluation time is not counted, one-time costs of a method's
+first steps (kernel compilation on a GPU) are. Reports the held-out loss
 per method at equal updates per parameter and at equal seconds; JSON + PNG (two panels: steps, seconds).
 """
 
@@ -251,6 +252,8 @@ def run(args) -> int:
 
         cap = _set_cap(args.cap_gib, _Nvml(), device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.eval_points < 1 or args.updates < 1 or args.eval_batches < 1:
+        raise SystemExit("hift bench converge: --eval-points, --updates and --eval-batches must be >= 1")
     for m in methods:
         method_factory(m)  # unknown names fail before any training
     corpus = load_corpus()

@@ -11,7 +11,8 @@ For a group shaped like one LLaMA-2-7B block (4 x 4096^2 + 3 x 4096*11008 = 202 
 Effective bandwidth counts the bytes an update must move: AdamW 28 B/param in fp32, AdaGrad/SGD 20.
 With --dtype bf16-mixed the parameters and gradients are bf16 and the fp32 masters sit in the state (AdamW 30
 B/param): the hift rows are the mixed-precision kernels, and torch-fused/foreach run torch.optim on fp32
-masters with fp32 gradients (what a hand-written mixed-precision loop does), beside the same-bytes copy.
+masters with fp32 gradients (28 B/param, their GB/s counts those; a hand-written mixed loop also casts the
+gradients up and the masters down, which these rows leave out), beside the same-bytes copy.
 """
 
 from __future__ import annotations
@@ -177,10 +178,11 @@ def run(args) -> int:
                     t, err = _time_torch(opt_name, shapes, torch.float32, dev, args.rep_ms, mode)
                     _free()
                     rows.append({**base, "provider": f"torch-{mode}", "ms": t, "note": err})
+            torch_moved = n * bytes_per_param(opt_name, 4)  # torch.optim runs on fp32 (masters, under bf16-mixed)
             for r in rows:
                 if r["shape"] == shape and r["optimizer"] == opt_name and r.get("ms"):
-                    r["GB/s"] = moved / r["ms"] / 1e6
-                    r["of_copy"] = t_copy / r["ms"]
+                    r["GB/s"] = (torch_moved if r["provider"].startswith("torch") else moved) / r["ms"] / 1e6
+                    r["of_copy"] = t_copy / r["ms"]  # time against a copy of the hift bytes
             fused = next((r["ms"] for r in rows if r["shape"] == shape and r["optimizer"] == opt_name and r["provider"] == "torch-fused" and r.get("ms")), None)
             for r in rows:
                 if r["shape"] == shape and r["optimizer"] == opt_name and fused and r.get("ms"):

@@ -220,7 +220,7 @@ def run(args) -> int:
                     row = _measure(model, mode, args, dev, args.cycles_official if mode == "official" else cycles,
                                    k_hint=layers + 2, profile_dir=args.out if args.profile else None,
                                    chunk_mib=chunk, label=label, precision=precision, **extra)
-                    row.update(layers=layers, params=n_params)
+                    row.update(layers=layers, params=n_params, activation_checkpointing=extra.get("activation_checkpointing"))
                     rows.append(row)
                     print({k: v for k, v in row.items() if k != "trace_summary"}, flush=True)
             del model
@@ -252,7 +252,7 @@ def summarize(rows: list[dict], precisions: list[str]) -> dict:
                 "offload_over_resident": ratio(off, res),
                 "official_over_offload": ratio(get(layers, precision, "official"), off),
                 "hift_peak_over_standard_peak": ratio(get(layers, precision, "offload", "peak_reserved_gib"),
-                                                      get(layers, precisions[0], "standard", "peak_reserved_gib")),
+                                                      get(layers, precision, "standard", "peak_reserved_gib")),
                 "offload_first_cycle_over_later": get(layers, precision, "offload", "first_over_later"),
             }
             for other in precisions:  # offloaded tokens/s of this precision over the others'

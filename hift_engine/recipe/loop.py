@@ -76,19 +76,33 @@ def _loss(model, batch: dict, head_chunk_tokens: int):
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), head_chunk_tokens)
 
 
-def _measure_activations_for_auto(cfg: RunConfig, model, device) -> None:
-    """layers_per_group='auto' without activation_gib: measure one step's activations on a full-length batch
-    (batch_size x data.max_length) with the bottom group active, and put the number in the config (logged, and
-    saved in config.json: pass it as --activation_gib to resume with the same groups)."""
+def _pin_auto_groups(cfg: RunConfig, model, device) -> RunConfig:
+    """layers_per_group='auto' in hift train: measure the activations on a full-length batch (batch_size x
+    data.max_length) unless activation_gib is given, and fix memory_budget_gib to the device's now unless
+    given, so both are in the run's config.json and the log: a resume that passes them gets the same groups."""
+    import copy
+    import dataclasses
+
     opt_cfg = cfg.optimizer
-    if opt_cfg.layers_per_group != "auto" or opt_cfg.activation_gib is not None or device.type != "cuda":
-        return  # on the CPU the optimizer asks for activation_gib and memory_budget_gib itself
-    ids = torch.zeros(cfg.train.batch_size, cfg.data.max_length, dtype=torch.long, device=device)
-    batch = {"input_ids": ids, "labels": ids}
-    opt_cfg.activation_gib = measure_activation_gib(model, batch, lambda m, b: _loss(m, b, cfg.train.head_chunk_tokens))
-    log.info("layers_per_group=auto: one step's activations at %d x %d tokens take %.2f GiB (pass --activation_gib "
-             "%.3f to pin the grouping on resume)", cfg.train.batch_size, cfg.data.max_length, opt_cfg.activation_gib,
-             opt_cfg.activation_gib)
+    if opt_cfg.layers_per_group != "auto" or device.type != "cuda":
+        return cfg  # on the CPU the optimizer asks for activation_gib and memory_budget_gib itself
+    changes = {}
+    if opt_cfg.activation_gib is None:
+        ids = torch.zeros(cfg.train.batch_size, cfg.data.max_length, dtype=torch.long, device=device)
+        batch = {"input_ids": ids, "labels": ids}
+        changes["activation_gib"] = [round(v, 4) for v in measure_activation_gib(
+            model, batch, lambda m, b: _loss(m, b, cfg.train.head_chunk_tokens))]
+    if opt_cfg.memory_budget_gib is None:
+        free, total = torch.cuda.mem_get_info(device)
+        budget = min(total * torch.cuda.get_per_process_memory_fraction(device), free + torch.cuda.memory_reserved(device))
+        changes["memory_budget_gib"] = round(budget / 2**30, 3)
+    cfg = copy.copy(cfg)  # the caller's config stays as given
+    cfg.optimizer = dataclasses.replace(opt_cfg, **changes)
+    log.info("layers_per_group=auto: activations at %d x %d tokens %s GiB, budget %s GiB (resume with --activation_gib "
+             "'%s' --memory_budget_gib %s to keep the same groups)", cfg.train.batch_size, cfg.data.max_length,
+             cfg.optimizer.activation_gib, cfg.optimizer.memory_budget_gib,
+             json.dumps(cfg.optimizer.activation_gib), cfg.optimizer.memory_budget_gib)
+    return cfg
 
 
 def train(
@@ -124,7 +138,7 @@ def train(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
     masters = to_device_bf16(model, device, compute_dtype(cfg.optimizer.precision)) if masters_from_host(cfg) else None
-    _measure_activations_for_auto(cfg, model, device)
+    cfg = _pin_auto_groups(cfg, model, device)
     opt = HiFTOptimizer(model, config=cfg.optimizer, initial_masters=masters)
     if opt.group_plan is not None:
         log.info("%s", opt.group_plan.describe())
