@@ -116,6 +116,25 @@ def save_checkpoint(
     step = optimizer.global_step if step is None else step
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"save_checkpoint: step must be an integer >= 0, got {step!r}")
+    reducer = getattr(optimizer, "reducer", None)
+    if reducer is None:
+        return _save(root, model, optimizer, scheduler, step, extra, keep_last)
+    # Data parallel: the state is replicated, so rank 0 writes and every rank gets the path (or rank 0's error).
+    if not reducer.is_main:
+        outcome = reducer.broadcast_object(None)
+        if outcome.get("error"):
+            raise CheckpointError(f"rank 0 could not save the checkpoint: {outcome['error']}")
+        return Path(outcome["path"])
+    try:
+        path = _save(root, model, optimizer, scheduler, step, extra, keep_last)
+    except BaseException as e:
+        reducer.broadcast_object({"error": f"{type(e).__name__}: {e}"})
+        raise
+    reducer.broadcast_object({"path": str(path)})
+    return path
+
+
+def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)

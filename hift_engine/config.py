@@ -104,6 +104,8 @@ class HiFTConfig:
     memory_budget_gib: device memory (GiB, as torch's allocator counts it) the "auto" options keep inside; default: what
                       this process may use when the optimizer is built (its memory fraction of the card, or the
                       free memory plus what torch has reserved, whichever is smaller).
+    data_parallel:    "auto" (average the active group's gradients over the ranks when torch.distributed is
+                      initialised with more than one process), "on" (insist on it), "off".
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -127,6 +129,7 @@ class HiFTConfig:
     activation_checkpointing: str = "off"
     memory_budget_gib: Any = None
     activation_gib: Any = None
+    data_parallel: str = "auto"
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -240,6 +243,8 @@ class HiFTConfig:
                     f"memory_budget_gib={budget} sizes activation_checkpointing='auto' and layers_per_group='auto', "
                     "but neither is set; set one of them to 'auto' or drop memory_budget_gib"
                 )
+        if self.data_parallel not in ("auto", "on", "off"):
+            raise ConfigError(f"data_parallel={self.data_parallel!r} is unknown; use 'auto', 'on' or 'off'")
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
         self.optimizer_kwargs = dict(self.optimizer_kwargs)

@@ -24,6 +24,7 @@ from . import state_io
 from .activation import MemoryBudget, Recompute
 from .auto_groups import GroupPlan, plan_groups
 from .config import HiFTConfig
+from .data_parallel import make_reducer
 from .errors import ConfigError
 from .grouping import Grouping, build_grouping
 from .hooks import ParamClaim, user_requires_grad
@@ -125,6 +126,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         )
         if seeds:
             self.path.seed_masters(seeds)
+        self.reducer = make_reducer(cfg.data_parallel)
+        if self.reducer is not None:  # before anything is taken over: a mismatch changes nothing
+            self.reducer.check_same_setup([cfg.to_dict(), [list(g.param_names) for g in self.grouping.groups],
+                                           [list(p.shape) for _, p in named]])
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.scaler = LossScaler(self.device) if cfg.precision == "fp16-mixed" else None
@@ -195,6 +200,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         lay = self.layouts[gid]
         lay.check_unchanged()
         members = self.router.collect(lay.names)
+        if self.reducer is not None:  # the same averaged gradients on every rank: identical updates
+            members = self.reducer.reduce(self.arena.buffers, lay.grad_numel, self._grad_views[gid], members)
         if self.scaler is not None and members and not self.scaler.scaled:
             raise ConfigError("precision='fp16-mixed': call loss = opt.scale_loss(loss) before backward (unscaled fp16 "
                               "gradients underflow); hift train does this")

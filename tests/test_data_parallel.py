@@ -1,0 +1,103 @@
+"""Data parallel HiFT on torch.distributed (gloo, several CPU processes): the same weights as one process on the
+concatenated batch, exact resume from a checkpoint rank 0 wrote, and refusal of ranks that differ."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hift_engine import ConfigError, HiFTOptimizer, load_checkpoint, save_checkpoint
+from tests.helpers import lm_batch, tiny_llama
+
+PER_RANK = 2  # sequences per rank and step
+
+
+def _batch(step, rank):
+    return lm_batch(batch=PER_RANK, seed=1000 * step + rank)
+
+
+def _opt(model, **kw):
+    return HiFTOptimizer(model, "adamw", lr=1e-2, strategy="random", seed=1, max_grad_norm=0.5, **kw)
+
+
+def _train(model, opt, steps, rank, start=0):
+    for s in range(start, start + steps):
+        model(**_batch(s, rank)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _worker(rank, world, tmp, mode):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    try:
+        if mode == "mismatch":
+            try:
+                HiFTOptimizer(tiny_llama(), "adamw", seed=rank)  # rank 1 orders its groups differently
+                result = "built"
+            except ConfigError as e:
+                result = str(e)
+            torch.save(result, f"{tmp}/result-{rank}.pt")
+            return
+        model = tiny_llama()
+        opt = _opt(model)
+        k = opt.num_groups
+        _train(model, opt, 3 * k, rank)
+        path = save_checkpoint(f"{tmp}/ckpt", model, opt)
+        _train(model, opt, k, rank, start=3 * k)
+        if rank == 0:
+            torch.save({"weights": model.state_dict(), "path": str(path), "k": k,
+                        "reduced": opt.reducer.bytes_reduced}, f"{tmp}/result-0.pt")
+        # resume in a fresh model and optimizer from the checkpoint rank 0 wrote
+        again = tiny_llama(seed=5)
+        opt2 = _opt(again)
+        load_checkpoint(path, again, opt2)
+        _train(again, opt2, k, rank, start=3 * k)
+        torch.save({"resumed": again.state_dict(), "same_path": str(path)}, f"{tmp}/resumed-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_train_like_one_process_on_the_whole_batch_and_resume_exactly(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path), "train"), nprocs=world, join=True)
+    out = torch.load(tmp_path / "result-0.pt")
+    k = out["k"]
+    # one process, the ranks' batches concatenated: the loss is the mean over all of them
+    model = tiny_llama()
+    opt = _opt(model, data_parallel="off")
+    for s in range(4 * k):
+        batch = {key: torch.cat([_batch(s, r)[key] for r in range(world)]) for key in ("input_ids", "labels")}
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, ref in model.state_dict().items():
+        # the same math summed in another order: AdamW normalises each update, so a gradient near zero that
+        # rounds differently moves its weight by a different part of lr (1e-2) — 1% of one step at most
+        diff = (out["weights"][name] - ref).abs().max().item()
+        assert diff <= 1e-4, (name, diff)
+    for r in range(world):  # every rank resumed from the one checkpoint, and exactly
+        resumed = torch.load(tmp_path / f"resumed-{r}.pt")
+        assert resumed["same_path"] == out["path"]
+        for name, w in out["weights"].items():
+            assert torch.equal(resumed["resumed"][name], w), (r, name)
+    assert len(list((tmp_path / "ckpt").iterdir())) == 1  # rank 0 alone wrote
+    # only the active group's gradients crossed: about 1/k of the model's per step, on average
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 0 < out["reduced"] <= 4 * k * 4 * n_params / k * 1.5
+
+
+def test_ranks_that_would_train_differently_are_refused(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path), "mismatch"), nprocs=2, join=True)
+    for r in range(2):
+        assert "ranks [1] build different groups or options than rank 0" in torch.load(tmp_path / f"result-{r}.pt")
+
+
+def test_data_parallel_on_without_processes_is_refused():
+    with pytest.raises(ConfigError, match="needs torch.distributed initialised"):
+        HiFTOptimizer(tiny_llama(), "adamw", data_parallel="on")
+    with pytest.raises(ConfigError, match="data_parallel='sometimes' is unknown"):
+        HiFTOptimizer(tiny_llama(), "adamw", data_parallel="sometimes")
