@@ -5,7 +5,10 @@ activations for its own gradients; the blocks *above* it need theirs only to pas
 keep just their inputs and are recomputed in backward (``torch.utils.checkpoint``, non-reentrant, RNG state
 preserved). "always" recomputes every block above the active group; "auto" (``MemoryBudget``) decides block by
 block in forward whether the blocks still to come fit the budget if stored, and recomputes the lowest ones
-only when they would not, so a short sequence recomputes nothing. Works on any model whose blocks are modules (every Hugging Face decoder): each block gets an
+only when they would not, so a short sequence recomputes nothing. With ``offload`` a recomputed block's input
+is kept in pinned host memory instead of on the device (``_OffloadedBlock``), which is what remains of the
+blocks above at long sequences (fp32 7B at 16k tokens: 256 MiB per block, 8 GiB for 32 blocks). Works on any
+model whose blocks are modules (every Hugging Face decoder): each block gets an
 instance ``forward`` bound to itself that asks the optimizer's Recompute (through a weak reference) whether the
 block is above the active group; a deep copy of the model gets methods bound to the copy, never the original.
 """
@@ -43,6 +46,9 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     x = _first_tensor(args, kwargs)
     if owner.recomputes(self._hift_position, x):
         owner.recomputed += 1
+        kwargs = _without_cache(kwargs)
+        if owner.offload and _offloadable(x, args, kwargs):
+            return _run_offloaded(forward, self, args, kwargs)
         return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
     if owner.budget is None or x is None:
         return forward(self, *args, **kwargs)
@@ -52,6 +58,82 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if torch.is_tensor(first) and first.grad_fn is not None:  # autograd recorded it: it keeps activations
         owner.budget.observe(before, x)  # what a stored block keeps, for the next decisions
     return out
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """A recomputed block must not write a KV cache: it would append its keys twice (forward and recompute) and
+    the recompute would attend over both. Training needs no cache, so the block runs without one, as Hugging
+    Face's own gradient checkpointing does (it turns use_cache off)."""
+    if not any(kwargs.get(k) is not None for k in _CACHE_KWARGS) and not kwargs.get("use_cache"):
+        return kwargs
+    out = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _offloadable(x, args, kwargs) -> bool:
+    """The offloaded path passes the gradient to the block's first tensor argument only: every other tensor
+    argument must not need one (Hugging Face passes masks and rotary tables, which do not)."""
+    if x is None or not x.requires_grad or not x.is_floating_point():
+        return False
+    others = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not x]
+    others += [t for v in (*args, *kwargs.values()) if isinstance(v, (tuple, list)) for t in v if torch.is_tensor(t)]
+    return not any(t.requires_grad for t in others)
+
+
+class _OffloadedBlock(torch.autograd.Function):
+    """Checkpoint a block keeping its input in (pinned) host memory: forward runs the block without recording
+    and copies the input out; backward copies it back, reruns the block with the RNG state forward saw, and
+    backpropagates through it. The copies are queued on the current stream, so stream order alone makes the
+    device input free for reuse only after it has been read, and the block rerun only after it is back."""
+
+    @staticmethod
+    def forward(ctx, x, run):
+        ctx.run, ctx.device = run, x.device
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+        host.copy_(x, non_blocking=x.is_cuda)
+        ctx.host, ctx.x_meta = host, (x.shape, x.dtype, x.stride())
+        with torch.no_grad():
+            out = run(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x = ctx.host.to(ctx.device, non_blocking=ctx.device.type == "cuda").requires_grad_(True)
+        cpu_rng, dev_rng = ctx.rng
+        devices = [ctx.device] if dev_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(cpu_rng)
+            if dev_rng is not None:
+                torch.cuda.set_rng_state(dev_rng, ctx.device)
+            out = ctx.run(x)
+        torch.autograd.backward(out, grad_out)
+        ctx.host = ctx.run = None
+        return x.grad, None
+
+
+def _run_offloaded(forward, block, args, kwargs):
+    """``forward(block, *args, **kwargs)`` through _OffloadedBlock, its first tensor argument offloaded; a block
+    that returns a tuple (older transformers) passes its other outputs through untouched."""
+    x = _first_tensor(args, kwargs)
+    extra: list = []
+
+    def run(inp):
+        new_args = tuple(inp if a is x else a for a in args)
+        new_kwargs = {k: (inp if v is x else v) for k, v in kwargs.items()}
+        out = forward(block, *new_args, **new_kwargs)
+        if isinstance(out, tuple):
+            extra[:] = out[1:]
+            return out[0]
+        return out
+
+    main = _OffloadedBlock.apply(x, run)
+    return (main, *extra) if extra else main
 
 
 class MemoryBudget:
@@ -94,8 +176,10 @@ class Recompute:
     """``blocks[i]`` is the module of unit ``positions[i]`` (its index in forward order); ``budget`` None
     recomputes every block above the active group ("always"), a MemoryBudget only those that must ("auto")."""
 
-    def __init__(self, blocks: Sequence[nn.Module], positions: Sequence[int], budget: MemoryBudget | None = None) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], positions: Sequence[int], budget: MemoryBudget | None = None,
+                 offload: bool = False) -> None:
         self._blocks = list(blocks)
+        self.offload = offload
         self._positions = sorted(positions)
         self.budget = budget
         self.above = -1  # blocks at unit positions > above may be recomputed; -1 before the first activation

@@ -101,6 +101,8 @@ class HiFTConfig:
                       "auto": only as many of those blocks as needed to stay inside memory_budget_gib are
                       recomputed, decided block by block in forward from measured sizes (short sequences
                       recompute nothing). CUDA only.
+    activation_offload: with activation_checkpointing "always"/"auto": the recomputed blocks keep their inputs in
+                      pinned host memory instead of on the device (copied out in forward, back in backward).
     memory_budget_gib: device memory (GiB, as torch's allocator counts it) the "auto" options keep inside; default: what
                       this process may use when the optimizer is built (its memory fraction of the card, or the
                       free memory plus what torch has reserved, whichever is smaller).
@@ -127,6 +129,7 @@ class HiFTConfig:
     kernels: str = "auto"
     precision: str = "fp32"
     activation_checkpointing: str = "off"
+    activation_offload: bool = False
     memory_budget_gib: Any = None
     activation_gib: Any = None
     data_parallel: str = "auto"
@@ -234,6 +237,11 @@ class HiFTConfig:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {CHECKPOINTING}"
             )
+        if not isinstance(self.activation_offload, bool):
+            raise ConfigError(f"activation_offload must be true or false, got {self.activation_offload!r}")
+        if self.activation_offload and self.activation_checkpointing == "off":
+            raise ConfigError("activation_offload keeps recomputed blocks' inputs on the host; it needs "
+                              "activation_checkpointing='always' or 'auto'")
         budget = self.memory_budget_gib
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):

@@ -141,7 +141,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         frozen = [by_name[n] for n in self.grouping.frozen if user_requires_grad(by_name[n])]
         self._claim = ParamClaim([p for _, p in named], frozen)
         self.router = self._claim.router
-        self._recompute = _recompute(model, self.grouping, budget) if cfg.activation_checkpointing != "off" else None
+        self._recompute = (_recompute(model, self.grouping, budget, cfg.activation_offload)
+                           if cfg.activation_checkpointing != "off" else None)
         position = {u.name: i for i, u in enumerate(self.grouping.units)}
         self._last_unit = [max(position[u] for u in g.units) for g in self.grouping.groups]
         if self._recompute is not None:
@@ -380,7 +381,7 @@ def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget
     return MemoryBudget(budget, lambda: torch.cuda.memory_allocated(device))
 
 
-def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None = None) -> Recompute:
+def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None = None, offload: bool = False) -> Recompute:
     """Wrap the model's blocks (units that are modules, in forward order) for HiFT-aware checkpointing."""
     modules = dict(model.named_modules())
     found = [(pos, modules[u.name]) for pos, u in enumerate(grouping.units) if u.name in modules and u.name]
@@ -389,4 +390,4 @@ def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None
             "activation_checkpointing needs the model's blocks as units (found automatically for Hugging Face "
             "decoders and any model with one ModuleList of blocks); with explicit groups=, use 'off'"
         )
-    return Recompute([m for _, m in found], [pos for pos, _ in found], budget)
+    return Recompute([m for _, m in found], [pos for pos, _ in found], budget, offload)

@@ -19,11 +19,14 @@ def _saved_bytes(model, batch):
     return loss, total[0]
 
 
-def test_same_gradients_for_every_active_group_and_less_saved_above_it():
+@pytest.mark.parametrize("offload", [False, True])
+def test_same_gradients_for_every_active_group_and_less_saved_above_it(offload):
+    """Also with the recomputed blocks' inputs offloaded to host memory (activation_offload)."""
     base = tiny_llama(layers=4)
     plain, ckpt = twin(base), twin(base)
     o_plain = HiFTOptimizer(plain, "adamw", lr=1e-3, seed=1, strategy="random")
-    o_ckpt = HiFTOptimizer(ckpt, "adamw", lr=1e-3, seed=1, strategy="random", activation_checkpointing="always")
+    o_ckpt = HiFTOptimizer(ckpt, "adamw", lr=1e-3, seed=1, strategy="random", activation_checkpointing="always",
+                           activation_offload=offload)
     for step in range(2 * o_plain.num_groups):
         batch = lm_batch(seed=step)
         lp, bytes_plain = _saved_bytes(plain, batch)
@@ -53,6 +56,8 @@ def test_a_replacing_optimizer_rewraps_once_and_errors_are_clear():
     assert layer.forward.__self__ is layer and layer._hift_recompute() is opt._recompute  # wrapped once, by opt
     model(**lm_batch()).loss.backward()
     opt.step()
+    with pytest.raises(ConfigError, match="activation_offload .* needs activation_checkpointing='always' or 'auto'"):
+        HiFTConfig(activation_offload=True)
     with pytest.raises(ConfigError, match="sizes itself by the CUDA allocator"):
         HiFTOptimizer(tiny_llama(), "adamw", activation_checkpointing="auto")  # CPU parameters
     with pytest.raises(ConfigError, match="set one of them to 'auto' or drop memory_budget_gib"):
