@@ -101,3 +101,35 @@ def test_data_parallel_on_without_processes_is_refused():
         HiFTOptimizer(tiny_llama(), "adamw", data_parallel="on")
     with pytest.raises(ConfigError, match="data_parallel='sometimes' is unknown"):
         HiFTOptimizer(tiny_llama(), "adamw", data_parallel="sometimes")
+
+
+def _torchrun(*args, cwd):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hift_engine.cli.main", "train",
+           "--steps", "8", "--batch_size", "2", "--save_every", "4", "--device", "cpu", "--no-progress", "--plot", "false",
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_hift_train_under_torchrun_writes_one_run_and_resumes_exactly(tmp_path):
+    """Two CPU processes (gloo): rank 0 alone writes the run directory; resuming both ranks from the step-4
+    checkpoint ends with the same final model, bit for bit, as the uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    _torchrun("--output_dir", str(tmp_path / "a"), cwd=tmp_path)
+    _torchrun("--output_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoints" / "ckpt-00000004"),
+              cwd=tmp_path)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one writer: no step logged twice
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["ckpt-00000004", "ckpt-00000008"]
+    a = load_file(str(next((tmp_path / "a" / "final").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "b" / "final").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

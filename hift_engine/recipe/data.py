@@ -138,9 +138,11 @@ def encode_examples(
 class Batches:
     """Batch for (step, micro-batch): examples in a fresh seeded permutation per epoch, padded on the right."""
 
-    def __init__(self, encoded, batch_size: int, grad_accum: int, pad_id: int, seed: int) -> None:
+    def __init__(self, encoded, batch_size: int, grad_accum: int, pad_id: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        """Under data parallelism each of ``world`` ranks takes its own ``batch_size`` slice of every global
+        batch (``world`` x ``batch_size`` examples, the same stream as one process with that batch size)."""
         self.encoded, self.batch_size, self.grad_accum = encoded, batch_size, grad_accum
-        self.pad_id, self.seed = pad_id, seed
+        self.pad_id, self.seed, self.rank, self.world = pad_id, seed, rank, world
         self._perm: dict[int, list[int]] = {}
 
     def _index(self, position: int) -> int:
@@ -151,7 +153,7 @@ class Batches:
         return self._perm[epoch][offset]
 
     def get(self, step: int, micro: int, device) -> dict[str, torch.Tensor]:
-        start = (step * self.grad_accum + micro) * self.batch_size
+        start = ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
         rows = [self.encoded[self._index(start + i)] for i in range(self.batch_size)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

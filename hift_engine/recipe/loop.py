@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..auto_groups import measure_activation_gib
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
 from .data import Batches, encode_examples, load_examples
+from .ranks import Ranks, init_ranks
 from ..head_loss import causal_lm_loss
 from ..precision import compute_dtype, to_device_bf16
 from .model import build_model, check_model_path, masters_from_host, resolve_device
@@ -109,6 +111,18 @@ def train(
     cfg: RunConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
     resume_fallback: bool = False,
 ) -> dict[str, Any]:
+    """Run training as configured (see _train); under torchrun, one rank of a data-parallel run (ranks.py)."""
+    ranks = init_ranks(cfg.train.device)
+    try:
+        return _train(cfg, ranks, resume, progress, overwrite, resume_fallback)
+    finally:
+        ranks.close()
+
+
+def _train(
+    cfg: RunConfig, ranks: Ranks, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
+    resume_fallback: bool = False,
+) -> dict[str, Any]:
     """Run training as configured; returns a summary dict.
 
     ``resume``: True for the latest checkpoint in the output directory, or a checkpoint (or checkpoints
@@ -118,6 +132,9 @@ def train(
     resumed checkpoint have loaded. Ctrl-C raises TrainingInterrupted (a KeyboardInterrupt).
     """
     device = resolve_device(cfg.train.device)
+    if ranks.world > 1:
+        device = ranks.device(cfg.train.device)
+        progress = progress and ranks.is_main
     out = Path(cfg.train.output_dir)
     ckpt_root = out / "checkpoints"
     log_path = out / "log.jsonl"
@@ -136,9 +153,9 @@ def train(
             encoded.truncated, encoded.dropped, len(encoded.rows),
         )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed)
+    batches = Batches(encoded.rows, cfg.train.batch_size, cfg.train.grad_accum, pad, cfg.train.seed, ranks.rank, ranks.world)
     masters = to_device_bf16(model, device, compute_dtype(cfg.optimizer.precision)) if masters_from_host(cfg) else None
-    cfg = _pin_auto_groups(cfg, model, device)
+    cfg = ranks.broadcast(_pin_auto_groups(cfg, model, device) if ranks.is_main else None)  # every rank plans alike
     opt = HiFTOptimizer(model, config=cfg.optimizer, initial_masters=masters)
     if opt.group_plan is not None:
         log.info("%s", opt.group_plan.describe())
@@ -152,34 +169,41 @@ def train(
         if plan is not None:
             info, skipped = plan.load(lambda path: load_checkpoint(path, model, opt, sched))
             start, last_ckpt = info["step"], Path(info["path"])
-        # The run really starts here: only now is anything in the output directory changed.
-        if overwrite:
-            clear_previous_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-        if plan is not None and log_path.exists():  # drop log lines written after the checkpoint
-            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start]
-            log_path.write_text("".join(k + "\n" for k in kept))
-        elif log_path.exists():
-            log_path.unlink()
-        losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress)
+        # The run really starts here: only now is anything in the output directory changed (by rank 0 alone).
+        ranks.barrier()  # every rank has loaded what it resumes from before anything is cleared
+        if ranks.is_main:
+            if overwrite:
+                clear_previous_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "world_size": ranks.world}, indent=1, default=str))
+            if plan is not None and log_path.exists():  # drop log lines written after the checkpoint
+                kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start]
+                log_path.write_text("".join(k + "\n" for k in kept))
+            elif log_path.exists():
+                log_path.unlink()
+        ranks.barrier()
+        losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, ranks.is_main)
         final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last)
-        model.save_pretrained(out / "final", state_dict=model_weights(model, opt))  # fp32 masters of a mixed run
-        if hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(out / "final")
-        plot = plot_training(log_path, out / "training.png") if cfg.train.plot else None
+        plot = None
+        if ranks.is_main:
+            model.save_pretrained(out / "final", state_dict=model_weights(model, opt))  # fp32 masters of a mixed run
+            if hasattr(tok, "save_pretrained"):
+                tok.save_pretrained(out / "final")
+            plot = plot_training(log_path, out / "training.png") if cfg.train.plot else None
+        ranks.barrier()
         return {
             "steps": cfg.train.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "num_groups": opt.num_groups, "checkpoint": str(final_ckpt),
             "plot": str(plot) if plot else None, "log": str(log_path), "skipped_steps": opt.nonfinite_skips,
-            "data": data_report, "resume_skipped": [str(p) for p, _ in skipped],
+            "data": data_report, "resume_skipped": [str(p) for p, _ in skipped], "rank": ranks.rank, "world_size": ranks.world,
         }
     finally:
         opt.close()
 
 
-def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress) -> list[float]:
-    """Steps ``start`` .. train.steps-1 with logging and periodic checkpoints; returns the step losses."""
+def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, writes_log=True) -> list[float]:
+    """Steps ``start`` .. train.steps-1 with logging (``writes_log``: rank 0) and periodic checkpoints; returns
+    the step losses (this rank's)."""
     from tqdm.auto import tqdm
 
     log_path, ckpt_root = out / "log.jsonl", out / "checkpoints"
@@ -189,7 +213,7 @@ def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, p
     done = start
     model.train()
     try:
-        with open(log_path, "a") as log_file:
+        with open(log_path if writes_log else os.devnull, "a") as log_file:
             for step in range(start, cfg.train.steps):
                 group, lr = opt.active_group, opt.param_groups[0]["lr"]
                 step_loss = 0.0
