@@ -19,9 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   using S = PinnedStore;
   py::class_<S>(m, "PinnedStore")
-      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, int64_t>(), py::arg("numels"), py::arg("slots"),
-           py::arg("chunk_bytes") = 0,
-           "Store for len(numels) groups of fp32 state, streamed into the given slots (paced if chunk_bytes > 0).")
+      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, int64_t, std::vector<int64_t>>(), py::arg("numels"),
+           py::arg("slots"), py::arg("chunk_bytes") = 0, py::arg("alloc_order") = std::vector<int64_t>{},
+           "Store for len(numels) groups of fp32 state, streamed into the given slots (paced if chunk_bytes > 0); "
+           "host buffers are allocated in the background in alloc_order (default: group order).")
       .def("host", &S::host, py::arg("gid"), release(),
            "CPU float32 view of a group's host buffer; allocates (and pins) it if the background thread has not yet.")
       .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"), release(),

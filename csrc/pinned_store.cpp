@@ -100,8 +100,10 @@ HostBuffer::~HostBuffer() {
   munmap(ptr, reserved);
 }
 
-PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes)
-    : numels_(std::move(numels)), slots_(std::move(slots)), tuning_(Tuning::from_env()), chunk_bytes_(chunk_bytes) {
+PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes,
+                         std::vector<int64_t> alloc_order)
+    : numels_(std::move(numels)), slots_(std::move(slots)), tuning_(Tuning::from_env()), chunk_bytes_(chunk_bytes),
+      alloc_order_(std::move(alloc_order)) {
   HIFT_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
   HIFT_CHECK(!slots_.empty(), "PinnedStore: slots must hold at least one tensor");
   int64_t largest = 0;
@@ -117,6 +119,16 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
     HIFT_CHECK(t.device() == device, "PinnedStore: slots[", s, "] is on ", t.device(), ", slots[0] on ", device);
     HIFT_CHECK(t.numel() >= largest, "PinnedStore: slots[", s, "] holds ", t.numel(),
                 " elements, the largest group needs ", largest);
+  }
+  if (alloc_order_.empty())
+    for (int64_t g = 0; g < num_groups(); ++g) alloc_order_.push_back(g);
+  std::vector<char> seen(numels_.size(), 0);
+  HIFT_CHECK(alloc_order_.size() == numels_.size(), "PinnedStore: alloc_order must list each of the ", numels_.size(),
+             " groups once, got ", alloc_order_.size(), " entries");
+  for (int64_t g : alloc_order_) {
+    HIFT_CHECK(g >= 0 && g < num_groups() && !seen[g], "PinnedStore: alloc_order must be a permutation of 0..",
+               num_groups() - 1, "; group ", g, " is out of range or listed twice");
+    seen[g] = 1;
   }
   host_.resize(numels_.size());
   claimed_.assign(numels_.size(), 0);
@@ -224,10 +236,10 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
 }
 
 // The first cycle writes every group back once; allocating (and pinning) its buffer then, on the host thread,
-// made the first cycle 1.5x slower than the next at 7B. This thread allocates them in group order from
-// construction instead; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
+// made the first cycle 1.5x slower than the next at 7B. This thread allocates them from construction instead,
+// in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
-  for (int64_t g = 0; g < num_groups(); ++g) {
+  for (int64_t g : alloc_order_) {
     {
       std::lock_guard<std::mutex> lock(alloc_mu_);
       if (stop_alloc_) break;

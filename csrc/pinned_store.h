@@ -77,7 +77,10 @@ class PinnedStore {
   // numels[g]: fp32 elements of group g's state. slots: device (or CPU) float32 tensors, each large enough
   // for the largest group. chunk_bytes > 0 paces each transfer in pieces of that size, so a small copy on
   // another stream waits for at most one piece instead of a whole group; 0 issues each transfer as one copy.
-  PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes = 0);
+  // alloc_order: the order the background thread allocates the groups' buffers in (the first cycle's group
+  // order, so each write-back finds its buffer ready); empty: 0, 1, 2, ...
+  PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes = 0,
+              std::vector<int64_t> alloc_order = {});
   ~PinnedStore();
   PinnedStore(const PinnedStore&) = delete;
   PinnedStore& operator=(const PinnedStore&) = delete;
@@ -120,6 +123,7 @@ class PinnedStore {
   // allocating it (the background thread or a caller).
   std::mutex alloc_mu_;
   std::condition_variable alloc_cv_;
+  std::vector<int64_t> alloc_order_;
   std::vector<char> claimed_;
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
   bool stop_alloc_ = false;

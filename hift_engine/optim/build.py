@@ -11,6 +11,7 @@ from torch import nn
 from ..config import HiFTConfig
 from ..errors import ConfigError, LayoutError
 from ..layout import GradArena, GroupLayout
+from ..schedule import GroupOrder
 from ..store import StateStore, make_store
 from . import FUSED_SPECS
 from .base import FusedSpec
@@ -48,8 +49,9 @@ def make_path(
             raise ConfigError("store= applies to the fused optimizers (adamw, adagrad, sgd); a torch.optim class keeps its own state")
         return GenericPath(cfg.optimizer, hyper, layouts, param_groups, device), "generic"
     if store is None and layouts[0].num_state:
+        first_cycle = GroupOrder(len(layouts), cfg.strategy, cfg.seed).cycle_order(0)  # host buffers in this order
         store = make_store(cfg.state_store, [lay.state_numel for lay in layouts], device, cfg.slots,
-                           chunk_bytes=cfg.transfer_chunk_mib << 20)
+                           chunk_bytes=cfg.transfer_chunk_mib << 20, alloc_order=first_cycle)
     elif callable(store) and not isinstance(store, StateStore):
         store = store(layouts, device)
     backend = resolve_kernels(cfg.kernels, device)

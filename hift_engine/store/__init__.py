@@ -37,7 +37,8 @@ def check_host_memory(numels: list[int]) -> None:
         )
 
 
-def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0) -> StateStore:
+def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0,
+               alloc_order: list[int] | None = None) -> StateStore:
     """``kind``: "auto" | "resident" | "torch" | "native" (see HiFTConfig.state_store); ``chunk_bytes`` > 0
     makes the native store pace each transfer in pieces of that size (HiFTConfig.transfer_chunk_mib)."""
     device = torch.device(device)
@@ -52,5 +53,5 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
         return ResidentStore(numels, device)
     if kind in TRANSPORTS:
         check_host_memory(numels)
-        return OffloadStore(numels, device, kind, slots, chunk_bytes)
+        return OffloadStore(numels, device, kind, slots, chunk_bytes, alloc_order)
     raise ConfigError(f"unknown state_store {kind!r}; use auto, resident, torch or native")

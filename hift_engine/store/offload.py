@@ -31,22 +31,23 @@ __all__ = ["OffloadStore", "TRANSPORTS"]
 TRANSPORTS = ("torch", "native")
 
 
-def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int):
+def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int, alloc_order=None):
     if kind == "native":
         from .native_transport import native_transport  # loads (or JIT-builds) the extension
 
-        return native_transport(slots, numels, chunk_bytes)
+        return native_transport(slots, numels, chunk_bytes, alloc_order)
     return TorchTransport(slots, numels)  # issues each transfer whole: it cannot pace
 
 
 class OffloadStore(StateStore):
     def __init__(
         self, numels: list[int], device: torch.device, transport: str = "torch", num_slots: int = 2,
-        chunk_bytes: int = 0,
+        chunk_bytes: int = 0, alloc_order: list[int] | None = None,
     ) -> None:
         """``transport``: "torch" or "native" (``chunk_bytes`` > 0: the native store paces each transfer in
         pieces of that size). ``num_slots`` device buffers, each the size of the largest group, are allocated
-        here once and handed to the transport."""
+        here once and handed to the transport. ``alloc_order``: the first cycle's group order (the native
+        store allocates host buffers in the background in that order)."""
         super().__init__(numels)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -56,7 +57,7 @@ class OffloadStore(StateStore):
         self.kind = f"offload-{transport}"
         slot_numel = max(self.numels) if self.numels else 0
         self.slots = [torch.empty(slot_numel, dtype=torch.float32, device=self.device) for _ in range(num_slots)]
-        self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes)
+        self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes, alloc_order)
         self.stats.device_bytes = slot_numel * 4 * num_slots
         self._slot_gid: list[int | None] = [None] * num_slots
         self._dirty = [False] * num_slots  # device copy newer than host copy

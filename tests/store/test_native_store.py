@@ -32,9 +32,10 @@ def test_background_allocation_takes_every_buffer_once(native):
     itself or waits for it, and either way each group gets exactly one buffer, counted once."""
     numels = [3_000_001, 7, 1_000_000, 2048, 500_000] * 4
     expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
-    for _ in range(5):  # races between the thread and the caller land differently each time
+    orders = [[], list(reversed(range(len(numels)))), [7, 3, 0, 19, 1] + [g for g in range(len(numels)) if g not in (7, 3, 0, 19, 1)]]
+    for i in range(6):  # races between the thread and the caller land differently each time
         slots = [torch.empty(max(numels)), torch.empty(max(numels))]
-        store = native.PinnedStore(numels, slots)
+        store = native.PinnedStore(numels, slots, 0, orders[i % 3])  # in the first cycle's order, or 0, 1, ...
         for g in reversed(range(len(numels))):  # against the thread's order: some are claimed by the caller
             slots[0][: numels[g]].fill_(float(g))
             store.writeback(g, 0)
@@ -91,6 +92,9 @@ def test_bad_arguments_name_the_argument(native, call, match):
         (([-1], [torch.empty(10)]), r"numels\[0\] must be >= 0"),
         (([10], []), "at least one tensor"),
         (([10], [torch.empty(10)], -1), r"chunk_bytes must be >= 0"),
+        (([10, 10], [torch.empty(10)], 0, [0]), r"alloc_order must list each of the 2 groups once, got 1"),
+        (([10, 10], [torch.empty(10)], 0, [1, 1]), r"alloc_order must be a permutation of 0..1; group 1 is out of range or listed twice"),
+        (([10, 10], [torch.empty(10)], 0, [0, 2]), r"group 2 is out of range"),
     ],
 )
 def test_bad_construction_is_refused(native, args, match):
