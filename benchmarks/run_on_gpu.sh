@@ -15,6 +15,7 @@
 #             batch 1 x 512 (offload and resident each), the mixed AdamW kernel at 7B size
 #   long      activation checkpointing cost at 7B fp32 1 x 2048 under a 47.5 GiB cap; 13B bf16-mixed batches
 #             in 47.5 GiB
+#   ddp       (a 2-GPU kind) hift bench ddp at 7B fp32 batch 1 x 512 with 1 and then 2 processes
 #   converge  hift bench converge at about 1B parameters under a 12 GiB cap (full AdamW does not fit there):
 #             CPU-offloaded AdamW (torchao, if its wheel was installed), HiFT-1, HiFT-auto, BAdam-style, equal
 #             wall-clock per method
@@ -117,11 +118,16 @@ elif [ "$stage" = seqprobe ]; then
     --head-chunk-tokens 4096 --out "$OUT"
   run timeout 240 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 2048,4096,8192,16384,24576 \
     --activation-checkpointing off,auto,always --full-cycle-modes "" --head-chunk-tokens 4096 --out "$OUT"
+elif [ "$stage" = ddp ]; then
+  ensure_installed
+  for n in 1 2; do
+    run timeout 280 $py -m torch.distributed.run --nproc-per-node $n -m hift_engine.cli.main bench ddp --out "$OUT"
+  done
 elif [ "$stage" = converge ]; then
   ensure_installed
   run timeout 560 $py -m hift_engine.cli.main bench converge --hidden 2048 --layers 18 --seq 512 --batch 8 --pretrain-steps 200 \
     --methods full,full-cpu-offload,hift-1,hift-auto,badam --updates 100 --seconds 90 --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, converge)"; exit 2
+  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, ddp, converge)"; exit 2
 fi
 done
