@@ -16,6 +16,7 @@
 #   long      activation checkpointing cost at 7B fp32 1 x 2048 under a 47.5 GiB cap; 13B bf16-mixed batches
 #             in 47.5 GiB
 #   ddp       (a 2-GPU kind) hift bench ddp at 7B fp32 batch 1 x 512 with 1 and then 2 processes
+#   seqoffload the sequence probe again with activation_offload (recomputed blocks' inputs in host memory)
 #   converge  hift bench converge at about 1B parameters under a 12 GiB cap (full AdamW does not fit there):
 #             CPU-offloaded AdamW (torchao, if its wheel was installed), HiFT-1, HiFT-auto, BAdam-style, equal
 #             wall-clock per method
@@ -118,6 +119,14 @@ elif [ "$stage" = seqprobe ]; then
     --head-chunk-tokens 4096 --out "$OUT"
   run timeout 240 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 2048,4096,8192,16384,24576 \
     --activation-checkpointing off,auto,always --full-cycle-modes "" --head-chunk-tokens 4096 --out "$OUT"
+elif [ "$stage" = seqoffload ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 280 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 --seq-probe 8192,12288,16384,24576 \
+    --activation-checkpointing always,auto --activation-offload --full-cycle-modes "" --head-chunk-tokens 4096 --out "$OUT"
+  run timeout 280 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 --flat-cycles 1 \
+    --seq-probe 4096,8192,12288,16384 --activation-checkpointing always --activation-offload --full-cycle-modes always \
+    --head-chunk-tokens 4096 --out "$OUT"
 elif [ "$stage" = ddp ]; then
   ensure_installed
   for n in 1 2; do
@@ -128,6 +137,6 @@ elif [ "$stage" = converge ]; then
   run timeout 560 $py -m hift_engine.cli.main bench converge --hidden 2048 --layers 18 --seq 512 --batch 8 --pretrain-steps 200 \
     --methods full,full-cpu-offload,hift-1,hift-auto,badam --updates 100 --seconds 90 --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, ddp, converge)"; exit 2
 fi
 done

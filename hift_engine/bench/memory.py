@@ -36,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--activation-checkpointing", default="off",
                    help="comma-separated modes (off, auto, always): the batch sweep runs the first, the sequence probe each")
     p.add_argument("--memory-budget-gib", type=float, default=None, help="'auto' budget (default: the capped device's)")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="with auto/always: recomputed blocks keep their inputs in pinned host memory")
     p.add_argument("--head-chunk-tokens", type=int, default=0,
                    help="> 0: the LM head and loss in chunks of this many tokens (no full logits); 0: the model's loss")
     p.add_argument("--full-cycle-modes", default=None,
@@ -78,10 +80,12 @@ def _set_cap(cap_gib: float, nvml: _Nvml, dev) -> dict:
     return {"cap_gib": cap_gib, "context_overhead_gib": gib(overhead), "allocator_budget_gib": gib(budget), "fraction": fraction}
 
 
-def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None):
+def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None, offload=False):
     from ..optimizer import HiFTOptimizer
 
     extra = {"memory_budget_gib": budget_gib} if checkpointing == "auto" and budget_gib else {}
+    if offload and checkpointing != "off":
+        extra["activation_offload"] = True
     return HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, layers_per_group=1, state_store=store, max_grad_norm=1.0,
                          precision=precision, activation_checkpointing=checkpointing, **extra)
 
@@ -195,7 +199,7 @@ def run(args) -> int:
     hidden, _, heads, _ = SHAPES[args.shape]
     sdpa = sdpa_backends(compute_dtype(args.precision), dev, heads, hidden // heads)
     print(f"SDPA ({args.precision}): {sdpa}", flush=True)
-    opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib)
+    opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib, args.activation_offload)
     k = opt.num_groups
     chunk = args.head_chunk_tokens
     rows, outcomes = [], []
@@ -231,7 +235,7 @@ def run(args) -> int:
             opt.close()
             gc.collect()
             torch.cuda.empty_cache()
-            opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib)
+            opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib, args.activation_offload)
         found, longest[mode] = _probe(model, opt, seqs, nvml, dev, mode, chunk)
         probes += found
         confirm = modes if args.full_cycle_modes is None else [c.strip() for c in args.full_cycle_modes.split(",")]
@@ -266,7 +270,7 @@ def run(args) -> int:
     summary = {
         "params": n_params, "shape": args.shape, "layers": layers, "num_groups": k, "cap": cap, "outcomes": outcomes,
         "flat_reserved": flat, "seq_probes": probes, "longest_seq_batch1": longest, "sdpa": sdpa,
-        "activation_checkpointing": modes, "head_chunk_tokens": chunk,
+        "activation_checkpointing": modes, "activation_offload": args.activation_offload, "head_chunk_tokens": chunk,
         "store": store_kind, "host_state_gib": host_state_gib,
     }
     path = write_result(args.out, "memory", rows, summary, precision=args.precision)
