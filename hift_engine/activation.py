@@ -46,7 +46,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     x = _first_tensor(args, kwargs)
     if owner.recomputes(self._hift_position, x):
         owner.recomputed += 1
-        kwargs = _without_cache(kwargs)
+        args, kwargs = _without_cache(args, kwargs)
         if owner.offload and _offloadable(x, args, kwargs):
             return _run_offloaded(forward, self, args, kwargs)
         return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
@@ -63,16 +63,23 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _without_cache(kwargs: dict) -> dict:
+def _is_cache(v) -> bool:
+    """A Hugging Face KV cache object (transformers.Cache), wherever the model passes it."""
+    return any(c.__name__ in ("Cache", "DynamicCache", "EncoderDecoderCache") for c in type(v).__mro__)
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A recomputed block must not write a KV cache: it would append its keys twice (forward and recompute) and
-    the recompute would attend over both. Training needs no cache, so the block runs without one, as Hugging
-    Face's own gradient checkpointing does (it turns use_cache off)."""
-    if not any(kwargs.get(k) is not None for k in _CACHE_KWARGS) and not kwargs.get("use_cache"):
-        return kwargs
-    out = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
+    the recompute would attend over both. Training needs no cache, so cache objects become None wherever they
+    are passed (GPT-2 passes its cache positionally); ``use_cache`` is left as given, so a block that returns a
+    tuple with a cache slot keeps its output shape (older transformers read ``layer_outputs[1]``)."""
+    if not any(_is_cache(v) for v in args) and not any(
+        v is not None and (k in _CACHE_KWARGS or _is_cache(v)) for k, v in kwargs.items()
+    ):
+        return args, kwargs
+    args = tuple(None if _is_cache(v) else v for v in args)
+    kwargs = {k: (None if k in _CACHE_KWARGS or _is_cache(v) else v) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _offloadable(x, args, kwargs) -> bool:
@@ -85,25 +92,40 @@ def _offloadable(x, args, kwargs) -> bool:
     return not any(t.requires_grad for t in others)
 
 
+class _Slot:
+    """Where the offloaded input goes in the block's arguments (the closure must not keep the tensor alive)."""
+
+
+def _autocast_state(device_type: str):
+    if device_type not in ("cuda", "cpu"):
+        return None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
 class _OffloadedBlock(torch.autograd.Function):
     """Checkpoint a block keeping its input in (pinned) host memory: forward runs the block without recording
-    and copies the input out; backward copies it back, reruns the block with the RNG state forward saw, and
-    backpropagates through it. The copies are queued on the current stream, so stream order alone makes the
-    device input free for reuse only after it has been read, and the block rerun only after it is back."""
+    and copies the input out; backward copies it back, reruns the block with the RNG and autocast state forward
+    saw, and backpropagates through it. The copies are queued on the current stream, so stream order alone makes
+    the device input free for reuse only after it has been read, and the block rerun only after it is back.
+    Nothing here refers to the device input after forward: only the host copy stays."""
 
     @staticmethod
     def forward(ctx, x, run):
         ctx.run, ctx.device = run, x.device
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.autocast = _autocast_state(x.device.type)
         host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
         host.copy_(x, non_blocking=x.is_cuda)
-        ctx.host, ctx.x_meta = host, (x.shape, x.dtype, x.stride())
+        ctx.host = host
         with torch.no_grad():
-            out = run(x)
-        return out
+            return run(x)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if ctx.host is None:
+            raise RuntimeError("activation_offload: this block's saved input was used by an earlier backward; a "
+                               "second backward through it (retain_graph=True) is not supported")
         x = ctx.host.to(ctx.device, non_blocking=ctx.device.type == "cuda").requires_grad_(True)
         cpu_rng, dev_rng = ctx.rng
         devices = [ctx.device] if dev_rng is not None else []
@@ -111,7 +133,12 @@ class _OffloadedBlock(torch.autograd.Function):
             torch.set_rng_state(cpu_rng)
             if dev_rng is not None:
                 torch.cuda.set_rng_state(dev_rng, ctx.device)
-            out = ctx.run(x)
+            if ctx.autocast is not None:
+                enabled, dtype = ctx.autocast
+                with torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                    out = ctx.run(x)
+            else:
+                out = ctx.run(x)
         torch.autograd.backward(out, grad_out)
         ctx.host = ctx.run = None
         return x.grad, None
@@ -121,12 +148,13 @@ def _run_offloaded(forward, block, args, kwargs):
     """``forward(block, *args, **kwargs)`` through _OffloadedBlock, its first tensor argument offloaded; a block
     that returns a tuple (older transformers) passes its other outputs through untouched."""
     x = _first_tensor(args, kwargs)
+    args = tuple(_Slot if a is x else a for a in args)  # the closure below keeps no reference to x
+    kwargs = {k: (_Slot if v is x else v) for k, v in kwargs.items()}
     extra: list = []
 
     def run(inp):
-        new_args = tuple(inp if a is x else a for a in args)
-        new_kwargs = {k: (inp if v is x else v) for k, v in kwargs.items()}
-        out = forward(block, *new_args, **new_kwargs)
+        out = forward(block, *(inp if a is _Slot else a for a in args),
+                      **{k: (inp if v is _Slot else v) for k, v in kwargs.items()})
         if isinstance(out, tuple):
             extra[:] = out[1:]
             return out[0]

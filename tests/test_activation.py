@@ -73,8 +73,9 @@ def test_a_deep_copy_runs_its_own_weights_and_gives_the_original_no_gradients():
     import copy
 
     model = tiny_llama()
-    HiFTOptimizer(model, "adamw", activation_checkpointing="always")
+    opt = HiFTOptimizer(model, "adamw", activation_checkpointing="always")  # kept: a collected one unwraps
     clone = copy.deepcopy(model)
+    assert "forward" in clone.model.layers[2].__dict__ and opt.recomputed_blocks == 0
     with torch.no_grad():
         for p in clone.model.layers[2].parameters():
             p.add_(0.1)
@@ -225,3 +226,68 @@ def test_auto_on_cuda_keeps_its_budget_and_recomputes_nothing_when_everything_fi
         if cycle == 1:  # the first step (nothing measured yet) may recompute; after that everything fits
             assert roomy._recompute.recomputed == before
     roomy.close()
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)  # use_cache on by default
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_recomputed_gpt2_blocks_drop_their_positional_kv_cache(offload):
+    """GPT-2 passes its KV cache to each block positionally: a recomputed block must not append to it again
+    (with offload the gradients were wrong, 0.046 off)."""
+    base = _tiny_gpt2()
+    plain, ckpt = twin(base), twin(base)
+    o_plain = HiFTOptimizer(plain, "adamw", lr=1e-3, strategy="bottom2up")
+    o_ckpt = HiFTOptimizer(ckpt, "adamw", lr=1e-3, strategy="bottom2up", activation_checkpointing="always",
+                           activation_offload=offload)
+    batch = lm_batch()
+    plain(**batch).loss.backward()
+    ckpt(**batch).loss.backward()
+    assert o_plain.active_group == 0 and o_ckpt.recomputed_blocks == 4
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), n
+
+
+def test_offloaded_blocks_free_their_device_inputs_and_keep_autocast():
+    """The input of an offloaded block is not kept alive after forward (only its host copy; the blocks are
+    called in a chain here, as a decoder calls them), backward recomputes under forward's autocast (bf16 on the
+    CPU here: the same gradients as plain checkpointing), and a second backward through the graph is a clear
+    error."""
+    import gc
+    import weakref
+
+    base = tiny_llama(layers=4)
+    ref, off = twin(base), twin(base)
+    o_ref = HiFTOptimizer(ref, "adamw", strategy="bottom2up", activation_checkpointing="always")
+    o_off = HiFTOptimizer(off, "adamw", strategy="bottom2up", activation_checkpointing="always", activation_offload=True)
+    batch = lm_batch()
+    pos = torch.arange(batch["input_ids"].shape[1])[None]
+
+    def chain(model, keep):
+        h = model.model.embed_tokens(batch["input_ids"])
+        rope = model.model.rotary_emb(h, pos)
+        for layer in model.model.layers:
+            h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
+            keep.append(weakref.ref(h))
+        return h.float().pow(2).mean()
+
+    kept_ref, kept_off = [], []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ref, loss_off = chain(ref, kept_ref), chain(off, kept_off)
+    gc.collect()
+    assert all(w() is None for w in kept_off[:-1])  # every block input gone from the device; host copies remain
+    assert all(w() is not None for w in kept_ref[:-1])  # checkpointing keeps them (as the blocks' inputs)
+    assert torch.equal(loss_ref, loss_off) and o_ref.recomputed_blocks == o_off.recomputed_blocks == 4
+    loss_ref.backward()
+    loss_off.backward(retain_graph=True)
+    for (n, p), q in zip(ref.named_parameters(), off.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), n
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss_off.backward()
