@@ -8,8 +8,11 @@ nothing is communicated until ``step()`` (``no_sync`` semantics come free: gradi
 arena). Clipping then sees the global gradient and a non-finite gradient on any rank is non-finite on all, so
 every rank skips or updates together. Works with any backend (NCCL on GPUs, gloo on CPUs).
 
+At construction every rank checks it builds the same groups and options as rank 0 and takes rank 0's weights
+and buffers. ``save_checkpoint`` is a collective under data parallelism: every rank calls it (rank 0 writes).
+
 Not built yet (issue 15): sharding the state across ranks (ZeRO-1), starting the reduction from backward hooks
-to overlap it, per-rank checkpoint shards.
+to overlap it, per-rank checkpoint shards, per-rank RNG state in checkpoints.
 """
 
 from __future__ import annotations
@@ -80,10 +83,15 @@ class GradReducer:
             n = lengths.get(dtype, 0)
             if n:
                 chunk = buf[:n]
+                chunk.div_(self.world)  # before the sum: fp16 gradients (loss-scaled) must not overflow in it
                 dist.all_reduce(chunk)
-                chunk.div_(self.world)
                 self.bytes_reduced += n * chunk.element_size()
         return union
+
+    def broadcast_weights(self, tensors) -> None:
+        """Rank 0's values for every rank (as DDP does at wrap time): replicas start from the same weights."""
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj if self.is_main else None]

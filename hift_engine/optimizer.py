@@ -100,6 +100,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.grouping = build_grouping(model, 1, None, cfg.freeze, user_requires_grad, sizes=self.group_plan.sizes)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
         budget = _memory_budget(cfg, self.device, named) if cfg.activation_checkpointing == "auto" else None
+        self.reducer = make_reducer(cfg.data_parallel)
+        if self.reducer is not None:  # before anything is built or cast: a mismatch changes nothing
+            self.reducer.check_same_setup([cfg.to_dict(), [list(g.param_names) for g in self.grouping.groups],
+                                           [list(p.shape) for _, p in named]])
+            self.reducer.broadcast_weights([*model.parameters(), *model.buffers()])
         seeds, undo = take_fp32_masters(cfg.precision, named, masters, initial_masters)
         try:
             self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget)
@@ -126,10 +131,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         )
         if seeds:
             self.path.seed_masters(seeds)
-        self.reducer = make_reducer(cfg.data_parallel)
-        if self.reducer is not None:  # before anything is taken over: a mismatch changes nothing
-            self.reducer.check_same_setup([cfg.to_dict(), [list(g.param_names) for g in self.grouping.groups],
-                                           [list(p.shape) for _, p in named]])
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.scaler = LossScaler(self.device) if cfg.precision == "fp16-mixed" else None
@@ -202,7 +203,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         lay.check_unchanged()
         members = self.router.collect(lay.names)
         if self.reducer is not None:  # the same averaged gradients on every rank: identical updates
+            had = set(members)
             members = self.reducer.reduce(self.arena.buffers, lay.grad_numel, self._grad_views[gid], members)
+            for i in members:
+                if i not in had:  # a gradient only other ranks had: zero here, and visible as .grad (generic path)
+                    lay.params[i].grad = self._grad_views[gid][i]
         if self.scaler is not None and members and not self.scaler.scaled:
             raise ConfigError("precision='fp16-mixed': call loss = opt.scale_loss(loss) before backward (unscaled fp16 "
                               "gradients underflow); hift train does this")
@@ -223,7 +228,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if nxt != gid:
             self._switch(nxt)
             self.path.prefetch(nxt)
-        self.monitor.poll()  # after the step is complete: a NonFiniteError never leaves it half done
+        # After the step is complete: a NonFiniteError never leaves it half done. Under data parallelism every
+        # rank must raise at the same step (a rank that raises skips the next collectives): wait for the flag.
+        self.monitor.poll(block=self.reducer is not None)
         return loss
 
     def scale_loss(self, loss: Tensor) -> Tensor:

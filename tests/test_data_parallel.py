@@ -34,6 +34,9 @@ def _worker(rank, world, tmp, mode):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     torch.manual_seed(0)
     try:
+        if mode == "partial":
+            _partial(rank, tmp)
+            return
         if mode == "mismatch":
             try:
                 HiFTOptimizer(tiny_llama(), "adamw", seed=rank)  # rank 1 orders its groups differently
@@ -59,6 +62,43 @@ def _worker(rank, world, tmp, mode):
         torch.save({"resumed": again.state_dict(), "same_path": str(path)}, f"{tmp}/resumed-{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class _TwoPaths(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_b):
+        return self.b(self.a(x)) if use_b else self.a(x)
+
+
+def _partial(rank, tmp):
+    """Rank 1 never uses ``b``; every rank starts from its own random weights (rank 0's must win)."""
+    out = {}
+    for name, optimizer in (("fused", "sgd"), ("generic", torch.optim.SGD)):
+        torch.manual_seed(100 + rank)
+        model = _TwoPaths()
+        opt = HiFTOptimizer(model, optimizer, lr=0.1, momentum=0.9, groups=[[".*"]], no_decay=[], max_grad_norm=1.0)
+        for step in range(4):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + rank))
+            model(x, use_b=rank == 0).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        out[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(out, f"{tmp}/partial-{rank}.pt")
+
+
+def test_ranks_stay_identical_when_a_parameter_has_gradients_on_some_ranks_only(tmp_path):
+    """A parameter with a gradient on rank 0 only counts as zero on rank 1 (as DDP does): both the fused and
+    the generic (torch.optim) path must update it identically on every rank, and rank 0's initial weights win."""
+    mp.spawn(_worker, args=(2, str(tmp_path), "partial"), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"partial-{r}.pt") for r in range(2))
+    for path in ("fused", "generic"):
+        for name in r0[path]:
+            assert torch.equal(r0[path][name], r1[path][name]), (path, name)
+        torch.manual_seed(100)
+        assert not torch.equal(r0[path]["b.weight"], _TwoPaths().b.weight.detach())  # b trained on rank 0's gradient
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -130,6 +170,13 @@ def test_hift_train_under_torchrun_writes_one_run_and_resumes_exactly(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one writer: no step logged twice
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["ckpt-00000004", "ckpt-00000008"]
+    import subprocess
+    import sys
+
+    one = subprocess.run([sys.executable, "-m", "hift_engine.cli.main", "train", "--steps", "8", "--batch_size", "2",
+                          "--device", "cpu", "--no-progress", "--output_dir", str(tmp_path / "c"), "--resume",
+                          str(tmp_path / "a" / "checkpoints" / "ckpt-00000004")], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 2 and "saved by a run of 2 process(es), this one has 1" in one.stderr, one.stderr[-2000:]
     a = load_file(str(next((tmp_path / "a" / "final").glob("*.safetensors"))))
     b = load_file(str(next((tmp_path / "b" / "final").glob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..checkpoint import load_checkpoint, model_weights, save_checkpoint
 from ..memory import memory_bytes
 from ..auto_groups import measure_activation_gib
@@ -76,6 +77,19 @@ def _loss(model, batch: dict, head_chunk_tokens: int):
     if not head_chunk_tokens:
         return model(**batch).loss
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), head_chunk_tokens)
+
+
+def _same_world(path: Path, world: int) -> Path:
+    """A run resumes on as many processes as it was saved with: each rank's slice of every global batch, and so
+    the data position, depends on it. Checked before anything is loaded."""
+    meta = Path(path) / "meta.json"
+    saved = json.loads(meta.read_text()).get("extra", {}).get("world_size", 1) if meta.is_file() else world
+    if saved != world:
+        raise ConfigError(
+            f"{path} was saved by a run of {saved} process(es), this one has {world}; resume with "
+            f"torchrun --nproc-per-node {saved} (the data order and the batch per step depend on it)"
+        )
+    return path
 
 
 def _pin_auto_groups(cfg: RunConfig, model, device) -> RunConfig:
@@ -167,7 +181,7 @@ def _train(
         )
         start, last_ckpt, skipped = 0, None, []
         if plan is not None:
-            info, skipped = plan.load(lambda path: load_checkpoint(path, model, opt, sched))
+            info, skipped = plan.load(lambda path: load_checkpoint(_same_world(path, ranks.world), model, opt, sched))
             start, last_ckpt = info["step"], Path(info["path"])
         # The run really starts here: only now is anything in the output directory changed (by rank 0 alone).
         ranks.barrier()  # every rank has loaded what it resumes from before anything is cleared
@@ -182,8 +196,9 @@ def _train(
             elif log_path.exists():
                 log_path.unlink()
         ranks.barrier()
-        losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, ranks.is_main)
-        final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last)
+        losses = _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, ranks.is_main, ranks.world)
+        final_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=cfg.train.steps, keep_last=cfg.train.keep_last,
+                                     extra={"world_size": ranks.world})
         plot = None
         if ranks.is_main:
             model.save_pretrained(out / "final", state_dict=model_weights(model, opt))  # fp32 masters of a mixed run
@@ -201,7 +216,7 @@ def _train(
         opt.close()
 
 
-def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, writes_log=True) -> list[float]:
+def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, progress, writes_log=True, world=1) -> list[float]:
     """Steps ``start`` .. train.steps-1 with logging (``writes_log``: rank 0) and periodic checkpoints; returns
     the step losses (this rank's)."""
     from tqdm.auto import tqdm
@@ -242,7 +257,8 @@ def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, p
                     window_tokens, window_start = 0, time.perf_counter()
                 bar.update(1)
                 if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps:
-                    last_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=done, keep_last=cfg.train.keep_last)
+                    last_ckpt = save_checkpoint(ckpt_root, model, opt, sched, step=done, keep_last=cfg.train.keep_last,
+                                                extra={"world_size": world})
     except KeyboardInterrupt:
         raise TrainingInterrupted(done, last_ckpt, out) from None
     finally:

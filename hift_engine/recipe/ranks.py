@@ -31,6 +31,9 @@ class Ranks:
 
     def device(self, name: str) -> torch.device:
         """train.device for this rank: under torchrun "auto"/"cuda" mean cuda:LOCAL_RANK."""
+        if self.world > 1 and name.startswith("cuda:"):
+            raise ConfigError(f"train.device={name!r} under torchrun would put every rank on one GPU; use auto or cuda "
+                              "(each rank takes cuda:LOCAL_RANK)")
         if self.world == 1 or name not in ("auto", "cuda") or not torch.cuda.is_available():
             return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
