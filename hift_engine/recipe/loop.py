@@ -245,14 +245,21 @@ def _run_steps(cfg, model, opt, sched, batches, device, start, out, last_ckpt, p
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == start:
                     elapsed = time.perf_counter() - window_start
+                    logged_loss, tokens = step_loss, window_tokens
+                    if world > 1:  # every rank logs at the same steps: the mean loss and all ranks' tokens
+                        import torch.distributed as dist
+
+                        both = torch.tensor([step_loss / world, float(window_tokens)], device=device)
+                        dist.all_reduce(both)
+                        logged_loss, tokens = both[0].item(), both[1].item()
                     row = {
-                        "step": step, "loss": step_loss, "group": group, "lr": lr,
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "step": step, "loss": logged_loss, "group": group, "lr": lr,
+                        "tokens_per_s": tokens / max(elapsed, 1e-9),
                         "memory_mib": memory_bytes(device) / 2**20, "time": time.time(),
                     }
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
-                    bar.set_postfix(loss=f"{step_loss:.4f}", group=f"{group}/{opt.num_groups - 1}", lr=f"{lr:.2e}",
+                    bar.set_postfix(loss=f"{logged_loss:.4f}", group=f"{group}/{opt.num_groups - 1}", lr=f"{lr:.2e}",
                                     tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_mib']:.0f}MiB")
                     window_tokens, window_start = 0, time.perf_counter()
                 bar.update(1)
