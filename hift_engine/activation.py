@@ -184,7 +184,6 @@ class MemoryBudget:
         self.margin_bytes = int(margin_bytes if margin_bytes is not None else max(512 << 20, 0.03 * budget_bytes))
         self.reserve_blocks = reserve_blocks
         self.bytes_per_element = 0.0  # bytes a stored block keeps per element of its input
-        self._last_input = 0
 
     def observe(self, before: int, x: torch.Tensor) -> None:
         kept = self.allocated() - before

@@ -24,6 +24,7 @@ STATE_STORES = ("auto", "resident", "torch", "native")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
 CHECKPOINTING = ("off", "auto", "always")
+DATA_PARALLEL = ("auto", "on", "off")
 FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
@@ -251,8 +252,8 @@ class HiFTConfig:
                     f"memory_budget_gib={budget} sizes activation_checkpointing='auto' and layers_per_group='auto', "
                     "but neither is set; set one of them to 'auto' or drop memory_budget_gib"
                 )
-        if self.data_parallel not in ("auto", "on", "off"):
-            raise ConfigError(f"data_parallel={self.data_parallel!r} is unknown; use 'auto', 'on' or 'off'")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ConfigError(f"data_parallel={self.data_parallel!r} is unknown; use one of {DATA_PARALLEL}")
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
         self.optimizer_kwargs = dict(self.optimizer_kwargs)

@@ -29,8 +29,6 @@ from .errors import ConfigError
 
 __all__ = ["GradReducer", "make_reducer"]
 
-MODES = ("auto", "on", "off")
-
 
 def make_reducer(mode: str) -> "GradReducer | None":
     """The reducer for HiFTConfig.data_parallel: "auto" when torch.distributed is initialised with more than one
@@ -97,6 +95,3 @@ class GradReducer:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier()

@@ -1,4 +1,4 @@
-"""Memory in use, for logs and progress bars."""
+"""Memory in use (for logs and progress bars) and what a process may use of its device."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["memory_bytes"]
+__all__ = ["memory_bytes", "device_budget_bytes"]
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -19,3 +19,10 @@ def memory_bytes(device: torch.device) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+
+
+def device_budget_bytes(device: torch.device) -> int:
+    """What this process may use of its CUDA device now: its memory fraction of the card, or the free memory
+    plus what torch has reserved, whichever is smaller (the default of memory_budget_gib)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))

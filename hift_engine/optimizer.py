@@ -34,6 +34,7 @@ from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .loss_scale import LossScaler
+from .memory import device_budget_bytes
 from .precision import compute_dtype, enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
@@ -342,12 +343,14 @@ def _budget_bytes(cfg: HiFTConfig, device: torch.device, what: str) -> int:
         return int(cfg.memory_budget_gib * 2**30)
     if device.type != "cuda":
         raise ConfigError(f"{what} on {device} needs memory_budget_gib= (the device's own memory is known on CUDA only)")
-    free, total = torch.cuda.mem_get_info(device)
-    return min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))
+    return device_budget_bytes(device)
 
 
 def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper, masters: bool, device, store) -> GroupPlan:
     """layers_per_group='auto': the plan for these units (one per group in ``units``) under the budget."""
+    if store is not None:  # its state sizes would depend on the plan, and the plan on where the state lives
+        raise ConfigError("layers_per_group='auto' plans the groups before any state store exists, so it cannot take "
+                          "store=; choose the store with state_store=, or give layers_per_group as a number")
     if cfg.activation_gib is None:
         raise ConfigError(
             "layers_per_group='auto' needs activation_gib=: the device memory of one step's activations at your batch "
@@ -360,14 +363,11 @@ def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper
     trained = {id(p) for g in units.groups for p in g.params}
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in trained and p.device == device)
     num_state = (len(spec.state_names(hyper)) if spec is not None else 0) + masters
-    if store is not None:  # its state sizes would depend on the plan, and the plan on where the state lives
-        raise ConfigError("layers_per_group='auto' plans the groups before any state store exists, so it cannot take "
-                          "store=; choose the store with state_store=, or give layers_per_group as a number")
     resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda")
     slots = None if resident or num_state == 0 else cfg.slots
     budget = _budget_bytes(cfg, device, "layers_per_group='auto'")
-    act = cfg.activation_gib if isinstance(cfg.activation_gib, list) else [cfg.activation_gib, 0.0]
-    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(act[0] * 2**30), int(act[-1] * 2**30 if len(act) > 1 else 0))
+    bottom, per_unit = ([*cfg.activation_gib, 0.0] if isinstance(cfg.activation_gib, list) else [cfg.activation_gib, 0.0])[:2]
+    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(bottom * 2**30), int(per_unit * 2**30))
 
 
 def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..checkpoint import load_checkpoint, model_weights, save_checkpoint
-from ..memory import memory_bytes
+from ..memory import device_budget_bytes, memory_bytes
 from ..auto_groups import measure_activation_gib
 from ..optimizer import HiFTOptimizer
 from .config import RunConfig
@@ -109,9 +109,7 @@ def _pin_auto_groups(cfg: RunConfig, model, device) -> RunConfig:
         changes["activation_gib"] = [round(v, 4) for v in measure_activation_gib(
             model, batch, lambda m, b: _loss(m, b, cfg.train.head_chunk_tokens))]
     if opt_cfg.memory_budget_gib is None:
-        free, total = torch.cuda.mem_get_info(device)
-        budget = min(total * torch.cuda.get_per_process_memory_fraction(device), free + torch.cuda.memory_reserved(device))
-        changes["memory_budget_gib"] = round(budget / 2**30, 3)
+        changes["memory_budget_gib"] = round(device_budget_bytes(device) / 2**30, 3)
     cfg = copy.copy(cfg)  # the caller's config stays as given
     cfg.optimizer = dataclasses.replace(opt_cfg, **changes)
     log.info("layers_per_group=auto: activations at %d x %d tokens %s GiB, budget %s GiB (resume with --activation_gib "
