@@ -17,6 +17,9 @@
 #             in 47.5 GiB
 #   ddp       (a 2-GPU kind) hift bench ddp at 7B fp32 batch 1 x 512 with 1 and then 2 processes
 #   seqoffload the sequence probe again with activation_offload (recomputed blocks' inputs in host memory)
+#   smoke     the new CUDA tests, then 2-layer runs of the groups and converge benchmarks (all methods)
+#   groups    hift bench groups: layers_per_group="auto" at 7B, fp32 in 47.5/79 GiB, bf16-mixed in 23.5/47.5 GiB,
+#             modelled vs measured peak, cycle time vs torchao's CPU-offloaded AdamW step
 #   converge  hift bench converge at about 1B parameters under a 12 GiB cap (full AdamW does not fit there):
 #             CPU-offloaded AdamW (torchao, if its wheel was installed), HiFT-1, HiFT-auto, BAdam-style, equal
 #             wall-clock per method
@@ -44,7 +47,14 @@ install() {
 }
 
 installed=0
-ensure_installed() { [ $installed = 1 ] || { run install; installed=1; }; }
+# a warm machine keeps the previous call's install (and its native build); a fresh one installs
+already_installed() { $py -c "import hift_engine, glob, os; assert glob.glob(os.path.join(os.path.dirname(hift_engine.__file__), '_C*.so'))" 2>/dev/null; }
+ensure_installed() { [ $installed = 1 ] || { already_installed && echo "already installed" | tee -a "$log" || run install; installed=1; }; }
+# torchao for the CPU-offloaded AdamW rows travels as a wheel in .whl/ (carry it); installed to /tmp/site
+if ls .whl/torchao-*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+fi
 
 for stage in "${@:-check}"; do
 log="$OUT/$stage.log"
@@ -132,11 +142,25 @@ elif [ "$stage" = ddp ]; then
   for n in 1 2; do
     run timeout 280 $py -m torch.distributed.run --nproc-per-node $n -m hift_engine.cli.main bench ddp --out "$OUT"
   done
+elif [ "$stage" = smoke ]; then
+  # seconds-long runs of the paths the long stages take, so a bug costs seconds (new CUDA tests first)
+  ensure_installed
+  run timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_activation.py tests/test_auto_groups.py -m cuda -rs
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 120 $hb groups --layers 2 --cases fp32@20,bf16-mixed@12 --offload-baseline --baseline-steps 1 --out /tmp/smoke
+  run timeout 120 $hb converge --hidden 256 --layers 2 --seq 128 --batch 2 --pretrain-steps 5 --updates 2 --eval-points 2 \
+    --eval-batches 2 --methods full,full-cpu-offload,hift-1,hift-auto,badam --cap-gib 4 --out /tmp/smoke
+elif [ "$stage" = groups ]; then
+  ensure_installed
+  run timeout 420 $py -m hift_engine.cli.main bench groups --cases fp32@47.5,fp32@79,bf16-mixed@23.5,bf16-mixed@47.5 \
+    --offload-baseline --out "$OUT"
 elif [ "$stage" = converge ]; then
   ensure_installed
-  run timeout 560 $py -m hift_engine.cli.main bench converge --hidden 2048 --layers 18 --seq 512 --batch 8 --pretrain-steps 200 \
-    --methods full,full-cpu-offload,hift-1,hift-auto,badam --updates 100 --seconds 90 --cap-gib 12 --out "$OUT"
+  # batch 2 x 512: at 8 x 512 this 0.9 B fp32 model's activations alone (about 11 GiB) would fill the 12 GiB card
+  run timeout 560 $py -m hift_engine.cli.main bench converge --hidden 2048 --layers 18 --seq 512 --batch 2 --pretrain-steps 300 \
+    --lr 2e-4 --methods full,full-cpu-offload,hift-1,hift-auto,badam --updates 400 --seconds 75 --eval-batches 16 \
+    --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, ddp, converge)"; exit 2
 fi
 done

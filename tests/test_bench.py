@@ -16,6 +16,7 @@ from hift_engine.cli.main import build_parser, main
         (["bench", "offload", "--reps", "3", "--alloc-gib", "1"], {"reps": 3, "alloc_gib": 1.0}),
         (["bench", "memory", "--layers", "4", "--batches", "1,2", "--seq-probe", ""], {"layers": 4, "batches": "1,2"}),
         (["bench", "step", "--layers-small", "2", "--layers-full", "0", "--profile"], {"layers_small": 2, "profile": True}),
+        (["bench", "groups", "--cases", "fp32@47.5", "--offload-baseline"], {"cases": "fp32@47.5", "offload_baseline": True}),
     ],
 )
 def test_bench_arguments_parse(argv, expect):
@@ -148,3 +149,12 @@ def test_converge_runs_every_cpu_method_on_real_text_and_compares_at_equal_updat
 def test_converge_refuses_an_unknown_method():
     with pytest.raises(SystemExit, match="unknown method 'adam'"):
         main(["bench", "converge", "--methods", "full,adam"])
+
+
+def test_groups_cases_parse_and_bad_ones_are_refused_before_any_gpu_work():
+    from hift_engine.bench.groups import parse_cases
+
+    assert parse_cases("fp32@47.5, bf16-mixed@23.5") == [("fp32", 47.5), ("bf16-mixed", 23.5)]
+    for bad in ("fp32", "fp64@10", "fp32@-1", "bf16-mixed@lots", ""):
+        with pytest.raises(SystemExit, match="--cases"):
+            main(["bench", "groups", "--cases", bad])

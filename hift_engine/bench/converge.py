@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-budget-gib", type=float, default=None, help="hift-auto's budget (default: the device's)")
     p.add_argument("--activation-gib", type=float, default=None,
                    help="hift-auto's activation size (default: measured on the GPU; on the CPU give it with the budget)")
-    p.add_argument("--cap-gib", type=float, default=0.0, help="> 0 (GPU): cap the process's device memory as on a smaller card")
+    p.add_argument("--cap-gib", type=float, default=0.0, help="> 0 (GPU): cap the process's device memory as on a smaller card, from after pretraining (full AdamW, which the cap is chosen to exclude)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -106,7 +106,10 @@ def _full_cpu_offload(model, args):
         from torchao.optim import CPUOffloadOptimizer
     except ImportError as e:
         raise RuntimeError(f"full-cpu-offload needs torchao (pip install 'hift_engine[bench]'): {e}") from e
-    opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=args.lr, weight_decay=0.0, fused=True)
+    # offload_gradients: each gradient leaves the GPU as backward produces it (the setting for a card too small
+    # for full AdamW, which is where this method is the alternative)
+    opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=True, lr=args.lr,
+                              weight_decay=0.0, fused=True)
 
     def step(ids):
         _loss(model, ids).backward()
@@ -246,11 +249,6 @@ def loss_at(rows: list[dict], key: str, x: float) -> float | None:
 
 def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cap = None
-    if args.cap_gib and device.type == "cuda":
-        from .memory import _Nvml, _set_cap
-
-        cap = _set_cap(args.cap_gib, _Nvml(), device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.eval_points < 1 or args.updates < 1 or args.eval_batches < 1:
         raise SystemExit("hift bench converge: --eval-points, --updates and --eval-batches must be >= 1")
@@ -268,6 +266,15 @@ def run(args) -> int:
     print(f"model: {params / 1e6:.2f} M params on {device}; pretrained {args.pretrain_steps} steps in {pretrain_s:.1f} s; "
           f"held-out loss {start_loss:.4f}", flush=True)
     del model
+    cap = None
+    if args.cap_gib and device.type == "cuda":
+        # capped only now: pretraining is full AdamW, which the cap is chosen to exclude; its cached blocks go first
+        from .memory import _Nvml, _set_cap
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        cap = _set_cap(args.cap_gib, _Nvml(), device)
+        print(f"cap: {cap}", flush=True)
     rows, summaries = [], []
     for m in methods:
         r, s = run_method(m, base, corpus, eval_batches, args, device)

@@ -1,4 +1,4 @@
-"""``hift bench {kernels,offload,memory,step,ddp,converge}``: benchmarks that print a table and write JSON to benchmarks/results/."""
+"""``hift bench {kernels,offload,memory,step,ddp,groups,converge}``: benchmarks that print a table and write JSON to benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ BENCHES = {
     "memory": "7B fp32 HiFT AdamW under a 48 GB cap: peak memory per group position, batch/sequence sweep",
     "step": "step time: offloaded vs resident vs official-style offload vs standard fine-tuning",
     "ddp": "data-parallel step under torchrun: tokens/s per process and in all, gradient bytes reduced, host memory per rank",
+    "groups": "layers_per_group='auto' under capped cards: chosen groups, modelled vs measured peak, cycle time vs CPU-offloaded AdamW",
     "converge": "held-out loss vs steps and seconds on real text: full AdamW, CPU-offloaded AdamW, HiFT, BAdam-style (CPU or GPU)",
 }
 
