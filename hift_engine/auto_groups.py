@@ -13,6 +13,8 @@ model of one step's peak device memory (bytes), for groups of consecutive units:
                               of the group, what an active unit keeps beyond a frozen one (its layers' inputs
                               for the weight gradients); measured by ``measure_activation_gib`` or given as
                               ``activation_gib`` (a number, or [bottom, per active unit])
+  + gradient transient        the largest single parameter's gradient as autograd produces it, before it
+                              lands in the arena (the embedding's or the head's, for a language model)
   + margin                    3% of the budget, at least 512 MiB (allocator fragmentation, workspaces)
 
 With offloaded state that bounds the largest group's parameter count; units are then packed bottom-up into the
@@ -61,13 +63,14 @@ def plan_groups(
     budget_bytes: int,
     activation_bytes: int,
     per_unit_activation_bytes: int = 0,
+    grad_transient_bytes: int = 0,
 ) -> GroupPlan:
     """``numel`` / ``grad``: each unit's trained parameter count and their bytes on the device (= its gradients'
     bytes), bottom-up; ``num_state``: fp32 state vectors per parameter (masters included); ``slots``: device
     state slots of an offloaded store, None when all state is resident on the device."""
     state = [n * 4 * num_state for n in numel]
     weights = sum(grad) + frozen_bytes
-    fixed = weights + activation_bytes + margin_bytes(budget_bytes) + (sum(state) if slots is None else 0)
+    fixed = weights + activation_bytes + grad_transient_bytes + margin_bytes(budget_bytes) + (sum(state) if slots is None else 0)
     per_slot = 0 if slots is None else slots
 
     def group_cost(lo: int, hi: int) -> int:  # device bytes that grow with the group [lo, hi)
@@ -93,7 +96,7 @@ def plan_groups(
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     largest = max(group_cost(a, b) for a, b in zip(bounds, bounds[1:]))
     parts = {"weights": weights, "largest_group_grads_state_activations": largest, "activations": activation_bytes,
-             "margin": margin_bytes(budget_bytes)}
+             "grad_transient": grad_transient_bytes, "margin": margin_bytes(budget_bytes)}
     if slots is None:
         parts["resident_state"] = sum(state)
     return GroupPlan(sizes, fixed + largest, budget_bytes, parts)

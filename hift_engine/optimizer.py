@@ -367,7 +367,8 @@ def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper
     slots = None if resident or num_state == 0 else cfg.slots
     budget = _budget_bytes(cfg, device, "layers_per_group='auto'")
     bottom, per_unit = ([*cfg.activation_gib, 0.0] if isinstance(cfg.activation_gib, list) else [cfg.activation_gib, 0.0])[:2]
-    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(bottom * 2**30), int(per_unit * 2**30))
+    transient = max(p.numel() * (esize or p.element_size()) for g in units.groups for p in g.params)
+    return plan_groups(numel, grad, frozen, num_state, slots, budget, int(bottom * 2**30), int(per_unit * 2**30), transient)
 
 
 def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget:

@@ -99,3 +99,13 @@ def test_bad_auto_options_are_refused():
     with pytest.raises(ConfigError, match="cannot take store="):
         HiFTOptimizer(tiny_llama(), "adamw", layers_per_group="auto", memory_budget_gib=1, activation_gib=0.0,
                       store=lambda layouts, device: ResidentStore([lay.state_numel for lay in layouts], device))
+
+
+def test_the_largest_gradient_transient_is_counted_in_the_plan():
+    """Autograd hands the largest parameter's gradient over before it lands in the arena: the plan reserves it,
+    so a budget that fits one group only without it gets two."""
+    numel, grad = [100] * 4, [400] * 4  # per unit: 400 B of gradients + 2 slots x 2 fp32 vectors = 2000 B
+    budget = 1600 + (512 << 20) + 4 * 2000  # weights + margin + exactly one group of all four units
+    assert plan_groups(numel, grad, 0, 2, 2, budget, 0).sizes == [4]
+    plan = plan_groups(numel, grad, 0, 2, 2, budget, 0, grad_transient_bytes=400)
+    assert plan.sizes == [3, 1] and plan.parts["grad_transient"] == 400 and plan.peak_bytes <= budget

@@ -248,7 +248,7 @@ def loss_at(rows: list[dict], key: str, x: float) -> float | None:
 
 
 def run(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.eval_points < 1 or args.updates < 1 or args.eval_batches < 1:
         raise SystemExit("hift bench converge: --eval-points, --updates and --eval-batches must be >= 1")
