@@ -234,7 +234,10 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
         close()
     summary = {"method": name, "groups_k": k, "plan": getattr(step, "plan", None), "steps": done, "updates_per_param": done / k, "train_seconds": trained,
                "s_per_step": trained / done if done else None, "final_heldout_loss": rows[-1]["heldout_loss"], "note": note}
-    del model
+    # the method's closures can sit in reference cycles with the model (torchao's gradient hooks hold its
+    # optimizer, which holds the parameters): drop them all before collecting, or the next method finds the
+    # capped device still full
+    del model, step, close
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
