@@ -158,7 +158,7 @@ elif [ "$stage" = converge ]; then
   ensure_installed
   # batch 2 x 512: at 8 x 512 this 0.9 B fp32 model's activations alone (about 11 GiB) would fill the 12 GiB card
   run timeout 560 $py -m hift_engine.cli.main bench converge --hidden 2048 --layers 18 --seq 512 --batch 2 --pretrain-steps 300 \
-    --lr 2e-4 --methods full,full-cpu-offload,hift-1,hift-auto,badam --updates 400 --seconds 75 --eval-batches 16 \
+    --lr 2e-4 --methods full,hift-auto,hift-1,badam,full-cpu-offload --updates 400 --seconds 60 --eval-batches 16 \
     --cap-gib 12 --out "$OUT"
 else
   echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, ddp, converge)"; exit 2
