@@ -264,7 +264,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     pretrain(model, corpus, args, device)
     pretrain_s = time.perf_counter() - t0
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     start_loss = heldout_loss(model, eval_batches)
     print(f"model: {params / 1e6:.2f} M params on {device}; pretrained {args.pretrain_steps} steps in {pretrain_s:.1f} s; "
           f"held-out loss {start_loss:.4f}", flush=True)
