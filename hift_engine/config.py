@@ -106,7 +106,8 @@ class HiFTConfig:
                       pinned host memory instead of on the device (copied out in forward, back in backward).
     memory_budget_gib: device memory (GiB, as torch's allocator counts it) the "auto" options keep inside; default: what
                       this process may use when the optimizer is built (its memory fraction of the card, or the
-                      free memory plus what torch has reserved, whichever is smaller).
+                      free memory plus what torch has reserved, whichever is smaller); layers_per_group="auto"
+                      also leaves out what is already allocated there beyond the model's own weights.
     data_parallel:    "auto" (average the active group's gradients over the ranks when torch.distributed is
                       initialised with more than one process), "on" (insist on it), "off".
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).

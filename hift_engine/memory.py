@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["memory_bytes", "device_budget_bytes"]
+__all__ = ["memory_bytes", "device_budget_bytes", "other_device_bytes"]
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -26,3 +26,11 @@ def device_budget_bytes(device: torch.device) -> int:
     plus what torch has reserved, whichever is smaller (the default of memory_budget_gib)."""
     free, total = torch.cuda.mem_get_info(device)
     return min(int(total * torch.cuda.get_per_process_memory_fraction(device)), free + torch.cuda.memory_reserved(device))
+
+
+def other_device_bytes(model: torch.nn.Module, device: torch.device, allocated: int) -> int:
+    """Of ``allocated`` bytes on ``device``, those not held by ``model``'s own parameters and buffers: another
+    model, a cached batch, a reference copy of the weights. A plan sized from the device's budget must leave
+    them room, or it overflows the card it was sized for."""
+    own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.device == device)
+    return max(0, allocated - own)

@@ -34,7 +34,7 @@ from .optim.build import make_path, optimizer_options
 from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .loss_scale import LossScaler
-from .memory import device_budget_bytes
+from .memory import device_budget_bytes, other_device_bytes
 from .precision import compute_dtype, enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
@@ -366,6 +366,8 @@ def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper
     resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda")
     slots = None if resident or num_state == 0 else cfg.slots
     budget = _budget_bytes(cfg, device, "layers_per_group='auto'")
+    if cfg.memory_budget_gib is None:  # the device's budget: what else is already on it is not ours to plan with
+        budget -= other_device_bytes(model, device, torch.cuda.memory_allocated(device))
     bottom, per_unit = ([*cfg.activation_gib, 0.0] if isinstance(cfg.activation_gib, list) else [cfg.activation_gib, 0.0])[:2]
     transient = max(p.numel() * (esize or p.element_size()) for g in units.groups for p in g.params)
     return plan_groups(numel, grad, frozen, num_state, slots, budget, int(bottom * 2**30), int(per_unit * 2**30), transient)

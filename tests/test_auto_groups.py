@@ -109,3 +109,42 @@ def test_the_largest_gradient_transient_is_counted_in_the_plan():
     assert plan_groups(numel, grad, 0, 2, 2, budget, 0).sizes == [4]
     plan = plan_groups(numel, grad, 0, 2, 2, budget, 0, grad_transient_bytes=400)
     assert plan.sizes == [3, 1] and plan.parts["grad_transient"] == 400 and plan.peak_bytes <= budget
+
+
+def test_memory_already_on_the_device_beyond_the_model_is_left_out_of_the_budget():
+    """The device's budget is shared with whatever else is allocated (another model, a reference copy of the
+    weights): only the allocation beyond the model's own parameters and buffers is subtracted."""
+    from hift_engine.memory import other_device_bytes
+
+    model = tiny_llama()
+    own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert other_device_bytes(model, torch.device("cpu"), own) == 0
+    assert other_device_bytes(model, torch.device("cpu"), own + 12345) == 12345
+    assert other_device_bytes(model, torch.device("cuda", 0), 999) == 999  # none of the model is on that device
+
+
+@pytest.mark.cuda
+def test_auto_groups_on_cuda_plan_around_memory_other_code_already_holds(cuda_device):
+    """A bench run left a copy of the weights on the capped device and layers_per_group='auto' planned as if the
+    card were empty: its slots overflowed at construction. Now a tensor allocated beside the model takes room
+    from the plan: with just more than the plan's slack held elsewhere, the same plan no longer comes out."""
+    model = tiny_llama().to(cuda_device)
+    batch = {k: v.to(cuda_device) for k, v in lm_batch().items()}
+    act = [0.01, 0.0]
+    total = torch.cuda.get_device_properties(cuda_device).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated(cuda_device) + 2**30) / total, cuda_device)
+    try:
+        alone = HiFTOptimizer(model, "adamw", lr=1e-3, layers_per_group="auto", activation_gib=act)
+        plan = alone.group_plan
+        alone.close()
+        slack = plan.budget_bytes - plan.peak_bytes
+        ballast = torch.empty(slack + (1 << 20), dtype=torch.uint8, device=cuda_device)
+        beside = HiFTOptimizer(model, "adamw", lr=1e-3, layers_per_group="auto", activation_gib=act)
+        assert beside.group_plan.budget_bytes <= plan.budget_bytes - slack - (1 << 20)
+        assert beside.num_groups > alone.num_groups, (plan.describe(), beside.group_plan.describe())
+        model(**batch).loss.backward()
+        beside.step()
+        beside.close()
+        del ballast
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda_device)
