@@ -199,7 +199,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[list[dict], dict]:
+    before = _allocated(device)
     model = build_model(args.hidden, args.layers, args.seq, device)
     model.load_state_dict(base_state)
     rows = []
@@ -241,6 +246,9 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    left = _allocated(device) - before
+    if left > 64 << 20:  # the next methods run with less memory than the cap: say so in this row
+        summary["note"] = ((summary["note"] + "; ") if summary["note"] else "") + f"left {left / 2**30:.2f} GiB on the device"
     return rows, summary
 
 
