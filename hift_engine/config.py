@@ -110,6 +110,10 @@ class HiFTConfig:
                       also leaves out what is already allocated there beyond the model's own weights.
     data_parallel:    "auto" (average the active group's gradients over the ranks when torch.distributed is
                       initialised with more than one process), "on" (insist on it), "off".
+    shard_state:      under data parallelism, each rank keeps the optimizer state (and fp32 masters) of 1/N of every
+                      group and updates that part; the updated weights are then broadcast (ZeRO-1, sharding.py).
+                      Host memory and state traffic per rank fall by N. Fused optimizers only (adamw, adagrad,
+                      sgd); saving and loading sharded state is not built yet (refused).
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 
@@ -135,6 +139,7 @@ class HiFTConfig:
     memory_budget_gib: Any = None
     activation_gib: Any = None
     data_parallel: str = "auto"
+    shard_state: bool = False
     optimizer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -255,6 +260,11 @@ class HiFTConfig:
                 )
         if self.data_parallel not in DATA_PARALLEL:
             raise ConfigError(f"data_parallel={self.data_parallel!r} is unknown; use one of {DATA_PARALLEL}")
+        if not isinstance(self.shard_state, bool):
+            raise ConfigError(f"shard_state must be true or false, got {self.shard_state!r}")
+        if self.shard_state and self.data_parallel == "off":
+            raise ConfigError("shard_state=True shards the optimizer state across data-parallel ranks; it cannot "
+                              "go with data_parallel='off'")
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise ConfigError(f"optimizer_kwargs must be a mapping, got {type(self.optimizer_kwargs).__name__}")
         self.optimizer_kwargs = dict(self.optimizer_kwargs)

@@ -35,6 +35,7 @@ from .optim.path import UpdatePath
 from .param_groups import build_param_groups, no_decay_names
 from .loss_scale import LossScaler
 from .memory import device_budget_bytes, other_device_bytes
+from .sharding import ShardPlan
 from .precision import compute_dtype, enable_tf32, prepare_precision, take_fp32_masters
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
@@ -126,9 +127,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         ]
         self.arena = GradArena(self.layouts, self.device)
         self._grad_views = [lay.grad_views(self.arena) for lay in self.layouts]
+        # Under shard_state the update path sees only this rank's piece of each group (its own layouts and arena)
+        self.shards = _shard_plan(cfg, spec, self.layouts, num_state, self.reducer, self.device)
+        path_layouts, path_views, path_arena = ((self.shards.layouts, self.shards.grad_views, self.shards.arena)
+                                                if self.shards else (self.layouts, self._grad_views, self.arena))
         self.path: UpdatePath
         self.path, self.kernel_backend = make_path(
-            cfg, spec, hyper, self.layouts, self._grad_views, self.arena, self.param_groups, self.device, store, masters
+            cfg, spec, hyper, path_layouts, path_views, path_arena, self.param_groups, self.device, store, masters
         )
         if seeds:
             self.path.seed_masters(seeds)
@@ -188,6 +193,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             + self.grouping.describe(state_bytes_per_element=self.path.state_bytes_per_element())
             + f"\noptimizer={self.path.name} kernels={self.kernel_backend} {self.path.describe()} "
             f"device={self.device} grad arena={self.arena.nbytes / 2**30:.3f} GiB"
+            + (f"\n{self.shards.describe()}" if self.shards is not None else "")
         )
 
     # ------------------------------------------------------------------------------------------ the step
@@ -222,7 +228,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 self.scaler.update(flags[1])
             elif flags is not None:
                 self.monitor.record(flags[1], self.global_step, gid)
-            self.path.update(gid, members, flags)
+            if self.shards is None:
+                self.path.update(gid, members, flags)
+            else:  # this rank's piece of the averaged gradients, its update, then every piece to every rank
+                self.shards.refresh(gid)
+                self.path.update(gid, self.shards.take_grads(gid, members, self._grad_views[gid]), flags)
+                self.shards.share_weights(gid, members)
             self.path.put_away(gid, keep=nxt == gid)
         self.global_step += 1
         self.order.advance()
@@ -259,6 +270,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
             p.grad = None
         self._activate(new)
 
+    def _refuse_sharded_state(self) -> None:
+        if self.shards is not None:
+            raise ConfigError(
+                "shard_state=True: this rank holds only its piece of the optimizer state, and saving or loading "
+                "sharded state (state_dict, checkpoints) is not built yet; train with shard_state=False to save "
+                "optimizer state"
+            )
+
     def _check_live(self) -> None:
         if self._claim.released:
             raise ConfigError("this HiFTOptimizer was closed or replaced by a newer one on the same model; create a new one")
@@ -276,37 +295,44 @@ class HiFTOptimizer(torch.optim.Optimizer):
     # One encoding (state_io): state_dict() and checkpoints are both built on export/check/import_state.
     def export_state(self) -> StateExport:
         """JSON-friendly ``meta`` and each group's tensors, lazily (they may alias the store's host memory)."""
+        self._refuse_sharded_state()
         return state_io.export_state(self)
 
     def check_state(self, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, Mapping[str, Any]]] | None = None) -> None:
         """Raise ConfigError unless ``meta`` and group state of these (signature, values) load here. Changes nothing."""
+        self._refuse_sharded_state()
         state_io.check_state(self, meta, groups)
 
     def import_state(self, meta: Mapping[str, Any], groups, signatures=None) -> None:
         """Load ``meta`` and per-group state, all checked before anything changes (``groups`` may be lazy when
         ``signatures`` are given)."""
+        self._refuse_sharded_state()
         state_io.import_state(self, meta, groups, signatures)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim-compatible: ``state`` maps parameter indices to torch's state keys ("step", "exp_avg",
         ...); ``hift`` holds the group order, step counter and skip counts. State tensors may alias the store's
         host memory (as torch's state_dict aliases live state): save or clone them before the next step."""
+        self._refuse_sharded_state()
         return state_io.to_state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from ``state_dict()`` output (or a torch.optim state dict of the same optimizer type, numbered
         as this optimizer's param_groups; see ``load_torch_state_dict`` to map another numbering). A refused
         load changes nothing."""
+        self._refuse_sharded_state()
         state_io.load_state_dict(self, state_dict)
 
     def load_torch_state_dict(self, state_dict: Mapping[str, Any], params: Sequence[nn.Parameter]) -> None:
         """Load the per-parameter state of a plain torch.optim optimizer of the same type whose parameter
         number i is ``params[i]`` (e.g. ``list(model.parameters())``); this optimizer's hyper-parameters stay."""
+        self._refuse_sharded_state()
         state_io.load_torch_state_dict(self, state_dict, params)
 
     def master_weights(self, gid: int, state) -> dict[str, Tensor]:
         """Parameter name -> fp32 master weight of group ``gid`` from its exported state (empty unless
         bf16-mixed keeps masters); checkpoints store these as the model's weights."""
+        self._refuse_sharded_state()
         return self.path.master_weights(gid, state)
 
     def _restore_position(self, meta: Mapping[str, Any]) -> None:
@@ -335,6 +361,19 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.path.synchronize()
         self._claim.release()
         self.path.close()
+
+
+def _shard_plan(cfg: HiFTConfig, spec, layouts, num_state: int, reducer, device) -> ShardPlan | None:
+    """shard_state: this rank's pieces of every group (refused where it cannot work)."""
+    if not cfg.shard_state:
+        return None
+    if reducer is None:
+        raise ConfigError("shard_state=True shards the optimizer state across data-parallel ranks; it needs "
+                          "torch.distributed initialised with more than one process (torchrun --nproc-per-node N)")
+    if spec is None:
+        raise ConfigError(f"shard_state=True needs a fused optimizer (adamw, adagrad, sgd); {cfg.optimizer!r} runs "
+                          "through torch.optim, which cannot update pieces of parameters")
+    return ShardPlan(layouts, num_state, reducer.world, reducer.rank, device)
 
 
 def _budget_bytes(cfg: HiFTConfig, device: torch.device, what: str) -> int:

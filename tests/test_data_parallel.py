@@ -49,6 +49,8 @@ def _worker(rank, world, tmp, mode, port):
     try:
         if mode == "partial":
             _partial(rank, tmp)
+        elif mode.startswith("shard"):
+            _sharded(rank, tmp, mode)
         elif mode == "mismatch":
             try:
                 HiFTOptimizer(tiny_llama(), "adamw", seed=rank)  # rank 1 orders its groups differently
@@ -86,6 +88,29 @@ def _train_and_resume(rank, tmp):
     torch.save({"resumed": again.state_dict(), "same_path": str(path)}, f"{tmp}/resumed-{rank}.pt")
     opt.close()
     opt2.close()
+
+
+def _sharded(rank, tmp, mode):
+    """The same data-parallel run with the state replicated and sharded (ZeRO-1), in fp32 and bf16-mixed."""
+    out = {}
+    precision = "bf16-mixed" if mode == "shard-bf16" else "fp32"
+    for shard in (False, True):
+        model = tiny_llama()
+        if precision != "fp32":
+            model = model.to(torch.bfloat16)
+        opt = _opt(model, shard_state=shard, precision=precision, state_store="torch")
+        k = opt.num_groups
+        _train(model, opt, 3 * k, rank)
+        refused = None
+        if shard:
+            try:
+                opt.state_dict()
+            except ConfigError as e:
+                refused = str(e)
+        out[shard] = {"weights": {n: v.clone() for n, v in model.state_dict().items()},
+                      "host": sum(opt.store.numels), "describe": opt.describe(), "refused": refused}
+        opt.close()
+    torch.save(out, f"{tmp}/shard-{rank}.pt")
 
 
 class _TwoPaths(torch.nn.Module):
@@ -153,6 +178,50 @@ def test_ranks_train_like_one_process_on_the_whole_batch_and_resume_exactly(worl
     # only the active group's gradients crossed: about 1/k of the model's per step, on average
     n_params = sum(p.numel() for p in model.parameters())
     assert 0 < out["reduced"] <= 4 * k * 4 * n_params / k * 1.5
+
+
+@pytest.mark.parametrize("world, mode", [(2, "shard"), (3, "shard"), (2, "shard-bf16")])
+def test_sharded_state_trains_exactly_like_replicated_state_with_1_over_n_of_the_host_memory(world, mode, tmp_path):
+    """shard_state=True: each rank updates its piece of the group with the averaged gradients and the pieces are
+    broadcast; the weights must be bit-identical to the replicated run on every rank (the same arithmetic per
+    element), and each rank's host state about 1/world of the replicated one."""
+    _spawn(world, tmp_path, mode)
+    outs = [torch.load(tmp_path / f"shard-{r}.pt") for r in range(world)]
+    for r, out in enumerate(outs):
+        for name, w in outs[0][False]["weights"].items():
+            assert torch.equal(out[True]["weights"][name], w), (r, name)
+        full, mine = out[False]["host"], out[True]["host"]
+        assert full / world * 0.8 <= mine <= full / world * 1.25, (r, mine, full)
+        assert f"rank {r} of {world} owns" in out[True]["describe"]
+        assert "saving or loading sharded state" in out[True]["refused"]
+    assert sum(o[True]["host"] for o in outs) <= outs[0][False]["host"] * 1.05  # nothing held twice
+    assert any(not torch.equal(outs[0][False]["weights"][n], tiny_llama().state_dict()[n].to(w.dtype))
+               for n, w in outs[0][False]["weights"].items())  # it trained
+
+
+def test_pieces_cover_every_element_once_on_aligned_cuts():
+    from hift_engine.sharding import split_group
+
+    sizes = [1000, 64, 5, 4096, 300]
+    for world in (1, 2, 3, 5):
+        pieces = split_group(sizes, world)
+        covered = [[0] * n for n in sizes]
+        for per_rank in pieces:
+            assert per_rank  # every rank owns something here
+            for pc in per_rank:
+                assert pc.start % 64 == 0 or pc.start == 0
+                for e in range(pc.start, pc.stop):
+                    covered[pc.param][e] += 1
+        assert all(c == 1 for row in covered for c in row), world
+
+
+def test_shard_state_is_refused_where_it_cannot_work():
+    with pytest.raises(ConfigError, match="needs torch.distributed initialised"):
+        HiFTOptimizer(tiny_llama(), "adamw", shard_state=True)
+    with pytest.raises(ConfigError, match="cannot go with data_parallel='off'"):
+        HiFTOptimizer(tiny_llama(), "adamw", shard_state=True, data_parallel="off")
+    with pytest.raises(ConfigError, match="shard_state must be true or false"):
+        HiFTOptimizer(tiny_llama(), "adamw", shard_state="yes")
 
 
 def test_ranks_that_would_train_differently_are_refused(tmp_path):
