@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checkpoint_dir import (
@@ -44,6 +45,7 @@ from .checkpoint_dir import (
     verify_checkpoint,
 )
 from .errors import CheckpointError, ConfigError
+from .sharding import shard_file
 from .state_io import Signature
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "model_weights"]
@@ -119,6 +121,8 @@ def save_checkpoint(
     reducer = getattr(optimizer, "reducer", None)
     if reducer is None:
         return _save(root, model, optimizer, scheduler, step, extra, keep_last)
+    if getattr(optimizer, "shards", None) is not None:
+        return _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, reducer)
     # Data parallel: the state is replicated, so rank 0 writes and every rank gets the path (or rank 0's error).
     if not reducer.is_main:
         outcome = reducer.broadcast_object(None)
@@ -134,7 +138,8 @@ def save_checkpoint(
     return path
 
 
-def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
+def _prepare(root, step: int, keep_last) -> tuple[Path, list, Path]:
+    """Checks, then the checkpoints saved so far and a fresh temporary directory (with ``optim/``) under root."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)
@@ -142,8 +147,13 @@ def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
     before = saved_checkpoints(root)
     tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
+    (tmp / "optim").mkdir()
+    return root, before, tmp
+
+
+def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
+    root, before, tmp = _prepare(root, step, keep_last)
     try:
-        (tmp / "optim").mkdir()
         export = optimizer.export_state()
         values, masters = {}, {}
         for gid, group in enumerate(export.groups):  # each waits for its group's write-back
@@ -151,38 +161,44 @@ def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
             if group.values:
                 values[str(gid)] = group.values
             masters.update(optimizer.master_weights(gid, group))
-        _save_tensors(tmp / "model.safetensors", model_weights(model, masters=masters))
-        rng_tensors, python_rng = _rng_state()
-        _save_tensors(tmp / "rng.safetensors", rng_tensors)
-        if scheduler is not None:
-            with open(tmp / "scheduler.pt", "wb") as f:
-                torch.save(scheduler.state_dict(), f)
-                f.flush()
-                _fsync(f.fileno())
-        meta = {
-            "step": step, "optimizer": export.meta, "group_values": values, "python_rng": python_rng,
-            "extra": dict(extra or {}), "torch": torch.__version__,
-        }
-        try:
-            _write_json(tmp / "meta.json", meta)
-        except TypeError as e:
-            raise CheckpointError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from None
-        files = {
-            str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
-            for f in sorted(tmp.rglob("*"))
-            if f.is_file()
-        }
-        manifest = {"format": FORMAT, "step": step, "seq": max((s for s, _, _ in before), default=-1) + 1, "files": files}
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        _write_json(tmp / "manifest.json", manifest)
-        _fsync_path(tmp / "optim")
-        _fsync_path(tmp)
-        final = free_name(root, step)
-        os.rename(tmp, final)
-        _fsync_path(root)
+        return _finish(root, before, tmp, model, masters, scheduler, step, export.meta, values, extra, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_meta, values, extra, keep_last) -> Path:
+    """Everything but the optimizer's group files, the manifest (over every file in ``tmp``), the atomic rename,
+    and the removal of copies it replaces."""
+    _save_tensors(tmp / "model.safetensors", model_weights(model, masters=masters))
+    rng_tensors, python_rng = _rng_state()
+    _save_tensors(tmp / "rng.safetensors", rng_tensors)
+    if scheduler is not None:
+        with open(tmp / "scheduler.pt", "wb") as f:
+            torch.save(scheduler.state_dict(), f)
+            f.flush()
+            _fsync(f.fileno())
+    meta = {
+        "step": step, "optimizer": opt_meta, "group_values": values, "python_rng": python_rng,
+        "extra": dict(extra or {}), "torch": torch.__version__,
+    }
+    try:
+        _write_json(tmp / "meta.json", meta)
+    except TypeError as e:
+        raise CheckpointError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from None
+    files = {
+        str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
+        for f in sorted(tmp.rglob("*"))
+        if f.is_file()
+    }
+    manifest = {"format": FORMAT, "step": step, "seq": max((s for s, _, _ in before), default=-1) + 1, "files": files}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    _write_json(tmp / "manifest.json", manifest)
+    _fsync_path(tmp / "optim")
+    _fsync_path(tmp)
+    final = free_name(root, step)
+    os.rename(tmp, final)
+    _fsync_path(root)
     for _, old_step, old in before:  # the new copy is in place: older copies of the same step can go
         if old_step == step:
             shutil.rmtree(old, ignore_errors=True)
@@ -190,6 +206,66 @@ def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, reducer) -> Path:
+    """shard_state: every rank writes its pieces of the optimizer state into the one temporary directory rank 0
+    made (so the directory must be on a filesystem every rank sees); rank 0 gathers the whole fp32 masters of a
+    mixed-precision run group by group, writes the rest and the manifest over every file, and renames. Any
+    rank's failure fails the save on every rank, and nothing is renamed into place."""
+    rank, world, main = reducer.rank, reducer.world, reducer.is_main
+    box: dict[str, Any] = {}
+    if main:
+        try:
+            root, before, tmp = _prepare(root, step, keep_last)
+            box = {"tmp": str(tmp)}
+        except BaseException as e:
+            box = {"error": f"{type(e).__name__}: {e}"}
+    box = reducer.broadcast_object(box if main else None)
+    if box.get("error"):
+        raise CheckpointError(f"rank 0 could not start the checkpoint: {box['error']}")
+    tmp = Path(box["tmp"])
+    error = None
+    try:  # this rank's pieces; no collective in here, so a failure cannot leave another rank waiting
+        export = optimizer.export_state()
+        for gid, group in enumerate(export.groups):
+            _save_tensors(tmp / "optim" / shard_file(gid, rank), group.tensors)
+    except BaseException as e:  # noqa: BLE001 - reported to every rank below
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    masters: dict[str, torch.Tensor] = {}
+    if getattr(optimizer.path, "masters", False):
+        groups = None
+        if error is None:
+            try:
+                groups = iter(optimizer.export_state().groups)
+            except BaseException as e:  # noqa: BLE001
+                error = f"rank {rank}: {type(e).__name__}: {e}"
+        for gid in range(optimizer.num_groups):  # every rank joins every gather, whatever happened
+            mine: dict[str, torch.Tensor] = {}
+            if groups is not None:
+                try:
+                    mine = optimizer.master_weights(gid, next(groups))
+                except BaseException as e:  # noqa: BLE001
+                    error, groups = error or f"rank {rank}: {type(e).__name__}: {e}", None
+            gathered: list | None = [None] * world if main else None
+            dist.gather_object(mine, gathered, dst=0)
+            if main:
+                masters.update(optimizer.shards.assemble_masters(gid, gathered))
+    errors: list | None = [None] * world if main else None
+    dist.gather_object(error, errors, dst=0)
+    if main:
+        try:
+            failed = [e for e in errors if e]
+            if failed:
+                raise CheckpointError("; ".join(failed))
+            box = {"path": str(_finish(root, before, tmp, model, masters, scheduler, step, export.meta, {}, extra, keep_last))}
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            box = {"error": f"{type(e).__name__}: {e}"}
+    box = reducer.broadcast_object(box if main else None)
+    if box.get("error"):
+        raise CheckpointError(f"the sharded checkpoint was not saved: {box['error']}")
+    return Path(box["path"])
 
 
 def model_weights(model: nn.Module, optimizer=None, masters: Mapping[str, torch.Tensor] | None = None) -> dict:
@@ -257,7 +333,7 @@ def load_checkpoint(
     or a root (its latest is used).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     path = Path(path)
     if not (path / "manifest.json").exists() and list_checkpoints(path):
@@ -275,39 +351,26 @@ def load_checkpoint(
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
 
-    # 1. Check everything before changing anything.
-    _check_model(path / "model.safetensors", model)
-    group_files = []
-    if optimizer is not None:
-        try:
-            optimizer.check_state(opt_meta)  # the layout first: a differing group count is named as such
-        except (ConfigError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        group_files = [path / "optim" / f"group-{gid:04d}.safetensors" for gid in range(optimizer.num_groups)]
-        signatures = [(_header(f), values.get(str(gid), {})) for gid, f in enumerate(group_files)]
-        try:
-            optimizer.check_state(opt_meta, signatures)
-        except (ConfigError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    if scheduler is not None:
-        f = path / "scheduler.pt"
-        if not f.is_file():
-            raise CheckpointError(f"{path}: saved without a scheduler, but one was given to restore")
-        snapshot = copy.deepcopy(scheduler.state_dict())
-        try:
-            saved_sched = torch.load(f, weights_only=True)
-            scheduler.load_state_dict(saved_sched)  # a probe: loaded again below, after the optimizer's LRs
-        except Exception as e:  # noqa: BLE001 - any unpickling/shape problem is a bad checkpoint
-            scheduler.load_state_dict(snapshot)
-            raise CheckpointError(f"{f}: cannot restore the scheduler ({type(e).__name__}: {e})") from None
+    # 1. Check everything before changing anything. Under data parallelism every rank must agree before any
+    # rank applies: one rank refusing (its own piece of a sharded state) refuses on all.
+    reducer = getattr(optimizer, "reducer", None) if optimizer is not None else None
+    snapshot = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     try:
-        rng = load_file(str(path / "rng.safetensors")) if restore_rng else None
-        if rng is not None and "torch_cpu" not in rng:
-            raise KeyError("torch_cpu")
-    except (SafetensorError, OSError, KeyError) as e:
-        if scheduler is not None:
-            scheduler.load_state_dict(snapshot)
-        raise CheckpointError(f"{path / 'rng.safetensors'}: cannot restore RNG state ({e})") from None
+        group_files, signatures, saved_sched, rng = _check_all(path, meta, opt_meta, values, model, optimizer,
+                                                               scheduler, snapshot, restore_rng)
+        refusal = None
+    except Exception as e:  # noqa: BLE001 - raised below, after every rank has said whether it refuses
+        refusal = e
+    if reducer is not None:
+        refusals: list = [None] * reducer.world
+        dist.all_gather_object(refusals, str(refusal) if refusal is not None else None)
+        others = [f"rank {r}: {msg}" for r, msg in enumerate(refusals) if msg and r != reducer.rank]
+        if refusal is None and others:
+            if scheduler is not None:
+                scheduler.load_state_dict(snapshot)
+            refusal = CheckpointError(f"{path}: refused by another rank ({'; '.join(others)})")
+    if refusal is not None:
+        raise refusal
 
     # 2. Apply.
     try:
@@ -322,6 +385,48 @@ def load_checkpoint(
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: failed while loading an already verified checkpoint ({type(e).__name__}: {e})") from e
     return {"step": int(meta.get("step", 0)), "extra": meta.get("extra", {}), "path": str(path)}
+
+
+def _check_all(path, meta, opt_meta, values, model, optimizer, scheduler, snapshot, restore_rng):
+    """Every check of load_checkpoint, changing nothing (the scheduler is probed and put back on failure)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    saved_sched = rng = signatures = None
+    _check_model(path / "model.safetensors", model)
+    group_files = []
+    if optimizer is not None:
+        try:
+            optimizer.check_state(opt_meta)  # the layout first: a differing group count is named as such
+        except (ConfigError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        shards = getattr(optimizer, "shards", None)  # check_state above has matched the saved world size
+        group_files = [path / "optim" / (shard_file(gid, shards.rank) if shards is not None else f"group-{gid:04d}.safetensors")
+                       for gid in range(optimizer.num_groups)]
+        signatures = [(_header(f), values.get(str(gid), {})) for gid, f in enumerate(group_files)]
+        try:
+            optimizer.check_state(opt_meta, signatures)
+        except (ConfigError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    if scheduler is not None:
+        f = path / "scheduler.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{path}: saved without a scheduler, but one was given to restore")
+        try:
+            saved_sched = torch.load(f, weights_only=True)
+            scheduler.load_state_dict(saved_sched)  # a probe: loaded again below, after the optimizer's LRs
+        except Exception as e:  # noqa: BLE001 - any unpickling/shape problem is a bad checkpoint
+            scheduler.load_state_dict(snapshot)
+            raise CheckpointError(f"{f}: cannot restore the scheduler ({type(e).__name__}: {e})") from None
+    try:
+        rng = load_file(str(path / "rng.safetensors")) if restore_rng else None
+        if rng is not None and "torch_cpu" not in rng:
+            raise KeyError("torch_cpu")
+    except (SafetensorError, OSError, KeyError) as e:
+        if scheduler is not None:
+            scheduler.load_state_dict(snapshot)
+        raise CheckpointError(f"{path / 'rng.safetensors'}: cannot restore RNG state ({e})") from None
+    return group_files, signatures, saved_sched, rng
 
 
 def _load_group(f: Path, values: Mapping[str, Any]):

@@ -273,9 +273,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _refuse_sharded_state(self) -> None:
         if self.shards is not None:
             raise ConfigError(
-                "shard_state=True: this rank holds only its piece of the optimizer state, and saving or loading "
-                "sharded state (state_dict, checkpoints) is not built yet; train with shard_state=False to save "
-                "optimizer state"
+                "shard_state=True: this rank holds only its piece of the optimizer state, so there is no "
+                "torch.optim-style state_dict of the whole; save and resume with save_checkpoint/load_checkpoint "
+                "(every rank writes its piece into one checkpoint)"
             )
 
     def _check_live(self) -> None:
@@ -295,18 +295,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
     # One encoding (state_io): state_dict() and checkpoints are both built on export/check/import_state.
     def export_state(self) -> StateExport:
         """JSON-friendly ``meta`` and each group's tensors, lazily (they may alias the store's host memory)."""
-        self._refuse_sharded_state()
         return state_io.export_state(self)
 
     def check_state(self, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, Mapping[str, Any]]] | None = None) -> None:
         """Raise ConfigError unless ``meta`` and group state of these (signature, values) load here. Changes nothing."""
-        self._refuse_sharded_state()
         state_io.check_state(self, meta, groups)
 
     def import_state(self, meta: Mapping[str, Any], groups, signatures=None) -> None:
         """Load ``meta`` and per-group state, all checked before anything changes (``groups`` may be lazy when
         ``signatures`` are given)."""
-        self._refuse_sharded_state()
         state_io.import_state(self, meta, groups, signatures)
 
     def state_dict(self) -> dict[str, Any]:
@@ -332,7 +329,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def master_weights(self, gid: int, state) -> dict[str, Tensor]:
         """Parameter name -> fp32 master weight of group ``gid`` from its exported state (empty unless
         bf16-mixed keeps masters); checkpoints store these as the model's weights."""
-        self._refuse_sharded_state()
         return self.path.master_weights(gid, state)
 
     def _restore_position(self, meta: Mapping[str, Any]) -> None:

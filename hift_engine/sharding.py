@@ -25,7 +25,12 @@ from torch import Tensor
 from .errors import ConfigError
 from .layout import ALIGN, GradArena, GroupLayout
 
-__all__ = ["Piece", "ShardPlan", "split_group"]
+__all__ = ["Piece", "ShardPlan", "split_group", "shard_file"]
+
+
+def shard_file(gid: int, rank: int) -> str:
+    """A rank's piece of group ``gid`` in a checkpoint's ``optim/`` directory."""
+    return f"group-{gid:04d}.rank-{rank:03d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,21 @@ class ShardPlan:
                     piece = lay.params[pc.param].detach().view(-1)[pc.start:pc.stop]
                     dist.broadcast(piece, src=owner)
                     self.bytes_broadcast += piece.numel() * piece.element_size()
+
+    def assemble_masters(self, gid: int, per_rank: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Whole fp32 master weights of group ``gid`` from every rank's ``master_weights`` pieces (named
+        ``name[start:stop]``); a parameter with a piece missing (its group never activated) is left out, so the
+        model's own weight stands for it."""
+        lay, out = self.full[gid], {}
+        for i, name in enumerate(lay.names):
+            mine = [(pc, per_rank[r].get(f"{name}[{pc.start}:{pc.stop}]"))
+                    for r, pcs in enumerate(self.pieces[gid]) for pc in pcs if pc.param == i]
+            if mine and all(t is not None for _, t in mine):
+                flat = torch.empty(lay.params[i].numel(), dtype=torch.float32)
+                for pc, t in mine:
+                    flat[pc.start:pc.stop] = t.reshape(-1)
+                out[name] = flat.view(lay.params[i].shape)
+        return out
 
     def describe(self) -> str:
         mine = sum(lay.numel for lay in self.layouts)

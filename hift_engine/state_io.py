@@ -79,6 +79,8 @@ def export_state(opt) -> StateExport:
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in opt.param_groups
         ],
     }
+    if opt.shards is not None:  # each rank exports its own pieces; the world size fixes what a piece is
+        meta["shard"] = {"world": opt.shards.world, "rank": opt.shards.rank}
     return StateExport(meta, (opt.path.export_group(gid) for gid in range(opt.num_groups)))
 
 
@@ -146,6 +148,15 @@ def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, 
                     f"both as logged when the run started (the saved groups have {sizes} parameters each)"
                     if opt.config.layers_per_group == "auto" else ""
                 )
+            )
+        saved_world = (meta.get("shard") or {}).get("world")
+        world = opt.shards.world if opt.shards is not None else None
+        if saved_world != world:
+            raise ConfigError(
+                (f"saved with shard_state over {saved_world} ranks" if saved_world else "saved with the state whole "
+                 "(shard_state off)") + ", and this optimizer " + (f"shards it over {world} ranks" if world else
+                 "keeps it whole") + ". Resume with the same number of processes and shard_state setting (resharding "
+                "a checkpoint is not supported)"
             )
         opt.order.check_state_dict(meta.get("order"))
         skips = meta.get("skips")

@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hift_engine import ConfigError, HiFTOptimizer, load_checkpoint, save_checkpoint
+from pathlib import Path
+
+from hift_engine import CheckpointError, ConfigError, HiFTOptimizer, load_checkpoint, save_checkpoint
 from tests.helpers import lm_batch, tiny_llama
 
 PER_RANK = 2  # sequences per rank and step
@@ -91,25 +93,47 @@ def _train_and_resume(rank, tmp):
 
 
 def _sharded(rank, tmp, mode):
-    """The same data-parallel run with the state replicated and sharded (ZeRO-1), in fp32 and bf16-mixed."""
+    """The same data-parallel run with the state replicated and sharded (ZeRO-1), in fp32 and bf16-mixed: k*3
+    steps, a checkpoint, k more steps; then a fresh model and optimizer resumed from the checkpoint for k steps.
+    A sharded checkpoint offered to a replicated optimizer must be refused on every rank, changing nothing."""
     out = {}
     precision = "bf16-mixed" if mode == "shard-bf16" else "fp32"
-    for shard in (False, True):
-        model = tiny_llama()
+
+    def build(shard, seed=0):
+        model = tiny_llama(seed=seed)
         if precision != "fp32":
             model = model.to(torch.bfloat16)
-        opt = _opt(model, shard_state=shard, precision=precision, state_store="torch")
+        return model, _opt(model, shard_state=shard, precision=precision, state_store="torch")
+
+    for shard in (False, True):
+        model, opt = build(shard)
         k = opt.num_groups
         _train(model, opt, 3 * k, rank)
+        path = save_checkpoint(f"{tmp}/ckpt-{shard}", model, opt)
+        _train(model, opt, k, rank, start=3 * k)
         refused = None
         if shard:
             try:
                 opt.state_dict()
             except ConfigError as e:
                 refused = str(e)
+        again, opt2 = build(shard, seed=5)
+        load_checkpoint(path, again, opt2)
+        _train(again, opt2, k, rank, start=3 * k)
         out[shard] = {"weights": {n: v.clone() for n, v in model.state_dict().items()},
+                      "resumed": {n: v.clone() for n, v in again.state_dict().items()}, "path": str(path),
                       "host": sum(opt.store.numels), "describe": opt.describe(), "refused": refused}
         opt.close()
+        opt2.close()
+    other, opt3 = build(False, seed=7)
+    before = {n: v.clone() for n, v in other.state_dict().items()}
+    try:
+        load_checkpoint(out[True]["path"], other, opt3)
+        out["cross"] = "loaded"
+    except CheckpointError as e:
+        out["cross"] = str(e)
+    out["cross_unchanged"] = all(torch.equal(before[n], v) for n, v in other.state_dict().items())
+    opt3.close()
     torch.save(out, f"{tmp}/shard-{rank}.pt")
 
 
@@ -185,16 +209,30 @@ def test_sharded_state_trains_exactly_like_replicated_state_with_1_over_n_of_the
     """shard_state=True: each rank updates its piece of the group with the averaged gradients and the pieces are
     broadcast; the weights must be bit-identical to the replicated run on every rank (the same arithmetic per
     element), and each rank's host state about 1/world of the replicated one."""
+    from safetensors.torch import load_file
+
     _spawn(world, tmp_path, mode)
     outs = [torch.load(tmp_path / f"shard-{r}.pt") for r in range(world)]
     for r, out in enumerate(outs):
         for name, w in outs[0][False]["weights"].items():
             assert torch.equal(out[True]["weights"][name], w), (r, name)
+            assert torch.equal(out[True]["resumed"][name], w), (r, name)  # resumed exactly from the shards
+        assert out[True]["path"] == outs[0][True]["path"]  # one checkpoint, every rank's pieces in it
+        assert "saved with shard_state over" in out["cross"] and out["cross_unchanged"], out["cross"]
         full, mine = out[False]["host"], out[True]["host"]
         assert full / world * 0.8 <= mine <= full / world * 1.25, (r, mine, full)
         assert f"rank {r} of {world} owns" in out[True]["describe"]
-        assert "saving or loading sharded state" in out[True]["refused"]
+        assert "no torch.optim-style state_dict of the whole" in out[True]["refused"]
     assert sum(o[True]["host"] for o in outs) <= outs[0][False]["host"] * 1.05  # nothing held twice
+    ckpt = {shard: Path(outs[0][shard]["path"]) for shard in (False, True)}
+    assert sorted(f.name for f in (ckpt[True] / "optim").iterdir()) == sorted(
+        f"group-{g:04d}.rank-{r:03d}.safetensors" for g in range(len(list((ckpt[False] / "optim").iterdir())))
+        for r in range(world))
+    # the saved model weights (fp32 masters in bf16-mixed, gathered from every rank's pieces) are the same
+    whole, sharded = (load_file(str(ckpt[s] / "model.safetensors")) for s in (False, True))
+    assert whole.keys() == sharded.keys() and all(torch.equal(whole[n], sharded[n]) for n in whole)
+    if mode == "shard-bf16":
+        assert all(t.dtype == torch.float32 for t in sharded.values())
     assert any(not torch.equal(outs[0][False]["weights"][n], tiny_llama().state_dict()[n].to(w.dtype))
                for n, w in outs[0][False]["weights"].items())  # it trained
 
