@@ -3,6 +3,7 @@ concatenated batch, exact resume from a checkpoint rank 0 wrote, and refusal of 
 
 import os
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
@@ -46,11 +47,14 @@ def _spawn(world, tmp, mode):
 
 def _worker(rank, world, tmp, mode, port):
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a dead peer fails a collective within a minute
     torch.manual_seed(0)
     try:
         if mode == "partial":
             _partial(rank, tmp)
+        elif mode == "killed":
+            _killed(rank, tmp)
         elif mode.startswith("shard"):
             _sharded(rank, tmp, mode)
         elif mode == "mismatch":
@@ -90,6 +94,34 @@ def _train_and_resume(rank, tmp):
     torch.save({"resumed": again.state_dict(), "same_path": str(path)}, f"{tmp}/resumed-{rank}.pt")
     opt.close()
     opt2.close()
+
+
+def _killed(rank, tmp):
+    """A sharded checkpoint at step k; then rank 1 dies in the middle of the next save (after writing its pieces,
+    before the gathers), and rank 0, left waiting, gives up. The step-k checkpoint must stay the latest and
+    intact, with no half-written directory taking its place."""
+    model = tiny_llama()
+    opt = _opt(model, shard_state=True)
+    k = opt.num_groups
+    _train(model, opt, k, rank)
+    save_checkpoint(f"{tmp}/ckpt", model, opt)
+    _train(model, opt, 2, rank, start=k)
+    if rank == 1:
+        import hift_engine.checkpoint as ckpt
+
+        real = ckpt._save_tensors
+
+        def die_after_pieces(path, tensors):
+            real(path, tensors)
+            if "rank-001" in str(path) and path.name.startswith(f"group-{k - 1:04d}"):
+                os._exit(3)  # killed: no cleanup, no goodbye to rank 0
+
+        ckpt._save_tensors = die_after_pieces
+    try:
+        save_checkpoint(f"{tmp}/ckpt", model, opt)
+    except Exception as e:  # noqa: BLE001 - rank 0: the collective with the dead rank fails
+        torch.save(f"{type(e).__name__}: {e}", f"{tmp}/killed-{rank}.pt")
+    os._exit(0)
 
 
 def _sharded(rank, tmp, mode):
@@ -235,6 +267,21 @@ def test_sharded_state_trains_exactly_like_replicated_state_with_1_over_n_of_the
         assert all(t.dtype == torch.float32 for t in sharded.values())
     assert any(not torch.equal(outs[0][False]["weights"][n], tiny_llama().state_dict()[n].to(w.dtype))
                for n, w in outs[0][False]["weights"].items())  # it trained
+
+
+def test_a_rank_killed_while_saving_leaves_the_last_checkpoint_intact(tmp_path):
+    from hift_engine.checkpoint import latest_checkpoint, verify_checkpoint
+
+    with pytest.raises(Exception):  # rank 1 exits with code 3
+        _spawn(2, tmp_path, "killed")
+    root = tmp_path / "ckpt"
+    complete = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(complete) == 1, complete  # the first save; the second never renamed into place
+    assert any(p.name.startswith(".tmp-ckpt-") for p in root.iterdir())  # the second save had started
+    latest = latest_checkpoint(root)
+    assert latest == complete[0]
+    verify_checkpoint(latest, full=True)  # every file of the step-k checkpoint as written
+    assert len(list((latest / "optim").glob("group-*.rank-*.safetensors"))) > 0
 
 
 def test_pieces_cover_every_element_once_on_aligned_cuts():
