@@ -335,16 +335,21 @@ def _torchrun(*args, cwd):
     return done
 
 
-def test_hift_train_under_torchrun_writes_one_run_and_resumes_exactly(tmp_path):
-    """Two CPU processes (gloo): rank 0 alone writes the run directory; resuming both ranks from the step-4
-    checkpoint ends with the same final model, bit for bit, as the uninterrupted run."""
+@pytest.mark.parametrize("shard", [False, True])
+def test_hift_train_under_torchrun_writes_one_run_and_resumes_exactly(shard, tmp_path):
+    """Two CPU processes (gloo): rank 0 alone writes the run directory (with shard_state, every rank writes its
+    pieces into the same checkpoints); resuming both ranks from the step-4 checkpoint ends with the same final
+    model, bit for bit, as the uninterrupted run."""
     import json
 
     from safetensors.torch import load_file
 
-    _torchrun("--output_dir", str(tmp_path / "a"), cwd=tmp_path)
+    opts = ("--shard_state", "true") if shard else ()
+    _torchrun("--output_dir", str(tmp_path / "a"), *opts, cwd=tmp_path)
     _torchrun("--output_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoints" / "ckpt-00000004"),
-              cwd=tmp_path)
+              *opts, cwd=tmp_path)
+    pieces = list((tmp_path / "a" / "checkpoints" / "ckpt-00000004" / "optim").glob("*.rank-001.safetensors"))
+    assert bool(pieces) == shard
     assert json.loads((tmp_path / "a" / "config.json").read_text())["world_size"] == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one writer: no step logged twice
