@@ -366,16 +366,20 @@ def test_hift_train_under_torchrun_writes_one_run_and_resumes_exactly(shard, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bench_ddp_reports_one_groups_gradients_per_step(tmp_path):
+@pytest.mark.parametrize("shard", [False, True])
+def test_bench_ddp_reports_one_groups_gradients_per_step(shard, tmp_path):
     import json
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hift_engine.cli.main", "bench",
-           "ddp", "--hidden", "64", "--layers", "2", "--seq", "32", "--out", str(tmp_path)]
+           "ddp", "--hidden", "64", "--layers", "2", "--seq", "32", "--out", str(tmp_path), *(["--shard-state"] if shard else [])]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(next(tmp_path.glob("ddp-*.json")).read_text())["rows"]
     assert [r["processes"] for r in rows] == [2, 2]
     for r in rows:  # 4 groups (embedding, 2 blocks, head): on average a quarter of the model's gradients
         assert 0 < r["grad_gib_reduced_per_step"] < 0.5 * r["full_ft_grad_gib_per_step"]
+        assert r["shard_state"] == shard and (r["weight_gib_broadcast_per_step"] > 0) == shard
+    if shard:  # the host state is split between the two ranks
+        assert abs(rows[0]["host_state_gib_per_rank"] - rows[1]["host_state_gib_per_rank"]) < 0.1 * rows[0]["host_state_gib_per_rank"]

@@ -1,5 +1,6 @@
 """Data-parallel HiFT step time under torchrun: tokens/s per process and in all, gradient bytes all-reduced per
-step against the whole model's, and pinned host memory per rank.
+step against the whole model's, weight bytes broadcast per step under --shard-state, and pinned host memory per
+rank.
 
     torchrun --nproc-per-node N -m hift_engine.cli.main bench ddp [--layers 32] [--batch 1] [--seq 512]
 
@@ -26,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--cycles", type=int, default=1, help="measured cycles after one warm-up cycle")
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed"))
+    p.add_argument("--shard-state", action="store_true",
+                   help="ZeRO-1: each rank keeps 1/N of the optimizer state (host memory per rank falls by N)")
 
 
 def _model(args, device):
@@ -53,7 +56,8 @@ def run(args) -> int:
     try:
         device = ranks.device("auto")
         model = _model(args, device)
-        opt = HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, precision=args.precision)
+        shard = args.shard_state and ranks.world > 1  # one process has nothing to shard over
+        opt = HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, precision=args.precision, shard_state=shard)
         k = opt.num_groups
         batches = [random_batch(args.batch, args.seq, device, seed=1000 * s + ranks.rank) for s in range(4)]
 
@@ -67,6 +71,7 @@ def run(args) -> int:
 
         steps(k)  # warm-up cycle
         reduced0 = opt.reducer.bytes_reduced if opt.reducer else 0
+        shared0 = opt.shards.bytes_broadcast if opt.shards else 0
         t0 = time.perf_counter()
         steps(k * args.cycles)
         seconds = time.perf_counter() - t0
@@ -78,6 +83,8 @@ def run(args) -> int:
             "tokens_per_s_total": ranks.world * n * args.batch * args.seq / seconds,
             "grad_gib_reduced_per_step": gib(((opt.reducer.bytes_reduced if opt.reducer else 0) - reduced0) / n),
             "full_ft_grad_gib_per_step": gib(n_params * next(model.parameters()).element_size()),
+            "shard_state": shard,
+            "weight_gib_broadcast_per_step": gib(((opt.shards.bytes_broadcast if opt.shards else 0) - shared0) / n),
             "host_state_gib_per_rank": gib(opt.store.stats.host_bytes) if getattr(opt, "store", None) else 0.0,
         }
         opt.close()
