@@ -3,6 +3,13 @@
     opt, sched = create_hift_optimizer_and_scheduler(model, args)
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched))
 
+Under ``torchrun`` / ``accelerate launch`` use ``HiFTTrainer`` in place of ``Trainer`` (same arguments): Trainer
+would wrap the model in DistributedDataParallel, which all-reduces gradients in backward and cannot follow
+HiFT's groups (DDP fixes the parameters it reduces when it wraps; HiFT switches which parameters train every
+step). HiFTTrainer leaves the model unwrapped and lets HiFTOptimizer average the active group's gradients at
+``step()`` (HiFTConfig.data_parallel), one group's bytes per step. Clip with HiFT's own ``max_grad_norm`` there
+(the global norm, after averaging); Trainer's ``max_grad_norm`` would clip each rank's gradients before it.
+
 The group switches per optimizer step (Trainer calls ``optimizer.step()`` once per gradient-accumulation
 window), the learning-rate schedule advances once per cycle of k steps (HiFT's delayed LR, built for
 ceil(max_steps / k) cycles), and Trainer's own clipping (``max_grad_norm``) sees only the active group's
@@ -18,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..optimizer import HiFTOptimizer
 
-__all__ = ["create_hift_optimizer_and_scheduler"]
+__all__ = ["create_hift_optimizer_and_scheduler", "HiFTTrainer"]
 
 
 def create_hift_optimizer_and_scheduler(
@@ -52,3 +59,54 @@ def create_hift_optimizer_and_scheduler(
     warmup = args.get_warmup_steps(total)
     sched = opt.transformers_scheduler(kind, total, warmup, **(args.lr_scheduler_kwargs or {}))
     return opt, sched
+
+
+class _Unreplicated(nn.Module):
+    """Stands where Trainer would put DistributedDataParallel: forwards to the model, reduces nothing (the
+    HiFTOptimizer averages the active group's gradients at step())."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class HiFTTrainer(Trainer):
+        """transformers.Trainer for HiFTOptimizer under torch.distributed (torchrun, accelerate launch): the model
+        is not wrapped in DistributedDataParallel; the optimizer averages the active group's gradients itself.
+        Pass the optimizer and scheduler from create_hift_optimizer_and_scheduler as ``optimizers=``. In one
+        process it is Trainer."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opt = self.optimizer
+            self._hift_data_parallel = getattr(opt, "reducer", None) is not None
+            if not isinstance(opt, HiFTOptimizer):
+                raise ConfigError("HiFTTrainer needs optimizers=(HiFTOptimizer, scheduler) from "
+                                  "create_hift_optimizer_and_scheduler(model, args)")
+            if opt.reducer is not None and self.args.max_grad_norm:
+                raise ConfigError(
+                    f"HiFTTrainer under data parallelism: TrainingArguments.max_grad_norm={self.args.max_grad_norm} "
+                    "would clip each rank's own gradients before they are averaged. Set max_grad_norm=0 there and "
+                    "pass max_grad_norm to create_hift_optimizer_and_scheduler (clipped on the global norm)"
+                )
+
+        def _wrap_model(self, model, training=True, dataloader=None):
+            if not training or not self._hift_data_parallel:
+                return super()._wrap_model(model, training, dataloader)
+            return model if isinstance(model, _Unreplicated) else _Unreplicated(model)
+
+    return HiFTTrainer
+
+
+def __getattr__(name: str):
+    if name == "HiFTTrainer":  # built on first use: transformers is only needed by those who use it
+        cls = _trainer_class()
+        globals()["HiFTTrainer"] = cls
+        return cls
+    raise AttributeError(name)
