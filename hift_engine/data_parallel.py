@@ -11,8 +11,9 @@ every rank skips or updates together. Works with any backend (NCCL on GPUs, gloo
 At construction every rank checks it builds the same groups and options as rank 0 and takes rank 0's weights
 and buffers. ``save_checkpoint`` is a collective under data parallelism: every rank calls it (rank 0 writes).
 
-Not built yet (issue 15): sharding the state across ranks (ZeRO-1), starting the reduction from backward hooks
-to overlap it, per-rank checkpoint shards, per-rank RNG state in checkpoints.
+With ``shard_state=True`` each rank keeps and updates only its piece of every group (sharding.py) and writes
+that piece into the one checkpoint. Not built (issue 15): overlapping the reduction with the active group's own
+backward, reduce-scatter in place of the all-reduce under sharding, per-rank RNG state in checkpoints.
 """
 
 from __future__ import annotations
