@@ -107,7 +107,9 @@ class HiFTConfig:
     checkpoint_active: with activation_checkpointing "always"/"auto": the active group's blocks are recomputed
                       too (keeping only their inputs, on the host with activation_offload), so backward holds
                       one block's full activations at a time; costs one more forward of the active group per
-                      step. The blocks below the active group are never recomputed.
+                      step. Under "auto" the active blocks are candidates like those above (the lowest are
+                      recomputed first, only when the budget needs it). Blocks below the active group are never
+                      recomputed.
     mlp_chunk_tokens: > 0: each block's ``mlp`` submodule runs over the sequence in chunks of this many tokens,
                       each chunk checkpointed, so the MLP's intermediates exist for one chunk at a time (in
                       forward, backward and any recompute); 0: off. Needs blocks with an ``mlp`` child
