@@ -17,6 +17,9 @@
 #             in 47.5 GiB
 #   ddp       (a 2-GPU kind) hift bench ddp at 7B fp32 batch 1 x 512 with 1 and then 2 processes
 #   seqoffload the sequence probe again with activation_offload (recomputed blocks' inputs in host memory)
+#   seqtiled  the sequence probe with every long-sequence option: always + activation_offload + checkpoint_active
+#             + MLP chunks of 4096 tokens + LM head chunks of 2048: bf16-mixed in 23.5 GiB (target 16384), tf32 in
+#             47.5 GiB
 #   smoke     the new CUDA tests, then 2-layer runs of the groups and converge benchmarks (all methods)
 #   groups    hift bench groups: layers_per_group="auto" at 7B, fp32 in 47.5/79 GiB, bf16-mixed in 23.5/47.5 GiB,
 #             modelled vs measured peak, cycle time vs torchao's CPU-offloaded AdamW step
@@ -137,6 +140,14 @@ elif [ "$stage" = seqoffload ]; then
   run timeout 280 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 --flat-cycles 1 \
     --seq-probe 4096,8192,12288,16384 --activation-checkpointing always --activation-offload --full-cycle-modes always \
     --head-chunk-tokens 4096 --out "$OUT"
+elif [ "$stage" = seqtiled ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  tiled="--activation-checkpointing always --activation-offload --checkpoint-active --mlp-chunk-tokens 4096 --head-chunk-tokens 2048"
+  run timeout 280 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches "" --flat-cycles 0 \
+    --seq-probe 12288,16384,24576 $tiled --full-cycle-modes "" --out "$OUT"
+  run timeout 280 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 \
+    --seq-probe 16384,24576,32768 $tiled --full-cycle-modes "" --out "$OUT"
 elif [ "$stage" = ddp ]; then
   ensure_installed
   for n in 1 2; do
@@ -161,6 +172,6 @@ elif [ "$stage" = converge ]; then
     --lr 2e-4 --methods full,hift-auto,hift-1,badam,full-cpu-offload --updates 400 --seconds 60 --eval-batches 16 \
     --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, ddp, converge)"; exit 2
 fi
 done

@@ -7,7 +7,10 @@ preserved). "always" recomputes every block above the active group; "auto" (``Me
 block in forward whether the blocks still to come fit the budget if stored, and recomputes the lowest ones
 only when they would not, so a short sequence recomputes nothing. With ``offload`` a recomputed block's input
 is kept in pinned host memory instead of on the device (``_OffloadedBlock``), which is what remains of the
-blocks above at long sequences (fp32 7B at 16k tokens: 256 MiB per block, 8 GiB for 32 blocks). Works on any
+blocks above at long sequences (fp32 7B at 16k tokens: 256 MiB per block, 8 GiB for 32 blocks). With
+``checkpoint_active`` the active group's own blocks are recomputed too (their weight gradients then come from
+the recompute's backward), so in backward only one block's full activations exist at a time; the blocks
+below the active group are never touched (no gradient flows there). Works on any
 model whose blocks are modules (every Hugging Face decoder): each block gets an
 instance ``forward`` bound to itself that asks the optimizer's Recompute (through a weak reference) whether the
 block is above the active group; a deep copy of the model gets methods bound to the copy, never the original.
@@ -47,8 +50,9 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if owner.recomputes(self._hift_position, x):
         owner.recomputed += 1
         args, kwargs = _without_cache(args, kwargs)
-        if owner.offload and _offloadable(x, args, kwargs):
-            return _run_offloaded(forward, self, args, kwargs)
+        trainable = _trainable(self)
+        if owner.offload and _offloadable(x, args, kwargs, trainable):
+            return _run_offloaded(forward, self, args, kwargs, trainable)
         return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
     if owner.budget is None or x is None:
         return forward(self, *args, **kwargs)
@@ -82,10 +86,17 @@ def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _offloadable(x, args, kwargs) -> bool:
-    """The offloaded path passes the gradient to the block's first tensor argument only: every other tensor
-    argument must not need one (Hugging Face passes masks and rotary tables, which do not)."""
-    if x is None or not x.requires_grad or not x.is_floating_point():
+def _trainable(block: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The block's parameters that get gradients this step (an active block's, with checkpoint_active)."""
+    return tuple(p for p in block.parameters() if p.requires_grad)
+
+
+def _offloadable(x, args, kwargs, trainable: Sequence[torch.Tensor] = ()) -> bool:
+    """The offloaded path passes the gradient to the block's first tensor argument and its own parameters only:
+    every other tensor argument must not need one (Hugging Face passes masks and rotary tables, which do not).
+    An input that needs no gradient is fine when the block's parameters do (the lowest active block above a
+    frozen embedding); with neither there is nothing to backpropagate."""
+    if x is None or not x.is_floating_point() or not (x.requires_grad or trainable):
         return False
     others = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not x]
     others += [t for v in (*args, *kwargs.values()) if isinstance(v, (tuple, list)) for t in v if torch.is_tensor(t)]
@@ -107,11 +118,18 @@ class _OffloadedBlock(torch.autograd.Function):
     and copies the input out; backward copies it back, reruns the block with the RNG and autocast state forward
     saw, and backpropagates through it. The copies are queued on the current stream, so stream order alone makes
     the device input free for reuse only after it has been read, and the block rerun only after it is back.
-    Nothing here refers to the device input after forward: only the host copy stays."""
+    Nothing here refers to the device input after forward: only the host copy stays.
+
+    ``params`` are the block's trainable parameters (an active block under checkpoint_active): inputs of the
+    Function, so that autograd calls backward even when ``x`` needs no gradient, and so that their gradients
+    are returned to the outer backward, which accumulates them as it would without checkpointing (the
+    engine's post-accumulate-grad hooks fire once per parameter and backward; a nested backward that
+    accumulated them itself would fire them a second time when the outer one passes the parameters' empty
+    gradients on)."""
 
     @staticmethod
-    def forward(ctx, x, run):
-        ctx.run, ctx.device = run, x.device
+    def forward(ctx, x, run, *params):
+        ctx.run, ctx.device, ctx.params = run, x.device, params
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
         ctx.autocast = _autocast_state(x.device.type)
         host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
@@ -126,7 +144,7 @@ class _OffloadedBlock(torch.autograd.Function):
         if ctx.host is None:
             raise RuntimeError("activation_offload: this block's saved input was used by an earlier backward; a "
                                "second backward through it (retain_graph=True) is not supported")
-        x = ctx.host.to(ctx.device, non_blocking=ctx.device.type == "cuda").requires_grad_(True)
+        x = ctx.host.to(ctx.device, non_blocking=ctx.device.type == "cuda").requires_grad_(ctx.needs_input_grad[0])
         cpu_rng, dev_rng = ctx.rng
         devices = [ctx.device] if dev_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -139,12 +157,13 @@ class _OffloadedBlock(torch.autograd.Function):
                     out = ctx.run(x)
             else:
                 out = ctx.run(x)
-        torch.autograd.backward(out, grad_out)
-        ctx.host = ctx.run = None
-        return x.grad, None
+        wanted = ((x,) if x.requires_grad else ()) + ctx.params
+        grads = list(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        ctx.host = ctx.run = ctx.params = None
+        return (grads.pop(0) if x.requires_grad else None, None, *grads)
 
 
-def _run_offloaded(forward, block, args, kwargs):
+def _run_offloaded(forward, block, args, kwargs, trainable: Sequence[torch.Tensor] = ()):
     """``forward(block, *args, **kwargs)`` through _OffloadedBlock, its first tensor argument offloaded; a block
     that returns a tuple (older transformers) passes its other outputs through untouched."""
     x = _first_tensor(args, kwargs)
@@ -160,7 +179,7 @@ def _run_offloaded(forward, block, args, kwargs):
             return out[0]
         return out
 
-    main = _OffloadedBlock.apply(x, run)
+    main = _OffloadedBlock.apply(x, run, *trainable)
     return (main, *extra) if extra else main
 
 
@@ -201,15 +220,19 @@ class MemoryBudget:
 
 class Recompute:
     """``blocks[i]`` is the module of unit ``positions[i]`` (its index in forward order); ``budget`` None
-    recomputes every block above the active group ("always"), a MemoryBudget only those that must ("auto")."""
+    recomputes every block above the active group ("always"), a MemoryBudget only those that must ("auto").
+    ``checkpoint_active`` makes the active group's blocks candidates too ("always": recomputed; "auto": the
+    lowest candidates first, as for the blocks above)."""
 
     def __init__(self, blocks: Sequence[nn.Module], positions: Sequence[int], budget: MemoryBudget | None = None,
-                 offload: bool = False) -> None:
+                 offload: bool = False, checkpoint_active: bool = False) -> None:
         self._blocks = list(blocks)
         self.offload = offload
+        self.checkpoint_active = checkpoint_active
         self._positions = sorted(positions)
         self.budget = budget
-        self.above = -1  # blocks at unit positions > above may be recomputed; -1 before the first activation
+        self.above = -1  # the active group's last unit position; -1 before the first activation
+        self.lowest = 0  # blocks at unit positions >= lowest may be recomputed
         self.recomputed = 0  # blocks run through checkpoint() so far (for tests and diagnostics)
         me = weakref.ref(self)
         for block, pos in zip(self._blocks, positions):
@@ -217,16 +240,19 @@ class Recompute:
             block.forward = types.MethodType(_checkpointed_forward, block)
 
     def recomputes(self, position: int, x: torch.Tensor | None = None) -> bool:
-        if position <= self.above:
+        if position < self.lowest:
             return False
         if self.budget is None:
             return True
         remaining = len(self._positions) - bisect.bisect_left(self._positions, position)  # this block and above
         return not self.budget.fits(x, remaining)
 
-    def set_active(self, last_unit: int) -> None:
-        """The active group ends at unit ``last_unit``: the blocks after it are recomputed."""
+    def set_active(self, first_unit: int, last_unit: int) -> None:
+        """The active group spans units ``first_unit``..``last_unit``: the blocks after it are recomputed, and
+        with checkpoint_active its own blocks too. Blocks below ``first_unit`` never are: no gradient reaches
+        them, so they store nothing anyway."""
         self.above = last_unit
+        self.lowest = first_unit if self.checkpoint_active else last_unit + 1
 
     def remove(self) -> None:
         for block in self._blocks:

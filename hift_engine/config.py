@@ -104,6 +104,17 @@ class HiFTConfig:
                       recompute nothing). CUDA only.
     activation_offload: with activation_checkpointing "always"/"auto": the recomputed blocks keep their inputs in
                       pinned host memory instead of on the device (copied out in forward, back in backward).
+    checkpoint_active: with activation_checkpointing "always"/"auto": the active group's blocks are recomputed
+                      too (keeping only their inputs, on the host with activation_offload), so backward holds
+                      one block's full activations at a time; costs one more forward of the active group per
+                      step. Under "auto" the active blocks are candidates like those above (the lowest are
+                      recomputed first, only when the budget needs it). Blocks below the active group are never
+                      recomputed.
+    mlp_chunk_tokens: > 0: each block's ``mlp`` submodule runs over the sequence in chunks of this many tokens,
+                      each chunk checkpointed, so the MLP's intermediates exist for one chunk at a time (in
+                      forward, backward and any recompute); 0: off. Needs blocks with an ``mlp`` child
+                      (LLaMA, Mistral, Qwen2, GPT-2, GPT-NeoX; not OPT or BERT). Costs one more MLP forward per
+                      block backpropagated through.
     memory_budget_gib: device memory (GiB, as torch's allocator counts it) the "auto" options keep inside; default: what
                       this process may use when the optimizer is built (its memory fraction of the card, or the
                       free memory plus what torch has reserved, whichever is smaller); layers_per_group="auto"
@@ -136,6 +147,8 @@ class HiFTConfig:
     precision: str = "fp32"
     activation_checkpointing: str = "off"
     activation_offload: bool = False
+    checkpoint_active: bool = False
+    mlp_chunk_tokens: int = 0
     memory_budget_gib: Any = None
     activation_gib: Any = None
     data_parallel: str = "auto"
@@ -249,6 +262,14 @@ class HiFTConfig:
         if self.activation_offload and self.activation_checkpointing == "off":
             raise ConfigError("activation_offload keeps recomputed blocks' inputs on the host; it needs "
                               "activation_checkpointing='always' or 'auto'")
+        if not isinstance(self.checkpoint_active, bool):
+            raise ConfigError(f"checkpoint_active must be true or false, got {self.checkpoint_active!r}")
+        if self.checkpoint_active and self.activation_checkpointing == "off":
+            raise ConfigError("checkpoint_active recomputes the active group's blocks in addition to the blocks above "
+                              "it; it needs activation_checkpointing='always' or 'auto' (or drop checkpoint_active)")
+        if not _is_int(self.mlp_chunk_tokens) or self.mlp_chunk_tokens < 0:
+            raise ConfigError(f"mlp_chunk_tokens must be an integer >= 0 (tokens per MLP chunk; 0: off), "
+                              f"got {self.mlp_chunk_tokens!r}")
         budget = self.memory_budget_gib
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):

@@ -40,6 +40,7 @@ from .precision import compute_dtype, enable_tf32, prepare_precision, take_fp32_
 from .schedule import GroupOrder, cycle_scheduler, transformers_scheduler
 from .state_io import Signature, StateExport
 from .store import StateStore
+from .tiled_mlp import TiledMLP, find_mlps
 
 __all__ = ["HiFTOptimizer"]
 
@@ -102,6 +103,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.grouping = build_grouping(model, 1, None, cfg.freeze, user_requires_grad, sizes=self.group_plan.sizes)
         no_decay = no_decay_names(model, cfg.no_decay, [n for n, _ in named])
         budget = _memory_budget(cfg, self.device, named) if cfg.activation_checkpointing == "auto" else None
+        mlps = _mlps(model, self.grouping) if cfg.mlp_chunk_tokens else None  # refused here: the model is untouched
         self.reducer = make_reducer(cfg.data_parallel)
         if self.reducer is not None:  # before anything is built or cast: a mismatch changes nothing
             self.reducer.check_same_setup([cfg.to_dict(), [list(g.param_names) for g in self.grouping.groups],
@@ -109,12 +111,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self.reducer.broadcast_weights([*model.parameters(), *model.buffers()])
         seeds, undo = take_fp32_masters(cfg.precision, named, masters, initial_masters)
         try:
-            self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget)
+            self._build(model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget, mlps)
         except BaseException:
             undo()  # the model as it was
             raise
 
-    def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget) -> None:
+    def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget, mlps) -> None:
         self._constructing = True
         super().__init__(build_param_groups(named, no_decay, cfg.lr, wd, hyper), {"lr": cfg.lr, "weight_decay": wd, **hyper})
         self._constructing = False
@@ -148,12 +150,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
         frozen = [by_name[n] for n in self.grouping.frozen if user_requires_grad(by_name[n])]
         self._claim = ParamClaim([p for _, p in named], frozen)
         self.router = self._claim.router
-        self._recompute = (_recompute(model, self.grouping, budget, cfg.activation_offload)
+        self._recompute = (_recompute(model, self.grouping, budget, cfg.activation_offload, cfg.checkpoint_active)
                            if cfg.activation_checkpointing != "off" else None)
         position = {u.name: i for i, u in enumerate(self.grouping.units)}
-        self._last_unit = [max(position[u] for u in g.units) for g in self.grouping.groups]
+        self._unit_span = [(min(position[u] for u in g.units), max(position[u] for u in g.units))
+                           for g in self.grouping.groups]
         if self._recompute is not None:
             self._claim.on_release.append(self._recompute.remove)
+        self._tiled = TiledMLP(mlps, cfg.mlp_chunk_tokens) if mlps else None
+        if self._tiled is not None:
+            self._claim.on_release.append(self._tiled.remove)
         weakref.finalize(self, self._claim.release)  # a collected optimizer gives the model back as it was
         if cfg.precision == "tf32":
             enable_tf32()
@@ -261,7 +267,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             p.requires_grad_(True)
         self.router.set_active(lay.params, self._grad_views[gid])
         if self._recompute is not None:
-            self._recompute.set_active(self._last_unit[gid])
+            self._recompute.set_active(*self._unit_span[gid])
         self._wired = gid  # the group whose parameters require grad (the order may be ahead during a load)
 
     def _switch(self, new: int) -> None:
@@ -350,6 +356,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Blocks run through activation checkpointing so far (0 with activation_checkpointing='off')."""
         return self._recompute.recomputed if self._recompute is not None else 0
 
+    @property
+    def mlp_chunk_runs(self) -> int:
+        """MLP chunk forwards so far under mlp_chunk_tokens (recomputed blocks run theirs again; 0 when off)."""
+        return self._tiled.chunk_runs if self._tiled is not None else 0
+
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Remove hooks, free the state store, and give the model its requires_grad flags back."""
@@ -426,13 +437,25 @@ def _memory_budget(cfg: HiFTConfig, device: torch.device, named) -> MemoryBudget
     return MemoryBudget(budget, lambda: torch.cuda.memory_allocated(device))
 
 
-def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None = None, offload: bool = False) -> Recompute:
-    """Wrap the model's blocks (units that are modules, in forward order) for HiFT-aware checkpointing."""
+def _blocks(model: nn.Module, grouping: Grouping, what: str) -> list[tuple[int, str, nn.Module]]:
+    """(unit position, name, module) of the model's blocks: the units that are modules, in forward order."""
     modules = dict(model.named_modules())
-    found = [(pos, modules[u.name]) for pos, u in enumerate(grouping.units) if u.name in modules and u.name]
+    found = [(pos, u.name, modules[u.name]) for pos, u in enumerate(grouping.units) if u.name in modules and u.name]
     if not found:
         raise ConfigError(
-            "activation_checkpointing needs the model's blocks as units (found automatically for Hugging Face "
-            "decoders and any model with one ModuleList of blocks); with explicit groups=, use 'off'"
+            f"{what} needs the model's blocks as units (found automatically for Hugging Face decoders and any model "
+            "with one ModuleList of blocks); with explicit groups= it cannot find them: turn it off"
         )
-    return Recompute([m for _, m in found], [pos for pos, _ in found], budget, offload)
+    return found
+
+
+def _recompute(model: nn.Module, grouping: Grouping, budget: MemoryBudget | None = None, offload: bool = False,
+               checkpoint_active: bool = False) -> Recompute:
+    """Wrap the model's blocks for HiFT-aware checkpointing."""
+    found = _blocks(model, grouping, "activation_checkpointing")
+    return Recompute([m for _, _, m in found], [pos for pos, _, _ in found], budget, offload, checkpoint_active)
+
+
+def _mlps(model: nn.Module, grouping: Grouping) -> list[nn.Module]:
+    """mlp_chunk_tokens: the ``mlp`` submodule of every block (active or not), refused before anything is built."""
+    return find_mlps([(name, m) for _, name, m in _blocks(model, grouping, "mlp_chunk_tokens")])

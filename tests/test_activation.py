@@ -291,3 +291,282 @@ def test_offloaded_blocks_free_their_device_inputs_and_keep_autocast():
             assert torch.equal(p.grad, q.grad), n
     with pytest.raises(RuntimeError, match="second backward"):
         loss_off.backward()
+
+
+# ---------------------------------------------------------------------------------------- checkpoint_active
+def _unit_spans(opt):
+    """(first, last) unit position of every group, from the grouping (not from the optimizer's own table)."""
+    position = {u.name: i for i, u in enumerate(opt.grouping.units)}
+    return [(min(position[u] for u in g.units), max(position[u] for u in g.units)) for g in opt.grouping.groups]
+
+
+def _count_accumulations(params):
+    """A post-accumulate-grad hook per parameter (after the engine's): how often each saw a gradient land."""
+    counts = {p: 0 for p in params}
+
+    def hook(p):
+        counts[p] += 1
+
+    return counts, [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
+@pytest.mark.parametrize("layers_per_group", [1, 2])
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpoint_active_recomputes_the_active_blocks_with_the_same_gradients_and_weights(offload, layers_per_group,
+                                                                                           monkeypatch):
+    """For every active-group position: the loss and every gradient equal plain training's; exactly the blocks
+    from the active group's first unit upward are recomputed (without the option: only those above its last
+    unit); each active parameter's gradient lands once, in the engine's gradient arena; after two cycles of
+    steps the weights equal plain training's. With offload every recomputed block takes the offloaded path,
+    including the lowest active block whose input needs no gradient (embedding frozen)."""
+    from hift_engine import activation
+
+    offloaded = [0]
+    apply = activation._OffloadedBlock.apply
+    monkeypatch.setattr(activation._OffloadedBlock, "apply", lambda *a: offloaded.__setitem__(0, offloaded[0] + 1) or apply(*a))
+    base = tiny_llama(layers=4)
+    plain, active, above = twin(base), twin(base), twin(base)
+    common = dict(lr=1e-3, seed=1, strategy="random", layers_per_group=layers_per_group)
+    o_plain = HiFTOptimizer(plain, "adamw", **common)
+    o_active = HiFTOptimizer(active, "adamw", activation_checkpointing="always", activation_offload=offload,
+                             checkpoint_active=True, **common)
+    o_above = HiFTOptimizer(above, "adamw", activation_checkpointing="always", activation_offload=offload, **common)
+    blocks = o_active._recompute._positions
+    spans = _unit_spans(o_active)
+    for step in range(2 * o_plain.num_groups):
+        batch = lm_batch(seed=step)
+        first, last = spans[o_active.active_group]
+        before_active, before_above, before_off = o_active.recomputed_blocks, o_above.recomputed_blocks, offloaded[0]
+        trained = o_active.layouts[o_active.active_group].params
+        counts, handles = _count_accumulations(trained)
+        lp, la, lb = plain(**batch).loss, active(**batch).loss, above(**batch).loss
+        assert torch.equal(lp, la) and torch.equal(lp, lb)
+        lp.backward(), la.backward(), lb.backward()
+        for h in handles:
+            h.remove()
+        assert o_active.recomputed_blocks - before_active == sum(pos >= first for pos in blocks), step
+        assert o_above.recomputed_blocks - before_above == sum(pos > last for pos in blocks), step
+        if offload:
+            recomputed = o_active.recomputed_blocks - before_active + o_above.recomputed_blocks - before_above
+            assert offloaded[0] - before_off == recomputed, step
+        views = o_active._grad_views[o_active.active_group]
+        for i, p in enumerate(trained):  # once each, and in the arena (the engine's hook saw it)
+            assert counts[p] == 1 and p.grad.data_ptr() == views[i].data_ptr(), (step, i)
+        for (n, p), q in zip(plain.named_parameters(), active.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert torch.equal(p.grad, q.grad), (step, n)
+        for o in (o_plain, o_active, o_above):
+            o.step(), o.zero_grad()
+    for (n, p), q in zip(plain.named_parameters(), active.parameters()):
+        assert torch.equal(p, q), n
+    o_active.close()
+    assert all("forward" not in m.__dict__ for m in active.modules())
+
+
+def test_checkpoint_active_accumulates_micro_batches_in_place():
+    """Two backwards before a step (gradient accumulation): the recompute's gradients add up in the arena as
+    plain training's do."""
+    base = tiny_llama(layers=3)
+    plain, active = twin(base), twin(base)
+    o_plain = HiFTOptimizer(plain, "adamw", lr=1e-3, strategy="bottom2up")
+    o_active = HiFTOptimizer(active, "adamw", lr=1e-3, strategy="bottom2up", activation_checkpointing="always",
+                             checkpoint_active=True, activation_offload=True)
+    for step in range(o_plain.num_groups):
+        for micro in range(2):
+            batch = lm_batch(seed=10 * step + micro)
+            plain(**batch).loss.backward()
+            active(**batch).loss.backward()
+        for (n, p), q in zip(plain.named_parameters(), active.parameters()):
+            if p.grad is not None:
+                assert torch.equal(p.grad, q.grad), (step, n)
+        o_plain.step(), o_active.step()
+        o_plain.zero_grad(), o_active.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), active.parameters()))
+
+
+def test_checkpoint_active_needs_checkpointing():
+    with pytest.raises(ConfigError, match="checkpoint_active .* needs activation_checkpointing='always' or 'auto'"):
+        HiFTConfig(checkpoint_active=True)
+    with pytest.raises(ConfigError, match="checkpoint_active must be true or false"):
+        HiFTConfig(activation_checkpointing="always", checkpoint_active="yes")
+    assert HiFTConfig(activation_checkpointing="auto", checkpoint_active=True).checkpoint_active
+
+
+# ---------------------------------------------------------------------------------------- mlp_chunk_tokens
+def _gpt2(dropout=0.0, layers=3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=64, n_positions=64, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, use_cache=False)
+    return GPT2LMHeadModel(cfg)
+
+
+_TILED_SETUPS = {
+    "alone": {},
+    "always+active": dict(activation_checkpointing="always", checkpoint_active=True),
+    "always+active+offload": dict(activation_checkpointing="always", checkpoint_active=True, activation_offload=True),
+}
+
+
+def _assert_grads_close(plain, tiled, what):
+    """Chunked weight gradients are sums over chunks: equal to plain training's up to fp32 summation order (an
+    element near zero may differ relatively more: the absolute tolerance is relative to the tensor's scale)."""
+    for (n, p), q in zip(plain.named_parameters(), tiled.parameters()):
+        assert (p.grad is None) == (q.grad is None), (what, n)
+        if p.grad is not None:
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what} {n}: {m}")
+
+
+@pytest.mark.parametrize("chunk", [5, 64])  # 12 tokens: 5 + 5 + 2, and one chunk longer than the sequence
+@pytest.mark.parametrize("setup", list(_TILED_SETUPS))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tiled_mlp_gives_plain_training_gradients_and_weights(family, setup, chunk):
+    """For every active-group position, alone and inside checkpointing of the active group and the blocks
+    above it (with and without offload): the loss and gradients of plain training; after a cycle and a half
+    of optimizer steps, its weights. The blocks' MLPs really ran in chunks (ceil(12 / chunk) per block).
+    SGD, not AdamW: Adam divides by the gradient's own magnitude, so the last-bit differences of near-zero
+    gradient elements (summation order) would become lr-sized weight differences and the next steps'
+    comparison would be between different weights."""
+    base = tiny_llama(layers=3) if family == "llama" else _gpt2()
+    plain, tiled = twin(base), twin(base)
+    o_plain = HiFTOptimizer(plain, "sgd", lr=0.1, seed=2, strategy="random")
+    o_tiled = HiFTOptimizer(tiled, "sgd", lr=0.1, seed=2, strategy="random", mlp_chunk_tokens=chunk,
+                            **_TILED_SETUPS[setup])
+    for step in range(3 * o_plain.num_groups // 2):
+        batch = lm_batch(seed=step)
+        runs = o_tiled.mlp_chunk_runs
+        lp, lt = plain(**batch).loss, tiled(**batch).loss
+        assert o_tiled.mlp_chunk_runs - runs == 3 * -(-12 // chunk)  # the forward alone, before any recompute
+        torch.testing.assert_close(lt, lp, rtol=1e-6, atol=0)
+        lp.backward(), lt.backward()
+        _assert_grads_close(plain, tiled, (setup, step))
+        o_plain.step(), o_tiled.step()
+        o_plain.zero_grad(), o_tiled.zero_grad()
+    for (n, p), q in zip(plain.named_parameters(), tiled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    o_tiled.close()
+    assert all("forward" not in m.__dict__ for m in tiled.modules())  # blocks and MLPs given back unwrapped
+
+
+def _plain_chunks(model, chunk):
+    """The reference for dropout: the same chunks run one after the other without checkpointing, so the forward
+    draws the same dropout masks in the same order as the tiled MLP; the backward uses the stored masks."""
+    import types
+
+    def forward(self, x):
+        return torch.cat([type(self).forward(self, c.contiguous()) for c in x.split(chunk, dim=-2)], dim=-2)
+
+    for block in model.transformer.h:
+        block.mlp.forward = types.MethodType(forward, block.mlp)
+
+
+@pytest.mark.parametrize("setup", list(_TILED_SETUPS))
+def test_tiled_mlp_recomputes_gpt2_dropout_with_the_forward_masks(setup):
+    """GPT-2 drops out inside its MLP: a chunk's recompute must apply the mask its forward drew (checkpoint
+    restores the RNG state), or the gradients would differ from the stored-mask reference."""
+    base = _gpt2(dropout=0.2)
+    ref, tiled = twin(base), twin(base)
+    _plain_chunks(ref, 5)
+    o_ref = HiFTOptimizer(ref, "sgd", lr=0.1, strategy="bottom2up")  # SGD: see the test above
+    o_tiled = HiFTOptimizer(tiled, "sgd", lr=0.1, strategy="bottom2up", mlp_chunk_tokens=5, **_TILED_SETUPS[setup])
+    for step in range(o_ref.num_groups - 1):  # every group with a block in it or below it
+        batch = lm_batch(seed=step)
+        torch.manual_seed(100 + step)
+        lr_ = ref(**batch).loss
+        torch.manual_seed(100 + step)
+        lt = tiled(**batch).loss
+        torch.testing.assert_close(lt, lr_, rtol=1e-6, atol=0)
+        lr_.backward(), lt.backward()
+        _assert_grads_close(ref, tiled, (setup, step))
+        o_ref.step(), o_tiled.step()
+        o_ref.zero_grad(), o_tiled.zero_grad()
+
+
+@pytest.mark.parametrize("seq, chunk", [(12, 4), (12, 5), (7, 1), (3, 8)])
+def test_tiled_mlp_runs_ceil_seq_over_chunk_chunks_per_block_forward(seq, chunk):
+    """Chunking actually happens (with and without autograd recording): ceil(seq / chunk) MLP runs per block,
+    on chunks of at most ``chunk`` tokens."""
+    model = tiny_llama(layers=3)
+    opt = HiFTOptimizer(model, "adamw", mlp_chunk_tokens=chunk)
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2]))
+    batch = lm_batch(seq=seq)
+    chunks = 3 * -(-seq // chunk)
+    loss = model(**batch).loss
+    assert opt.mlp_chunk_runs == chunks == len(seen) and max(seen) <= chunk and sum(seen) == 3 * seq
+    loss.backward()  # the bottom group is active: every block's chunks are recomputed, chunk by chunk
+    assert opt.mlp_chunk_runs == chunks and len(seen) == 2 * chunks and max(seen) <= chunk
+    with torch.no_grad():
+        model(**batch)
+    assert opt.mlp_chunk_runs == 2 * chunks and len(seen) == 3 * chunks
+
+
+def test_tiled_mlp_refuses_blocks_without_an_mlp_and_leaves_the_model_untouched():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt_model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                         vocab_size=64, max_position_embeddings=64, word_embed_proj_dim=32))
+    with pytest.raises(ConfigError, match=r"OPTDecoderLayer\) has no `mlp` submodule; mlp_chunk_tokens supports "
+                                          r"models whose blocks have an `mlp` submodule"):
+        HiFTOptimizer(opt_model, "adamw", mlp_chunk_tokens=4)
+    assert all(p.requires_grad for p in opt_model.parameters())
+    assert all("forward" not in m.__dict__ for m in opt_model.modules())
+    with pytest.raises(ConfigError, match="explicit groups"):
+        HiFTOptimizer(tiny_llama(), "adamw", groups=[[".*"]], mlp_chunk_tokens=4)
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ConfigError, match="mlp_chunk_tokens must be an integer >= 0"):
+            HiFTConfig(mlp_chunk_tokens=bad)
+
+
+def test_tiled_mlp_refuses_an_mlp_that_is_not_token_wise():
+    from hift_engine.tiled_mlp import TiledMLP
+
+    class Pooling(torch.nn.Module):  # mixes tokens: chunking would change its result
+        def forward(self, x):
+            return x.mean(dim=-2, keepdim=True)
+
+    mlp = Pooling()
+    tiled = TiledMLP([mlp], 4)
+    with pytest.raises(ConfigError, match="maps \\(2, 4, 8\\) to \\(2, 1, 8\\); tiling needs a token-wise MLP"):
+        mlp(torch.zeros(2, 8, 8))
+    with pytest.raises(ConfigError, match="called on the hidden states alone"):
+        mlp(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8))
+    tiled.remove()
+    assert mlp(torch.ones(2, 8, 8)).shape == (2, 1, 8)
+
+
+def test_a_deep_copy_runs_its_own_tiled_mlps():
+    import copy
+
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", mlp_chunk_tokens=5)
+    clone = copy.deepcopy(model)
+    mlp = clone.model.layers[1].mlp
+    assert mlp.forward.__self__ is mlp
+    with torch.no_grad():
+        mlp.down_proj.weight.add_(0.1)
+    runs = opt.mlp_chunk_runs
+    with torch.no_grad():
+        changed = clone(**lm_batch()).logits
+        original = model(**lm_batch()).logits
+    assert not torch.allclose(changed, original) and opt.mlp_chunk_runs - runs == 2 * 3 * 3
+
+
+def test_hift_train_passes_the_long_sequence_options_through(tmp_path):
+    """`hift train --checkpoint_active true --mlp_chunk_tokens N` reaches the optimizer (same first loss)."""
+    from hift_engine.recipe import load_run_config, train
+
+    runs = {}
+    for name, extra in {"plain": {}, "tiled": {"activation_checkpointing": "always", "checkpoint_active": "true",
+                                               "mlp_chunk_tokens": "16"}}.items():
+        cfg = load_run_config(None, {"steps": "3", "batch_size": "4", "output_dir": str(tmp_path / name), "plot": "false",
+                                     "log_every": "1", **extra})
+        runs[name] = train(cfg, progress=False)
+    assert cfg.optimizer.checkpoint_active and cfg.optimizer.mlp_chunk_tokens == 16
+    assert runs["tiled"]["first_loss"] == pytest.approx(runs["plain"]["first_loss"], rel=1e-6)
+    assert runs["tiled"]["last_loss"] == pytest.approx(runs["plain"]["last_loss"], rel=1e-4)

@@ -15,6 +15,9 @@ from hift_engine.cli.main import build_parser, main
         (["bench", "kernels", "--shape", "block", "--optimizers", "adamw"], {"shape": "block", "optimizers": "adamw"}),
         (["bench", "offload", "--reps", "3", "--alloc-gib", "1"], {"reps": 3, "alloc_gib": 1.0}),
         (["bench", "memory", "--layers", "4", "--batches", "1,2", "--seq-probe", ""], {"layers": 4, "batches": "1,2"}),
+        (["bench", "memory", "--activation-checkpointing", "always", "--checkpoint-active", "--mlp-chunk-tokens", "4096"],
+         {"checkpoint_active": True, "mlp_chunk_tokens": 4096}),
+        (["bench", "memory"], {"checkpoint_active": False, "mlp_chunk_tokens": 0}),
         (["bench", "step", "--layers-small", "2", "--layers-full", "0", "--profile"], {"layers_small": 2, "profile": True}),
         (["bench", "groups", "--cases", "fp32@47.5", "--offload-baseline"], {"cases": "fp32@47.5", "offload_baseline": True}),
     ],
@@ -31,6 +34,16 @@ def test_bad_bench_arguments_are_rejected():
         build_parser().parse_args(["bench", "kernels", "--shape", "huge"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "teleport"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--checkpoint-active"], "--checkpoint-active .* needs --activation-checkpointing always or auto"),
+    (["--activation-checkpointing", "off,off", "--checkpoint-active"], "needs --activation-checkpointing always or auto"),
+    (["--mlp-chunk-tokens", "-1"], "--mlp-chunk-tokens -1: give tokens per chunk"),
+])
+def test_memory_bench_refuses_inconsistent_long_sequence_options_before_gpu_work(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["bench", "memory", *argv])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

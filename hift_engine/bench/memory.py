@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-budget-gib", type=float, default=None, help="'auto' budget (default: the capped device's)")
     p.add_argument("--activation-offload", action="store_true",
                    help="with auto/always: recomputed blocks keep their inputs in pinned host memory")
+    p.add_argument("--checkpoint-active", action="store_true",
+                   help="with auto/always: the active group's blocks are recomputed too (one block's activations at a time)")
+    p.add_argument("--mlp-chunk-tokens", type=int, default=0,
+                   help="> 0: every block's MLP over the sequence in checkpointed chunks of this many tokens; 0: off")
     p.add_argument("--head-chunk-tokens", type=int, default=0,
                    help="> 0: the LM head and loss in chunks of this many tokens (no full logits); 0: the model's loss")
     p.add_argument("--full-cycle-modes", default=None,
@@ -80,12 +84,15 @@ def _set_cap(cap_gib: float, nvml: _Nvml, dev) -> dict:
     return {"cap_gib": cap_gib, "context_overhead_gib": gib(overhead), "allocator_budget_gib": gib(budget), "fraction": fraction}
 
 
-def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None, offload=False):
+def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None, offload=False, checkpoint_active=False,
+         mlp_chunk_tokens=0):
     from ..optimizer import HiFTOptimizer
 
     extra = {"memory_budget_gib": budget_gib} if checkpointing == "auto" and budget_gib else {}
-    if offload and checkpointing != "off":
-        extra["activation_offload"] = True
+    if checkpointing != "off":  # both extend checkpointing: a mode "off" in the same sweep runs without them
+        extra.update(activation_offload=offload, checkpoint_active=checkpoint_active)
+    if mlp_chunk_tokens:
+        extra["mlp_chunk_tokens"] = mlp_chunk_tokens
     return HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, layers_per_group=1, state_store=store, max_grad_norm=1.0,
                          precision=precision, activation_checkpointing=checkpointing, **extra)
 
@@ -180,12 +187,24 @@ def _probe(model, opt, seqs, nvml, dev, mode, head_chunk_tokens) -> tuple[list[d
     return probes, longest
 
 
-def run(args) -> int:
-    dev = require_cuda("memory")
+def _modes(args) -> list[str]:
+    """The checkpointing modes to run, with the options that depend on them checked before any GPU work."""
     modes = [m.strip() for m in args.activation_checkpointing.split(",") if m.strip()]
     if not modes or any(m not in CHECKPOINTING for m in modes):
         raise SystemExit(f"hift bench memory: --activation-checkpointing {args.activation_checkpointing!r}: use a "
                          f"comma-separated list of {', '.join(CHECKPOINTING)}")
+    if args.checkpoint_active and modes == ["off"] * len(modes):
+        raise SystemExit("hift bench memory: --checkpoint-active recomputes the active group's blocks as well; it needs "
+                         "--activation-checkpointing always or auto")
+    if args.mlp_chunk_tokens < 0:
+        raise SystemExit(f"hift bench memory: --mlp-chunk-tokens {args.mlp_chunk_tokens}: give tokens per chunk (> 0), "
+                         "or 0 for the plain MLP")
+    return modes
+
+
+def run(args) -> int:
+    modes = _modes(args)
+    dev = require_cuda("memory")
     nvml = _Nvml()
     cap = _set_cap(args.cap_gib, nvml, dev)
     print(f"cap: {cap}", flush=True)
@@ -199,7 +218,8 @@ def run(args) -> int:
     hidden, _, heads, _ = SHAPES[args.shape]
     sdpa = sdpa_backends(compute_dtype(args.precision), dev, heads, hidden // heads)
     print(f"SDPA ({args.precision}): {sdpa}", flush=True)
-    opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib, args.activation_offload)
+    opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib, args.activation_offload,
+               args.checkpoint_active, args.mlp_chunk_tokens)
     k = opt.num_groups
     chunk = args.head_chunk_tokens
     rows, outcomes = [], []
@@ -235,7 +255,8 @@ def run(args) -> int:
             opt.close()
             gc.collect()
             torch.cuda.empty_cache()
-            opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib, args.activation_offload)
+            opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib, args.activation_offload,
+                       args.checkpoint_active, args.mlp_chunk_tokens)
         found, longest[mode] = _probe(model, opt, seqs, nvml, dev, mode, chunk)
         probes += found
         confirm = modes if args.full_cycle_modes is None else [c.strip() for c in args.full_cycle_modes.split(",")]
@@ -264,13 +285,15 @@ def run(args) -> int:
     table = [{**v, "mean_step_ms": sum(v["step_ms"]) / len(v["step_ms"]), "step_ms": None} for v in per_run.values()]
     print_table(table, ["run", "steps", "peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "mean_step_ms", "recomputed_blocks"],
                 title=f"hift bench memory: {n_params / 1e9:.3f} B params {args.precision} AdamW, cap {args.cap_gib} GiB "
-                      f"({args.store} store, head chunk {chunk or 'off'})")
+                      f"({args.store} store, head chunk {chunk or 'off'}, MLP chunk {args.mlp_chunk_tokens or 'off'}, "
+                      f"checkpoint_active {args.checkpoint_active})")
     print_table(probes, ["checkpointing", "seq", "fits", "peak_reserved_gib", "nvml_used_gib", "step_ms", "recomputed_blocks"],
                 title="longest batch-1 sequence (--seq-probe), per activation_checkpointing")
     summary = {
         "params": n_params, "shape": args.shape, "layers": layers, "num_groups": k, "cap": cap, "outcomes": outcomes,
         "flat_reserved": flat, "seq_probes": probes, "longest_seq_batch1": longest, "sdpa": sdpa,
         "activation_checkpointing": modes, "activation_offload": args.activation_offload, "head_chunk_tokens": chunk,
+        "checkpoint_active": args.checkpoint_active, "mlp_chunk_tokens": args.mlp_chunk_tokens,
         "store": store_kind, "host_state_gib": host_state_gib,
     }
     path = write_result(args.out, "memory", rows, summary, precision=args.precision)
