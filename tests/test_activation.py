@@ -165,6 +165,22 @@ def test_auto_recomputes_everything_above_until_a_block_was_measured():
     assert budget.bytes_per_element == 1000 / 128
 
 
+def test_auto_decides_frozen_blocks_by_what_a_frozen_block_keeps_once_one_was_measured():
+    """Frozen blocks keep less than active ones (no saved inputs for weight gradients): estimating them by the
+    active block's size recomputed blocks that fit. Until a frozen block is measured the active estimate (an
+    upper bound) decides; afterwards the frozen one does, for frozen blocks only."""
+    from hift_engine.activation import MemoryBudget
+
+    x = torch.zeros(8, 16)  # 128 elements
+    budget = MemoryBudget(10 * 1000, lambda: 0, margin_bytes=0)  # room for 10 blocks of 1000 bytes
+    budget.observe(-1000, x)  # an active block kept 1000 bytes
+    assert not budget.fits(x, 9, frozen=True)  # 9 + 2 reserve blocks of the active size: 11000 > 10000
+    budget.observe(-400, x, frozen=True)  # a frozen block kept 400
+    assert budget.fits(x, 9, frozen=True)  # (9 + 2) x 400 = 4400
+    assert not budget.fits(x, 9)  # the active group's blocks still use the active estimate
+    assert budget.bytes_per_element == 1000 / 128
+
+
 def _cuda_llama(layers=8):
     from transformers import LlamaConfig, LlamaForCausalLM
 
