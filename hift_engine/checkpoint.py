@@ -335,27 +335,12 @@ def load_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    path = Path(path)
-    if not (path / "manifest.json").exists() and list_checkpoints(path):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"{path}: no checkpoint under it verifies")
-        path = latest
-    verify_checkpoint(path, full=verify)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        opt_meta = _optimizer_meta(meta)
-        values = meta.get("group_values", meta.get("generic_values", {}))
-        if not isinstance(values, dict):
-            raise TypeError("group values are not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
-
     # 1. Check everything before changing anything. Under data parallelism every rank must agree before any
-    # rank applies: one rank refusing (its own piece of a sharded state) refuses on all.
+    # rank applies: one rank refusing (its own piece of a sharded state, a file it cannot read) refuses on all.
     reducer = getattr(optimizer, "reducer", None) if optimizer is not None else None
     snapshot = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     try:
+        path, meta, opt_meta, values = _read_meta(Path(path), verify)
         group_files, signatures, saved_sched, rng = _check_all(path, meta, opt_meta, values, model, optimizer,
                                                                scheduler, snapshot, restore_rng)
         refusal = None
@@ -385,6 +370,25 @@ def load_checkpoint(
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: failed while loading an already verified checkpoint ({type(e).__name__}: {e})") from e
     return {"step": int(meta.get("step", 0)), "extra": meta.get("extra", {}), "path": str(path)}
+
+
+def _read_meta(path: Path, verify: bool):
+    """The checkpoint (a root resolves to its latest), verified, and its meta.json."""
+    if not (path / "manifest.json").exists() and list_checkpoints(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no checkpoint under it verifies")
+        path = latest
+    verify_checkpoint(path, full=verify)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        opt_meta = _optimizer_meta(meta)
+        values = meta.get("group_values", meta.get("generic_values", {}))
+        if not isinstance(values, dict):
+            raise TypeError("group values are not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
+    return path, meta, opt_meta, values
 
 
 def _check_all(path, meta, opt_meta, values, model, optimizer, scheduler, snapshot, restore_rng):

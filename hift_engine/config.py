@@ -124,7 +124,7 @@ class HiFTConfig:
     shard_state:      under data parallelism, each rank keeps the optimizer state (and fp32 masters) of 1/N of every
                       group and updates that part; the updated weights are then broadcast (ZeRO-1, sharding.py).
                       Host memory and state traffic per rank fall by N. Fused optimizers only (adamw, adagrad,
-                      sgd); saving and loading sharded state is not built yet (refused).
+                      sgd); checkpoints hold every rank's piece and resume on the same number of processes.
     optimizer_kwargs: optimizer-specific options (betas, eps, amsgrad, momentum, nesterov, ...).
     """
 

@@ -137,8 +137,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.path, self.kernel_backend = make_path(
             cfg, spec, hyper, path_layouts, path_views, path_arena, self.param_groups, self.device, store, masters
         )
-        if seeds:
-            self.path.seed_masters(seeds)
+        if seeds:  # under shard_state each rank seeds its own pieces (the layouts name pieces, not parameters)
+            self.path.seed_masters(self.shards.piece_seeds(seeds) if self.shards is not None else seeds)
+            seeds.clear()
         self.order = GroupOrder(len(self.layouts), cfg.strategy, cfg.seed)
         self.monitor = SkipMonitor(self.device, cfg.max_consecutive_skips)
         self.scaler = LossScaler(self.device) if cfg.precision == "fp16-mixed" else None

@@ -105,6 +105,16 @@ class ShardPlan:
             self.layouts[gid].params[:] = self._views(self.full[gid], self.pieces[gid][self.rank])
             self._addresses[gid] = self._bases(gid)
 
+    def piece_seeds(self, seeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """fp32 master seeds by parameter name -> this rank's pieces of them, named as its layouts name them."""
+        out = {}
+        for gid, lay in enumerate(self.full):
+            for pc, piece_name in zip(self.pieces[gid][self.rank], self.layouts[gid].names):
+                seed = seeds.get(lay.names[pc.param])
+                if seed is not None:
+                    out[piece_name] = seed.reshape(-1)[pc.start:pc.stop]
+        return out
+
     def take_grads(self, gid: int, members: Sequence[int], full_views: Sequence[Tensor]) -> list[int]:
         """Copy this rank's piece of the (averaged) gradients of ``members`` into its arena; returns the indices
         of its pieces that have a gradient."""

@@ -62,6 +62,7 @@ def param_index(opt) -> dict[int, int]:
 
 
 def export_state(opt) -> StateExport:
+    opt._check_live()  # a closed optimizer's store is freed: what it would export is not its state
     name_of = {id(p): n for lay in opt.layouts for n, p in zip(lay.names, lay.params)}
     meta = {
         "format": STATE_FORMAT,

@@ -132,9 +132,9 @@ def _sharded(rank, tmp, mode):
     precision = "bf16-mixed" if mode == "shard-bf16" else "fp32"
 
     def build(shard, seed=0):
+        # fp32 weights: under bf16-mixed the optimizer casts the model and seeds the masters from the fp32 copy
+        # (the seeds once missed the pieces' names and the masters started bf16-rounded)
         model = tiny_llama(seed=seed)
-        if precision != "fp32":
-            model = model.to(torch.bfloat16)
         return model, _opt(model, shard_state=shard, precision=precision, state_store="torch")
 
     for shard in (False, True):

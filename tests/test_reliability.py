@@ -463,3 +463,21 @@ def test_checkpoint_with_fewer_groups_is_named_as_a_layout_difference(tmp_path):
     model2 = tiny_llama()
     with pytest.raises(CheckpointError, match="group layout differs"):
         ckpt.load_checkpoint(tmp_path, model2, HiFTOptimizer(model2, "adamw"))
+
+
+@pytest.mark.parametrize("store", ["torch", "resident"])
+def test_a_closed_optimizer_cannot_be_saved(store, tmp_path):
+    """close() frees the state store: a checkpoint of it afterwards wrote freed memory as the moments (torch
+    store) or kept the step counts without the moments (resident). Refused like step() and zero_grad()."""
+    from hift_engine import save_checkpoint
+
+    model = tiny_llama()
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, state_store=store)
+    model(**lm_batch()).loss.backward()
+    opt.step()
+    opt.close()
+    with pytest.raises(ConfigError, match="closed"):
+        save_checkpoint(tmp_path / "ckpt", model, opt)
+    with pytest.raises(ConfigError, match="closed"):
+        opt.state_dict()
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")]

@@ -89,6 +89,12 @@ def _trainer_class():
             if not isinstance(opt, HiFTOptimizer):
                 raise ConfigError("HiFTTrainer needs optimizers=(HiFTOptimizer, scheduler) from "
                                   "create_hift_optimizer_and_scheduler(model, args)")
+            if opt.shards is not None:
+                raise ConfigError(
+                    "HiFTTrainer with shard_state=True: Trainer (through accelerate) reads optimizer.state_dict(), "
+                    "and no rank holds the whole sharded state. Use shard_state=False with Trainer, or your own loop "
+                    "(or hift train) with save_checkpoint/load_checkpoint for sharded state"
+                )
             if opt.reducer is not None and self.args.max_grad_norm:
                 raise ConfigError(
                     f"HiFTTrainer under data parallelism: TrainingArguments.max_grad_norm={self.args.max_grad_norm} "

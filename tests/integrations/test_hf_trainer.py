@@ -125,6 +125,9 @@ def test_hift_trainer_refuses_trainer_clipping_under_data_parallel(tmp_path):
     opt.reducer = object()  # stands for an initialised process group (the torchrun test covers the real one)
     with pytest.raises(ConfigError, match="Set max_grad_norm=0 there"):
         HiFTTrainer(model=model, args=args, train_dataset=Repeat(), optimizers=(opt, sched))
+    opt.shards = object()  # stands for shard_state=True: accelerate reads state_dict(), which no rank has
+    with pytest.raises(ConfigError, match="HiFTTrainer with shard_state=True"):
+        HiFTTrainer(model=model, args=args, train_dataset=Repeat(), optimizers=(opt, sched))
     with pytest.raises(ConfigError, match="HiFTTrainer needs optimizers"):
         HiFTTrainer(model=model, args=args, train_dataset=Repeat())
 
