@@ -171,3 +171,18 @@ def test_groups_cases_parse_and_bad_ones_are_refused_before_any_gpu_work():
     for bad in ("fp32", "fp64@10", "fp32@-1", "bf16-mixed@lots", ""):
         with pytest.raises(SystemExit, match="--cases"):
             main(["bench", "groups", "--cases", bad])
+
+
+def test_converge_isolated_methods_give_the_in_process_results(tmp_path):
+    """--isolate on (the GPU default) runs each method in a spawned process from the saved pretrained weights;
+    on the CPU the results must be the in-process ones exactly."""
+    finals = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        rc = main(["bench", "converge", "--hidden", "32", "--layers", "2", "--seq", "32", "--batch", "4",
+                   "--pretrain-steps", "3", "--updates", "2", "--eval-points", "2", "--eval-batches", "2",
+                   "--methods", "full,hift-2", "--isolate", mode, "--out", str(out)])
+        assert rc == 0
+        data = json.loads(next(out.glob("converge-*.json")).read_text())
+        finals[mode] = {s["method"]: (s["steps"], s["final_heldout_loss"]) for s in data["summary"]["methods"]}
+    assert finals["on"] == finals["off"] and finals["on"]["hift-2"][0] == 4

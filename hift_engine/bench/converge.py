@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import tempfile
 import time
 from typing import Callable
 
@@ -49,6 +50,9 @@ def add_arguments(p) -> None:
                    help="hift-auto's activation size (default: measured on the GPU; on the CPU give it with the budget)")
     p.add_argument("--cap-gib", type=float, default=0.0, help="> 0 (GPU): cap the process's device memory as on a smaller card, from after pretraining (full AdamW, which the cap is chosen to exclude)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
+                   help="run each method in its own process (auto: on a GPU, so no method inherits another's device "
+                   "memory; the cap applies per process)")
 
 
 def build_model(hidden: int, layers: int, seq: int, device, seed: int = 0):
@@ -252,6 +256,46 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
     return rows, summary
 
 
+def _cap(args, device) -> dict:
+    from .memory import _Nvml, _set_cap
+
+    cap = _set_cap(args.cap_gib, _Nvml(), device)
+    print(f"cap: {cap}", flush=True)
+    return cap
+
+
+def _method_process(name: str, base_path: str, args, results) -> None:
+    """One method in its own process (spawned): the same corpus, evaluation batches and starting weights."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cap = _cap(args, device) if args.cap_gib and device.type == "cuda" else None
+    corpus = load_corpus()
+    eval_batches = [b.to(device) for b in corpus.eval_batches(args.batch, args.seq, args.eval_batches)]
+    base = torch.load(base_path, weights_only=True)
+    rows, summary = run_method(name, base, corpus, eval_batches, args, device)
+    results.put((rows, summary, cap))
+
+
+def _run_isolated(name: str, base_path: str, args) -> tuple[list[dict], dict, dict | None]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_method_process, args=(name, base_path, args, results))
+    proc.start()
+    try:
+        while True:
+            try:
+                out = results.get(timeout=5)  # read before join: a large result must not block the child's exit
+                break
+            except Exception:  # noqa: BLE001 - queue.Empty: still running, or dead without a result
+                if not proc.is_alive():
+                    out = ([], {"method": name, "note": f"its process exited with code {proc.exitcode} before reporting"}, None)
+                    break
+    finally:
+        proc.join(timeout=60)
+    return out
+
+
 def loss_at(rows: list[dict], key: str, x: float) -> float | None:
     """The held-out loss of the last evaluation at or before ``x`` (in updates per parameter or seconds)."""
     best = [r for r in rows if r[key] <= x + 1e-9]
@@ -277,21 +321,30 @@ def run(args) -> int:
     print(f"model: {params / 1e6:.2f} M params on {device}; pretrained {args.pretrain_steps} steps in {pretrain_s:.1f} s; "
           f"held-out loss {start_loss:.4f}", flush=True)
     del model
+    isolate = args.isolate == "on" or (args.isolate == "auto" and device.type == "cuda")
     cap = None
-    if args.cap_gib and device.type == "cuda":
+    if args.cap_gib and device.type == "cuda" and not isolate:
         # capped only now: pretraining is full AdamW, which the cap is chosen to exclude; its cached blocks go first
-        from .memory import _Nvml, _set_cap
-
         gc.collect()
         torch.cuda.empty_cache()
-        cap = _set_cap(args.cap_gib, _Nvml(), device)
-        print(f"cap: {cap}", flush=True)
+        cap = _cap(args, device)
     rows, summaries = [], []
-    for m in methods:
-        r, s = run_method(m, base, corpus, eval_batches, args, device)
-        rows += r
-        summaries.append(s)
-        print(s, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isolate:  # each method in a fresh process: nothing one leaves on the device (or in the allocator) stays
+            base_path = f"{tmp}/base.pt"
+            torch.save(base, base_path)
+            del base
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for m in methods:
+            if isolate:
+                r, s, cap = _run_isolated(m, base_path, args)
+            else:
+                r, s = run_method(m, base, corpus, eval_batches, args, device)
+            rows += r
+            summaries.append(s)
+            print(s, flush=True)
     # Comparisons: each method at the full-AdamW run's updates per parameter, and at the shortest training time.
     ref = next((s for s in summaries if s["method"] == "full" and s.get("steps")), None)
     min_seconds = min((s["train_seconds"] for s in summaries if s.get("steps")), default=None)
