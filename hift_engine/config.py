@@ -224,8 +224,9 @@ class HiFTConfig:
             self.no_decay = _str_list("no_decay", self.no_decay) if self.no_decay else ()
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
             raise ConfigError(f"max_grad_norm must be a number > 0 or None (no clipping), got {self.max_grad_norm!r}")
-        if not isinstance(self.skip_nonfinite, bool):
-            raise ConfigError(f"skip_nonfinite must be true or false, got {self.skip_nonfinite!r}")
+        for name in ("skip_nonfinite", "activation_offload", "checkpoint_active", "shard_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 0:
             raise ConfigError(
                 f"max_consecutive_skips must be an integer >= 0 (0 = never stop), got {self.max_consecutive_skips!r}"
@@ -257,13 +258,9 @@ class HiFTConfig:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {CHECKPOINTING}"
             )
-        if not isinstance(self.activation_offload, bool):
-            raise ConfigError(f"activation_offload must be true or false, got {self.activation_offload!r}")
         if self.activation_offload and self.activation_checkpointing == "off":
             raise ConfigError("activation_offload keeps recomputed blocks' inputs on the host; it needs "
                               "activation_checkpointing='always' or 'auto'")
-        if not isinstance(self.checkpoint_active, bool):
-            raise ConfigError(f"checkpoint_active must be true or false, got {self.checkpoint_active!r}")
         if self.checkpoint_active and self.activation_checkpointing == "off":
             raise ConfigError("checkpoint_active recomputes the active group's blocks in addition to the blocks above "
                               "it; it needs activation_checkpointing='always' or 'auto' (or drop checkpoint_active)")
@@ -281,8 +278,6 @@ class HiFTConfig:
                 )
         if self.data_parallel not in DATA_PARALLEL:
             raise ConfigError(f"data_parallel={self.data_parallel!r} is unknown; use one of {DATA_PARALLEL}")
-        if not isinstance(self.shard_state, bool):
-            raise ConfigError(f"shard_state must be true or false, got {self.shard_state!r}")
         if self.shard_state and self.data_parallel == "off":
             raise ConfigError("shard_state=True shards the optimizer state across data-parallel ranks; it cannot "
                               "go with data_parallel='off'")

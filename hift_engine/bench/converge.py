@@ -17,7 +17,6 @@ per method at equal updates per parameter and at equal seconds; JSON + PNG (two 
 
 from __future__ import annotations
 
-import copy
 import gc
 import tempfile
 import time

@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..precision import compute_dtype
+from ..store import available_host_bytes
 from .common import gib, print_table, require_cuda, write_result
 from .model_factory import SHAPES, build_llama, random_batch
 
@@ -128,14 +129,6 @@ def run_case(args, precision: str, cap_gib: float, nvml, dev) -> dict:
     return out
 
 
-def host_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not in /proc/meminfo")
-
-
 def offload_baseline(args, cap_gib: float, nvml, dev) -> dict:
     """torchao's CPUOffloadOptimizer (fused CPU AdamW) in fp32: its step time updates every parameter."""
     try:
@@ -149,7 +142,10 @@ def offload_baseline(args, cap_gib: float, nvml, dev) -> dict:
     hidden, inter, _, _ = SHAPES[args.shape]
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     ends = 2 * 32000 * hidden + hidden
-    room = host_available_bytes() - HOST_HEADROOM
+    available = available_host_bytes()
+    if available is None:
+        raise RuntimeError("MemAvailable not in /proc/meminfo")
+    room = available - HOST_HEADROOM
     layers = min(full_layers, max(0, (room // HOST_BYTES_PER_PARAM - ends) // per_layer))
     out = {"method": "torchao-cpu-offload", "cap_gib": cap_gib, "layers": layers, "full_layers": full_layers,
            "host_available_gib": gib(room + HOST_HEADROOM)}
