@@ -18,8 +18,12 @@
 #   ddp       (a 2-GPU kind) hift bench ddp at 7B fp32 batch 1 x 512 with 1 and then 2 processes
 #   seqoffload the sequence probe again with activation_offload (recomputed blocks' inputs in host memory)
 #   seqtiled  the sequence probe with every long-sequence option: always + activation_offload + checkpoint_active
-#             + MLP chunks of 4096 tokens + LM head chunks of 2048: bf16-mixed in 23.5 GiB (target 16384), tf32 in
-#             47.5 GiB
+#             + MLP chunks of 4096 tokens + LM head chunks of 2048: bf16-mixed in 23.5 GiB (target 16384)
+#   seqtiled32 the same for tf32 in 47.5 GiB (16384, 24576, 32768)
+#   seq16     bf16-mixed at 16384 tokens in 23.5 GiB with the seqtiled options, MLP/head chunks 4096/2048 and 2048/1024
+#   firstcycle first cycle over later ones after a resident warm-up (bf16-mixed batch 4, fp32 batch 1), new and old
+#             allocator settings; offloaded over resident for transfer pieces of 16/32/64 MiB and pace depth 2
+#   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
 #   smoke     the new CUDA tests, then 2-layer runs of the groups and converge benchmarks (all methods)
 #   groups    hift bench groups: layers_per_group="auto" at 7B, fp32 in 47.5/79 GiB, bf16-mixed in 23.5/47.5 GiB,
 #             modelled vs measured peak, cycle time vs torchao's CPU-offloaded AdamW step
@@ -146,6 +150,10 @@ elif [ "$stage" = seqtiled ]; then
   tiled="--activation-checkpointing always --activation-offload --checkpoint-active --mlp-chunk-tokens 4096 --head-chunk-tokens 2048"
   run timeout 280 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches "" --flat-cycles 0 \
     --seq-probe 12288,16384,24576 $tiled --full-cycle-modes "" --out "$OUT"
+elif [ "$stage" = seqtiled32 ]; then
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  tiled="--activation-checkpointing always --activation-offload --checkpoint-active --mlp-chunk-tokens 4096 --head-chunk-tokens 2048"
   run timeout 280 $hb memory --precision tf32 --cap-gib 47.5 --batches "" --flat-cycles 0 \
     --seq-probe 16384,24576,32768 $tiled --full-cycle-modes "" --out "$OUT"
 elif [ "$stage" = ddp ]; then
@@ -153,6 +161,32 @@ elif [ "$stage" = ddp ]; then
   for n in 1 2; do
     run timeout 280 $py -m torch.distributed.run --nproc-per-node $n -m hift_engine.cli.main bench ddp --out "$OUT"
   done
+elif [ "$stage" = seq16 ]; then
+  # bf16-mixed at 16384 tokens in 23.5 GiB: the seqtiled settings, then smaller head and MLP chunks
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  for chunks in "4096 2048" "2048 1024"; do
+    set -- $chunks
+    run timeout 150 $hb memory --precision bf16-mixed --cap-gib 23.5 --batches "" --flat-cycles 0 --seq-probe 16384 \
+      --activation-checkpointing always --activation-offload --checkpoint-active --mlp-chunk-tokens $1 \
+      --head-chunk-tokens $2 --full-cycle-modes always --out "$OUT"
+  done
+elif [ "$stage" = firstcycle ]; then
+  # first cycle over later cycles with the resident mode measured first (it compiles the kernels and warms
+  # cuBLAS, so the offload rows' first cycles hold only what the store adds), bf16-mixed batch 4 x 512 and fp32
+  # batch 1 x 512; then the allocator as it was (one registration per buffer, normal priority) in the same way;
+  # and the transfer piece size and pace depth at bf16-mixed batch 4 (offloaded over resident)
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  step="$hb step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --chunk-mib 16,32,64 --out "$OUT"
+  HIFT_REGISTER_PIECE_MIB=0 HIFT_ALLOC_NICE=0 run timeout 120 $step --batch 4 --precision bf16-mixed --out "$OUT"
+  HIFT_PACE_DEPTH=2 run timeout 120 $step --batch 4 --precision bf16-mixed --chunk-mib 16,64 --out "$OUT"
+  run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = cudatests ]; then
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_activation.py tests/test_auto_groups.py \
+    tests/store/test_cuda_stores.py -m cuda -rs
 elif [ "$stage" = smoke ]; then
   # seconds-long runs of the paths the long stages take, so a bug costs seconds (new CUDA tests first)
   ensure_installed
@@ -172,6 +206,6 @@ elif [ "$stage" = converge ]; then
     --lr 2e-4 --methods full,hift-auto,hift-1,badam,full-cpu-offload --updates 400 --seconds 60 --eval-batches 16 \
     --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, seqtiled32, seq16, firstcycle, cudatests, ddp, converge)"; exit 2
 fi
 done

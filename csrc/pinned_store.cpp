@@ -10,6 +10,11 @@
 #include <thread>
 
 #include <sys/mman.h>
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #ifdef HIFT_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -49,18 +54,30 @@ void* map_pages(size_t bytes) {
   return p;
 }
 
+// Lower the calling thread's scheduling priority (Linux: nice is per thread). The background allocator and its
+// first-touch threads run at nice 19 so that, when they compete for cores with the training thread (which
+// launches the GPU work) and the copy pacers, those win: the first cycle then waits only for memory it needs.
+void lower_thread_priority(int64_t nice) {
+#ifdef __linux__
+  if (nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), static_cast<int>(nice));
+#else
+  (void)nice;
+#endif
+}
+
 // First touch with several threads, one write per 4 KiB page: the kernel maps (and zeroes) pages in
 // parallel, which makes mmap + touch + cudaHostRegister several times faster than cudaHostAlloc for many
 // GiB. Writing a byte per page instead of memset-ing the buffer halves the memory traffic (the kernel has
 // already zeroed each page). Each thread's share is a whole number of huge pages, so no two threads fault
 // the same huge page.
-void parallel_touch(char* p, size_t bytes, int64_t threads) {
+void parallel_touch(char* p, size_t bytes, int64_t threads, int64_t nice) {
   size_t n = threads > 0 ? size_t(threads) : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
   size_t per = round_up((bytes + n - 1) / n, kHugePage);
   std::vector<std::thread> pool;
   for (size_t start = 0; start < bytes; start += per) {
     size_t end = std::min(start + per, bytes);
-    pool.emplace_back([p, start, end] {
+    pool.emplace_back([p, start, end, nice] {
+      lower_thread_priority(nice);
       volatile char* v = p;
       for (size_t off = start; off < end; off += kPage) v[off] = 0;
     });
@@ -77,6 +94,10 @@ Tuning Tuning::from_env() {
   const int64_t background = env_int("HIFT_BACKGROUND_ALLOC", 1);
   HIFT_CHECK(background == 0 || background == 1, "HIFT_BACKGROUND_ALLOC must be 0 or 1, got ", background);
   t.background_alloc = background == 1;
+  t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
+  t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
+  HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
+  HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
   HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
              "HIFT_ALLOC_MODE must be 'register' or 'hostalloc', got '", t.alloc_mode, "'");
   HIFT_CHECK(t.touch_threads >= 0, "HIFT_TOUCH_THREADS must be >= 0, got ", t.touch_threads);
@@ -93,7 +114,8 @@ HostBuffer::~HostBuffer() {
     return;
   }
   if (registered) {
-    for (size_t off = 0; off < reserved; off += kMaxRegistration) cudaHostUnregister(static_cast<char*>(ptr) + off);
+    const size_t step = registration ? registration : kMaxRegistration;
+    for (size_t off = 0; off < reserved; off += step) cudaHostUnregister(static_cast<char*>(ptr) + off);
   }
   cudaGetLastError();
 #endif
@@ -199,7 +221,18 @@ void PinnedStore::prepare_in_stream(int64_t slot) {
 
 float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<float>(); }
 
-std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
+// cudaHostRegister holds a driver lock while it pins pages, which stalls the training thread's launches and
+// copies for as long (tens of ms for a GiB). Registering in pieces keeps each hold short. Pieces are a
+// multiple of the paced transfer piece, counted from the buffer's start as the copier cuts its copies, so no
+// copy spans two registrations; unpaced stores copy a group whole and register it whole.
+size_t PinnedStore::registration_bytes() const {
+  const size_t chunk = static_cast<size_t>(chunk_bytes_);
+  const size_t want = static_cast<size_t>(tuning_.register_piece_mib) << 20;
+  if (chunk == 0 || want == 0 || chunk % kPage != 0) return kMaxRegistration;
+  return std::min(kMaxRegistration, std::max<size_t>(1, want / chunk) * chunk);
+}
+
+std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background) {
   auto buf = std::make_shared<HostBuffer>();
   buf->bytes = bytes;
   buf->reserved = round_up(std::max<size_t>(bytes, 1), kPage);
@@ -215,15 +248,17 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
   if (buf->ptr == nullptr)
     throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,
                                       " bytes of host memory for optimizer state; free host memory or train fewer groups"));
-  parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads);
+  parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    for (size_t off = 0; off < buf->reserved; off += kMaxRegistration) {
-      size_t len = std::min(kMaxRegistration, buf->reserved - off);
+    const size_t piece = registration_bytes();
+    buf->registration = piece;
+    for (size_t off = 0; off < buf->reserved; off += piece) {
+      size_t len = std::min(piece, buf->reserved - off);
       cudaError_t err = cudaHostRegister(static_cast<char*>(buf->ptr) + off, len, cudaHostRegisterDefault);
       if (err != cudaSuccess) {
-        for (size_t undo = 0; undo < off; undo += kMaxRegistration) cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
+        for (size_t undo = 0; undo < off; undo += piece) cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
         cudaGetLastError();
         throw std::runtime_error(hift::cat("PinnedStore: cudaHostRegister of ", len, " bytes failed: ",
                                           cudaGetErrorString(err), " (is the locked-memory limit too low? see `ulimit -l`)"));
@@ -239,6 +274,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes) {
 // made the first cycle 1.5x slower than the next at 7B. This thread allocates them from construction instead,
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
+  lower_thread_priority(tuning_.alloc_nice);
   for (int64_t g : alloc_order_) {
     {
       std::lock_guard<std::mutex> lock(alloc_mu_);
@@ -248,7 +284,7 @@ void PinnedStore::allocate_in_background() {
     }
     std::shared_ptr<HostBuffer> buf;
     try {
-      buf = allocate(static_cast<size_t>(numels_[g]) * sizeof(float));
+      buf = allocate(static_cast<size_t>(numels_[g]) * sizeof(float), /*background=*/true);
     } catch (const std::exception&) {
       // Out of host memory (or pinning refused): leave it to the caller who needs this buffer, whose
       // own attempt raises the error with its message where it can be handled.

@@ -40,6 +40,7 @@ struct HostBuffer {
   size_t reserved = 0;  // actually reserved (rounded up to whole pages)
   bool registered = false;
   bool host_alloc = false;
+  size_t registration = 0;  // bytes per cudaHostRegister call (the last may be shorter); unregistered alike
   ~HostBuffer();
 };
 
@@ -50,6 +51,9 @@ struct Tuning {
   int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: cores, at most 16)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
   bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
+  int64_t register_piece_mib = 256;     // HIFT_REGISTER_PIECE_MIB: cudaHostRegister this much per call when paced
+                                        // (a multiple of the transfer piece, so no copy spans two); 0: whole buffer
+  int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
   static Tuning from_env();
 };
 
@@ -103,7 +107,8 @@ class PinnedStore {
   void check_open(const char* fn) const;
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
-  std::shared_ptr<HostBuffer> allocate(size_t bytes);
+  std::shared_ptr<HostBuffer> allocate(size_t bytes, bool background = false);
+  size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
   void allocate_in_background();

@@ -132,7 +132,8 @@ def test_auto_groups_on_cuda_plan_around_memory_other_code_already_holds(cuda_de
     batch = {k: v.to(cuda_device) for k, v in lm_batch().items()}
     act = [0.01, 0.0]
     total = torch.cuda.get_device_properties(cuda_device).total_memory
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated(cuda_device) + 2**30) / total, cuda_device)
+    index = torch.cuda.current_device()  # set_per_process_memory_fraction needs an index, not plain "cuda"
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated(cuda_device) + 2**30) / total, index)
     try:
         alone = HiFTOptimizer(model, "adamw", lr=1e-3, layers_per_group="auto", activation_gib=act)
         plan = alone.group_plan
@@ -147,4 +148,4 @@ def test_auto_groups_on_cuda_plan_around_memory_other_code_already_holds(cuda_de
         beside.close()
         del ballast
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, cuda_device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)

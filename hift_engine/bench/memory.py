@@ -163,20 +163,27 @@ def _oom_cleanup(opt) -> None:
 CHECKPOINTING = ("off", "auto", "always")
 
 
-def _probe(model, opt, seqs, nvml, dev, mode, head_chunk_tokens) -> tuple[list[dict], int | None]:
+def _probe(model, opt, seqs, nvml, dev, mode, head_chunk_tokens, cap_gib=None) -> tuple[list[dict], int | None]:
     """The longest batch-1 sequence whose steps at the deepest-backward groups (embedding, block 0, block 1)
-    fit; stops at the first that does not."""
+    fit: no out-of-memory error and, where pynvml reads the device, no more than ``cap_gib`` on it (the
+    allocator's cap leaves out memory outside torch, such as libraries' kernels loaded on first use). Stops
+    at the first that does not fit."""
     probes, longest = [], None
     for seq in seqs:
         try:
             while opt.order.position > 2:
                 _steps(model, opt, 1, ALIGN_SEQ, 1, nvml, dev, "align")
             pr = _steps(model, opt, 1, seq, 3, nvml, dev, f"probe{seq}-{mode}", head_chunk_tokens)
-            probes.append({"checkpointing": mode, "seq": seq, "fits": True,
+            used = max((r["nvml_used_gib"] or 0) for r in pr) if nvml.used() is not None else None
+            within = used is None or cap_gib is None or used <= cap_gib
+            probes.append({"checkpointing": mode, "seq": seq, "fits": within,
                            "peak_reserved_gib": max(r["peak_reserved_gib"] for r in pr),
-                           "nvml_used_gib": max((r["nvml_used_gib"] or 0) for r in pr),
+                           "nvml_used_gib": used,
                            "step_ms": sum(r["step_ms"] for r in pr) / len(pr),
                            "recomputed_blocks": sum(r["recomputed_blocks"] for r in pr)})
+            if not within:
+                probes[-1]["error"] = f"ran, but the device held {used:.3f} GiB (pynvml), over the {cap_gib} GiB cap"
+                break
             longest = seq
         except torch.OutOfMemoryError as e:
             probes.append({"checkpointing": mode, "seq": seq, "fits": False, "error": str(e).splitlines()[0][:160]})
@@ -215,9 +222,6 @@ def run(args) -> int:
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.shape} width, {layers} layers, {n_params:,} params, built in {build_s:.1f} s", flush=True)
-    hidden, _, heads, _ = SHAPES[args.shape]
-    sdpa = sdpa_backends(compute_dtype(args.precision), dev, heads, hidden // heads)
-    print(f"SDPA ({args.precision}): {sdpa}", flush=True)
     opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib, args.activation_offload,
                args.checkpoint_active, args.mlp_chunk_tokens)
     k = opt.num_groups
@@ -257,7 +261,7 @@ def run(args) -> int:
             torch.cuda.empty_cache()
             opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib, args.activation_offload,
                        args.checkpoint_active, args.mlp_chunk_tokens)
-        found, longest[mode] = _probe(model, opt, seqs, nvml, dev, mode, chunk)
+        found, longest[mode] = _probe(model, opt, seqs, nvml, dev, mode, chunk, args.cap_gib)
         probes += found
         confirm = modes if args.full_cycle_modes is None else [c.strip() for c in args.full_cycle_modes.split(",")]
         if longest[mode] is None or mode not in confirm:
@@ -273,6 +277,14 @@ def run(args) -> int:
             _oom_cleanup(opt)
         print(f"{label}: {outcomes[-1]}", flush=True)
 
+    # After the measurements: trying every SDPA backend loads kernels that training never uses, and that memory
+    # (outside torch's allocator) would count against the cap in the pynvml column.
+    opt.close()
+    gc.collect()
+    torch.cuda.empty_cache()
+    hidden, _, heads, _ = SHAPES[args.shape]
+    sdpa = sdpa_backends(compute_dtype(args.precision), dev, heads, hidden // heads)
+    print(f"SDPA ({args.precision}): {sdpa}", flush=True)
     per_run = {}
     for r in rows:
         agg = per_run.setdefault(r["run"], {"run": r["run"], "steps": 0, "peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0,
@@ -303,5 +315,4 @@ def run(args) -> int:
         print(f"wrote {plot_memory(path)}")
     except ImportError as e:
         print(f"plot skipped ({e}); run `python -m hift_engine.bench.plot {path}` where matplotlib is installed")
-    opt.close()
     return 0

@@ -110,6 +110,8 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_TOUCH_THREADS", "-1", "HIFT_TOUCH_THREADS must be >= 0, got -1"),
         ("HIFT_TOUCH_THREADS", "two", "HIFT_TOUCH_THREADS must be an integer, got 'two'"),
         ("HIFT_BACKGROUND_ALLOC", "2", "HIFT_BACKGROUND_ALLOC must be 0 or 1, got 2"),
+        ("HIFT_REGISTER_PIECE_MIB", "-1", "HIFT_REGISTER_PIECE_MIB must be >= 0, got -1"),
+        ("HIFT_ALLOC_NICE", "20", r"HIFT_ALLOC_NICE must be in \[0, 19\], got 20"),
     ],
 )
 def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
