@@ -130,7 +130,9 @@ def test_auto_groups_on_cuda_plan_around_memory_other_code_already_holds(cuda_de
     from the plan: with just more than the plan's slack held elsewhere, the same plan no longer comes out."""
     model = tiny_llama().to(cuda_device)
     batch = {k: v.to(cuda_device) for k, v in lm_batch().items()}
-    act = [0.01, 0.0]
+    # 50 MiB more per unit in the active group: a tiny model's own bytes are too few for a 1 MiB shortfall to
+    # change the plan, and this makes every unit taken off the largest group free room
+    act = [0.01, 0.05]
     total = torch.cuda.get_device_properties(cuda_device).total_memory
     index = torch.cuda.current_device()  # set_per_process_memory_fraction needs an index, not plain "cuda"
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated(cuda_device) + 2**30) / total, index)
