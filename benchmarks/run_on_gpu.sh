@@ -23,6 +23,8 @@
 #   seq16     bf16-mixed at 16384 tokens in 23.5 GiB with the seqtiled options, MLP/head chunks 4096/2048 and 2048/1024
 #   firstcycle first cycle over later ones after a resident warm-up (bf16-mixed batch 4, fp32 batch 1), new and old
 #             allocator settings; offloaded over resident for transfer pieces of 16/32/64 MiB and pace depth 2
+#   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
+#   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
 #   smoke     the new CUDA tests, then 2-layer runs of the groups and converge benchmarks (all methods)
 #   groups    hift bench groups: layers_per_group="auto" at 7B, fp32 in 47.5/79 GiB, bf16-mixed in 23.5/47.5 GiB,
@@ -183,6 +185,26 @@ elif [ "$stage" = firstcycle ]; then
   HIFT_REGISTER_PIECE_MIB=0 HIFT_ALLOC_NICE=0 run timeout 120 $step --batch 4 --precision bf16-mixed --out "$OUT"
   HIFT_PACE_DEPTH=2 run timeout 120 $step --batch 4 --precision bf16-mixed --chunk-mib 16,64 --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = bf16state ]; then
+  # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
+  # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench"
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_state_dtype.py tests/kernels/test_adamw_bf16_moments.py \
+    tests/test_auto_groups.py -m cuda -rs
+  run timeout 100 $hb step --layers-small 2 --layers-full 0 --cycles 1 --precision bf16-mixed --modes resident,offload \
+    --state-dtype fp32,bf16 --out /tmp/smoke \
+  && run timeout 200 $hb step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 4 --precision bf16-mixed \
+    --modes resident,offload --state-dtype fp32,bf16 --out "$OUT"
+  run timeout 280 $hb memory --shape 13b --precision bf16-mixed --state-dtype bf16 --cap-gib 47.5 --batches 1,2,4 \
+    --extra-steps 2 --flat-cycles 1 --seq-probe "" --out "$OUT"
+elif [ "$stage" = autocost ]; then
+  # activation_checkpointing="auto" at 7B fp32 1 x 2048 in 47.5 GiB: nothing needs recomputing there, so it
+  # should cost (almost) nothing against "off" (same run)
+  ensure_installed
+  run timeout 300 $py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --batch 1 \
+    --seq 2048 --precision fp32 --cap-gib 47.5 --modes offload --activation-checkpointing off,auto --head-chunk-tokens 4096 \
+    --out "$OUT"
 elif [ "$stage" = cudatests ]; then
   ensure_installed
   run timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_activation.py tests/test_auto_groups.py \
@@ -206,6 +228,6 @@ elif [ "$stage" = converge ]; then
     --lr 2e-4 --methods full,hift-auto,hift-1,badam,full-cpu-offload --updates 400 --seconds 60 --eval-batches 16 \
     --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, seqtiled32, seq16, firstcycle, cudatests, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, seqtiled32, seq16, firstcycle, bf16state, autocost, cudatests, ddp, converge)"; exit 2
 fi
 done

@@ -58,7 +58,7 @@ def plan_groups(
     numel: Sequence[int],
     grad: Sequence[int],
     frozen_bytes: int,
-    num_state: int,
+    num_state: float,
     slots: int | None,
     budget_bytes: int,
     activation_bytes: int,
@@ -66,9 +66,10 @@ def plan_groups(
     grad_transient_bytes: int = 0,
 ) -> GroupPlan:
     """``numel`` / ``grad``: each unit's trained parameter count and their bytes on the device (= its gradients'
-    bytes), bottom-up; ``num_state``: fp32 state vectors per parameter (masters included); ``slots``: device
+    bytes), bottom-up; ``num_state``: fp32 state vectors per parameter (masters included; a bf16 vector counts
+    half); ``slots``: device
     state slots of an offloaded store, None when all state is resident on the device."""
-    state = [n * 4 * num_state for n in numel]
+    state = [int(n * 4 * num_state) for n in numel]
     weights = sum(grad) + frozen_bytes
     fixed = weights + activation_bytes + grad_transient_bytes + margin_bytes(budget_bytes) + (sum(state) if slots is None else 0)
     per_slot = 0 if slots is None else slots

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .optim import FUSED_SPECS
 
-__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS", "PRECISIONS", "suggest"]
+__all__ = ["HiFTConfig", "STRATEGIES", "STATE_STORES", "KERNEL_BACKENDS", "FUSED_OPTIMIZERS", "PRECISIONS", "STATE_DTYPES", "suggest"]
 
 STRATEGIES = ("bottom2up", "top2down", "random")
 STATE_STORES = ("auto", "resident", "torch", "native")
@@ -25,6 +25,7 @@ KERNEL_BACKENDS = ("auto", "triton", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed")
 CHECKPOINTING = ("off", "auto", "always")
 DATA_PARALLEL = ("auto", "on", "off")
+STATE_DTYPES = ("fp32", "bf16")
 FUSED_OPTIMIZERS = tuple(FUSED_SPECS)
 
 
@@ -97,6 +98,11 @@ class HiFTConfig:
                       weights kept with each group's optimizer state and streamed with it; fused optimizers),
                       "fp16-mixed" (the same with fp16 weights and dynamic loss scaling: call
                       ``loss = opt.scale_loss(loss)`` before backward).
+    state_dtype:      "fp32" (default) or "bf16": AdamW's moments (exp_avg, exp_avg_sq, max_exp_avg_sq) kept in
+                      bf16, stored with stochastic rounding, so the state takes 4 instead of 8 bytes per
+                      parameter (8 instead of 12 with bf16-mixed masters, which stay fp32) in host memory and on
+                      every transfer. Fused AdamW only; not with shard_state. state_dict() gives the moments as
+                      fp32 (exact); loading rounds them to bf16.
     activation_checkpointing: "off"; "always": the blocks above the active group keep only their inputs and
                       are recomputed in backward (the active group and the blocks below it cost nothing extra);
                       "auto": only as many of those blocks as needed to stay inside memory_budget_gib are
@@ -145,6 +151,7 @@ class HiFTConfig:
     transfer_chunk_mib: int = 16
     kernels: str = "auto"
     precision: str = "fp32"
+    state_dtype: str = "fp32"
     activation_checkpointing: str = "off"
     activation_offload: bool = False
     checkpoint_active: bool = False
@@ -254,6 +261,15 @@ class HiFTConfig:
                 f"precision={self.precision!r} keeps fp32 masters with the fused optimizers' state; use optimizer='adamw', "
                 "'adagrad' or 'sgd' (a torch.optim class keeps its own state: train it with precision='fp32')"
             )
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"state_dtype={self.state_dtype!r} is unknown; use one of {STATE_DTYPES}"
+                              f"{suggest(str(self.state_dtype), STATE_DTYPES)}")
+        if self.state_dtype == "bf16" and (not isinstance(self.optimizer, str) or self.optimizer.lower() != "adamw"):
+            raise ConfigError(f"state_dtype='bf16' keeps AdamW's moments in bf16; optimizer={self.optimizer!r} keeps "
+                              "fp32 state. Use optimizer='adamw', or state_dtype='fp32'")
+        if self.state_dtype == "bf16" and self.shard_state:
+            raise ConfigError("state_dtype='bf16' does not go with shard_state=True yet (the sharded pieces are laid out "
+                              "for fp32 state); use one or the other")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {CHECKPOINTING}"

@@ -2,6 +2,8 @@
 
 Each group's optimizer state is one flat fp32 tensor: ``num_state`` vectors (e.g. exp_avg | exp_avg_sq) of
 ``state_stride`` elements each; parameter i of the group occupies [state_offset_i, + numel_i) in every vector.
+With ``state_dtype="bf16"`` the optimizer's vectors (not the fp32 masters) are bf16: each takes half as many
+fp32 elements of the flat tensor (``state_stride`` bf16 values) and is read through a bf16 view of it.
 The active group's gradients live in a GradArena: one flat buffer per dtype, sized to the largest group, with
 each parameter's ``.grad`` a view into it. Offsets are aligned to 64 elements so kernels can use 16-byte
 accesses. Parameters themselves stay separate tensors; kernels reach them through a TensorTable.
@@ -70,7 +72,9 @@ class GroupLayout:
         param_group_of: Sequence[int],
         num_state: int,
         device: torch.device,
+        half_from: int | None = None,
     ) -> None:
+        """``half_from``: state vectors from this index on are bf16 (None: every vector is fp32)."""
         self.index = index
         self.names = list(names)
         self.params = list(params)
@@ -88,6 +92,10 @@ class GroupLayout:
             self.grad_offsets.append(g)
             self.grad_numel[p.dtype] = g + _align(p.numel())
         self.state_stride = off
+        self.half_from = num_state if half_from is None else half_from
+        # where each vector starts in the flat fp32 tensor, in fp32 elements (a bf16 vector takes stride / 2)
+        self.vector_base = [k * off if k <= self.half_from else self.half_from * off + (k - self.half_from) * off // 2
+                            for k in range(num_state + 1)]
         self.numel = sum(p.numel() for p in self.params)
         self._dtypes = [p.dtype for p in self.params]
         self._shapes = [p.shape for p in self.params]
@@ -102,16 +110,22 @@ class GroupLayout:
 
     @property
     def state_numel(self) -> int:
-        return self.num_state * self.state_stride
+        return self.vector_base[self.num_state]
+
+    def vector_dtype(self, k: int) -> torch.dtype:
+        return torch.bfloat16 if k >= self.half_from else torch.float32
+
+    def vector(self, state: Tensor, k: int) -> Tensor:
+        """State vector ``k`` of the flat tensor, in its own dtype (``state_stride`` elements)."""
+        v = state[self.vector_base[k] : self.vector_base[k + 1]]
+        return v.view(torch.bfloat16) if k >= self.half_from else v
 
     def state_views(self, state: Tensor, k: int, members: Sequence[int] | None = None) -> list[Tensor]:
-        """Views of state vector ``k`` shaped like the parameters (all, or ``members``)."""
+        """Views of state vector ``k`` shaped like the parameters (all, or ``members``), in the vector's dtype."""
         idx = range(len(self.params)) if members is None else members
-        base = k * self.state_stride
+        vec = self.vector(state, k)
         return [
-            state[base + self.state_offsets[i] : base + self.state_offsets[i] + self.params[i].numel()].view(
-                self.params[i].shape
-            )
+            vec[self.state_offsets[i] : self.state_offsets[i] + self.params[i].numel()].view(self.params[i].shape)
             for i in idx
         ]
 

@@ -123,8 +123,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
         pg_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         num_state = len(spec.state_names(self.param_groups[0])) + masters if spec else 0
+        half_from = masters if cfg.state_dtype == "bf16" else None  # the optimizer's vectors in bf16, masters fp32
         self.layouts = [
-            GroupLayout(g.index, g.param_names, g.params, [pg_of[id(p)] for p in g.params], num_state, self.device)
+            GroupLayout(g.index, g.param_names, g.params, [pg_of[id(p)] for p in g.params], num_state, self.device,
+                        half_from)
             for g in self.grouping.groups
         ]
         self.arena = GradArena(self.layouts, self.device)
@@ -409,7 +411,8 @@ def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper
     grad = [sum(p.numel() * (esize or p.element_size()) for p in g.params) for g in units.groups]
     trained = {id(p) for g in units.groups for p in g.params}
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in trained and p.device == device)
-    num_state = (len(spec.state_names(hyper)) if spec is not None else 0) + masters
+    moments = len(spec.state_names(hyper)) if spec is not None else 0
+    num_state = masters + (moments / 2 if cfg.state_dtype == "bf16" else moments)  # in fp32 vectors
     resident = cfg.state_store == "resident" or (cfg.state_store == "auto" and device.type != "cuda")
     slots = None if resident or num_state == 0 else cfg.slots
     budget = _budget_bytes(cfg, device, "layers_per_group='auto'")

@@ -70,6 +70,7 @@ def export_state(opt) -> StateExport:
         "state_names": list(opt.path.state_names),
         "masters": bool(getattr(opt.path, "masters", False)),
         "precision": opt.config.precision,
+        "state_dtype": opt.config.state_dtype,
         "loss_scale": opt.scaler.state_dict() if opt.scaler is not None else None,
         "param_names": [name_of[id(p)] for g in opt.param_groups for p in g["params"]],
         "groups": [list(lay.names) for lay in opt.layouts],
@@ -173,6 +174,15 @@ def check_state(opt, meta: Mapping[str, Any], groups: Sequence[tuple[Signature, 
         return
     if len(groups) != opt.num_groups:
         raise ConfigError(f"saved state of {len(groups)} groups, this optimizer has {opt.num_groups}")
+    # a group's flat state is laid out for its state_dtype (state_dict()'s per-parameter tensors are not: they
+    # load into either, rounded or widened)
+    saved_dtype, own_dtype = meta.get("state_dtype", "fp32"), opt.config.state_dtype
+    if "format" in meta and saved_dtype != own_dtype and getattr(opt.path, "spec", None) is not None:
+        raise ConfigError(
+            f"saved with state_dtype={saved_dtype!r}, this optimizer has state_dtype={own_dtype!r}: the saved flat "
+            f"state is laid out for {saved_dtype} moments. Resume with state_dtype={saved_dtype!r} (or move the state "
+            "across with state_dict() / load_state_dict(), which converts)"
+        )
     for gid, (sig, values) in enumerate(groups):
         opt.path.check_group(gid, sig, values)
 

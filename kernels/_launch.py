@@ -35,7 +35,7 @@ def check_update_args(
     grads: Tensor,
     state: Tensor,
     state_stride: int,
-    num_state: int,
+    num_state: float,
     flags: Tensor | None,
 ) -> None:
     """Validate a launch; messages name the argument. Cheap (no device access)."""
@@ -51,9 +51,9 @@ def check_update_args(
         raise ValueError(f"{name}: state must be a contiguous float32 tensor, got {state.dtype}")
     if steps.dtype != torch.float32:
         raise ValueError(f"{name}: steps must be float32, got {steps.dtype}")
-    if state.numel() < num_state * state_stride:
+    if state.numel() < num_state * state_stride:  # num_state counts a bf16 vector as half
         raise ValueError(
-            f"{name}: state holds {state.numel()} elements, needs {num_state} vectors x stride {state_stride}"
+            f"{name}: state holds {state.numel()} elements, needs {num_state:g} fp32 vectors x stride {state_stride}"
         )
     if flags is not None and (flags.dtype != torch.float32 or flags.numel() < 2 or flags.device != dev):
         raise ValueError(f"{name}: flags must be a float32 tensor [clip_coef, skip] on {dev}")

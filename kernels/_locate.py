@@ -75,3 +75,12 @@ def store_weight(p_ptrs, w_ptrs, p, mask, MASTER: tl.constexpr):
     if MASTER:
         tl.store(w_ptrs, p, mask=mask)
     tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def round_stochastic(x, bits):
+    """fp32 -> bf16 rounded up or down at random, with the chance of rounding up equal to where ``x`` lies
+    between its two bf16 neighbours: add 16 random bits below the bf16 mantissa, then cut them off (the
+    result is exactly a bf16, so the last cast is exact). Unbiased: E[result] = x. inf and NaN stay so."""
+    kept = ((x.to(tl.uint32, bitcast=True) + (bits >> 16)) >> 16) << 16
+    return kept.to(tl.float32, bitcast=True).to(tl.bfloat16)

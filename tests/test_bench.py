@@ -20,6 +20,8 @@ from hift_engine.cli.main import build_parser, main
         (["bench", "memory"], {"checkpoint_active": False, "mlp_chunk_tokens": 0}),
         (["bench", "step", "--layers-small", "2", "--layers-full", "0", "--profile"], {"layers_small": 2, "profile": True}),
         (["bench", "groups", "--cases", "fp32@47.5", "--offload-baseline"], {"cases": "fp32@47.5", "offload_baseline": True}),
+        (["bench", "step", "--state-dtype", "fp32,bf16"], {"state_dtype": "fp32,bf16"}),
+        (["bench", "memory", "--state-dtype", "bf16"], {"state_dtype": "bf16"}),
     ],
 )
 def test_bench_arguments_parse(argv, expect):
@@ -44,6 +46,11 @@ def test_bad_bench_arguments_are_rejected():
 def test_memory_bench_refuses_inconsistent_long_sequence_options_before_gpu_work(argv, match):
     with pytest.raises(SystemExit, match=match):
         main(["bench", "memory", *argv])
+
+
+def test_step_bench_refuses_an_unknown_state_dtype_before_gpu_work():
+    with pytest.raises(SystemExit, match="--state-dtype 'fp16': use fp32, bf16 or both"):
+        main(["bench", "step", "--state-dtype", "fp16"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

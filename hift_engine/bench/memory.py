@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
                    help="comma-separated checkpointing modes whose longest probed sequence is confirmed with a full "
                    "cycle (default: every mode; '' none: the probe alone covers the deepest-backward groups)")
     p.add_argument("--store", default="native", choices=("native", "torch", "resident"))
+    p.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: AdamW's moments in bf16 (stochastic rounding); halves their host memory and transfers")
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed", "fp16-mixed"),
                    help="bf16-mixed builds the model in bf16 and keeps fp32 masters with the streamed state")
 
@@ -85,7 +87,7 @@ def _set_cap(cap_gib: float, nvml: _Nvml, dev) -> dict:
 
 
 def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None, offload=False, checkpoint_active=False,
-         mlp_chunk_tokens=0):
+         mlp_chunk_tokens=0, state_dtype="fp32"):
     from ..optimizer import HiFTOptimizer
 
     extra = {"memory_budget_gib": budget_gib} if checkpointing == "auto" and budget_gib else {}
@@ -94,7 +96,7 @@ def _opt(model, store, precision="fp32", checkpointing="off", budget_gib=None, o
     if mlp_chunk_tokens:
         extra["mlp_chunk_tokens"] = mlp_chunk_tokens
     return HiFTOptimizer(model, "adamw", lr=1e-5, weight_decay=0.0, layers_per_group=1, state_store=store, max_grad_norm=1.0,
-                         precision=precision, activation_checkpointing=checkpointing, **extra)
+                         precision=precision, activation_checkpointing=checkpointing, state_dtype=state_dtype, **extra)
 
 
 def sdpa_backends(dtype: torch.dtype, dev, heads: int = 32, head_dim: int = 128, seq: int = 4096) -> dict:
@@ -223,7 +225,7 @@ def run(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.shape} width, {layers} layers, {n_params:,} params, built in {build_s:.1f} s", flush=True)
     opt = _opt(model, args.store, args.precision, modes[0], args.memory_budget_gib, args.activation_offload,
-               args.checkpoint_active, args.mlp_chunk_tokens)
+               args.checkpoint_active, args.mlp_chunk_tokens, args.state_dtype)
     k = opt.num_groups
     chunk = args.head_chunk_tokens
     rows, outcomes = [], []
@@ -260,7 +262,7 @@ def run(args) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             opt = _opt(model, args.store, args.precision, mode, args.memory_budget_gib, args.activation_offload,
-                       args.checkpoint_active, args.mlp_chunk_tokens)
+                       args.checkpoint_active, args.mlp_chunk_tokens, args.state_dtype)
         found, longest[mode] = _probe(model, opt, seqs, nvml, dev, mode, chunk, args.cap_gib)
         probes += found
         confirm = modes if args.full_cycle_modes is None else [c.strip() for c in args.full_cycle_modes.split(",")]
@@ -298,7 +300,7 @@ def run(args) -> int:
     print_table(table, ["run", "steps", "peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "mean_step_ms", "recomputed_blocks"],
                 title=f"hift bench memory: {n_params / 1e9:.3f} B params {args.precision} AdamW, cap {args.cap_gib} GiB "
                       f"({args.store} store, head chunk {chunk or 'off'}, MLP chunk {args.mlp_chunk_tokens or 'off'}, "
-                      f"checkpoint_active {args.checkpoint_active})")
+                      f"checkpoint_active {args.checkpoint_active}, state_dtype {args.state_dtype})")
     print_table(probes, ["checkpointing", "seq", "fits", "peak_reserved_gib", "nvml_used_gib", "step_ms", "recomputed_blocks"],
                 title="longest batch-1 sequence (--seq-probe), per activation_checkpointing")
     summary = {
@@ -306,7 +308,7 @@ def run(args) -> int:
         "flat_reserved": flat, "seq_probes": probes, "longest_seq_batch1": longest, "sdpa": sdpa,
         "activation_checkpointing": modes, "activation_offload": args.activation_offload, "head_chunk_tokens": chunk,
         "checkpoint_active": args.checkpoint_active, "mlp_chunk_tokens": args.mlp_chunk_tokens,
-        "store": store_kind, "host_state_gib": host_state_gib,
+        "store": store_kind, "host_state_gib": host_state_gib, "state_dtype": args.state_dtype,
     }
     path = write_result(args.out, "memory", rows, summary, precision=args.precision)
     try:

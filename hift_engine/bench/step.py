@@ -47,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cap-gib", type=float, default=0.0,
                    help="> 0: cap the process's device memory (pynvml view, CUDA context included) as on a smaller card")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
+    p.add_argument("--state-dtype", default="fp32",
+                   help="comma-separated (fp32, bf16): the offload and resident modes are measured with each (bf16: "
+                   "AdamW's moments in bf16 with stochastic rounding; rows labelled -bf16state)")
     p.add_argument("--chunk-mib", default="", help="comma-separated transfer_chunk_mib values for the offload mode "
                    "(e.g. 0,64: measures both in the same run; the first is the 'offload' row); default: the engine's")
 
@@ -189,6 +192,9 @@ def _profile(model, opt, batches, k, out_dir, label) -> dict:
 
 
 def run(args) -> int:
+    state_dtypes = [d.strip() for d in args.state_dtype.split(",") if d.strip()]
+    if not state_dtypes or any(d not in ("fp32", "bf16") for d in state_dtypes):
+        raise SystemExit(f"hift bench step: --state-dtype {args.state_dtype!r}: use fp32, bf16 or both")
     dev = require_cuda("step")
     if args.cap_gib:
         from .memory import _Nvml, _set_cap
@@ -214,9 +220,13 @@ def run(args) -> int:
                 if mode == "standard" and precision != precisions[0]:
                     continue  # one full fine-tuning reference per model size
                 variants = [(c, None) for c in chunks] + [(chunks[0], a) for a in ckpts[1:]] if mode == "offload" else [(None, None)]
-                for i, (chunk, ckpt) in enumerate(variants):
-                    label = mode if i == 0 else f"{mode}-ckpt-{ckpt}" if ckpt else f"{mode}-chunk{chunk}"
+                dtypes = state_dtypes if mode in ("offload", "resident") else ["fp32"]
+                for i, (chunk, ckpt, sd) in enumerate((c, a, d) for d in dtypes for c, a in variants):
+                    label = mode if i == 0 else f"{mode}-ckpt-{ckpt}" if ckpt else f"{mode}-chunk{chunk}" if chunk != chunks[0] else mode
+                    label += "-bf16state" if sd == "bf16" else ""
                     extra = {"activation_checkpointing": ckpt or ckpts[0]} if mode != "standard" else {}
+                    if sd == "bf16":
+                        extra["state_dtype"] = "bf16"
                     row = _measure(model, mode, args, dev, args.cycles_official if mode == "official" else cycles,
                                    k_hint=layers + 2, profile_dir=args.out if args.profile else None,
                                    chunk_mib=chunk, label=label, precision=precision, **extra)
@@ -263,5 +273,7 @@ def summarize(rows: list[dict], precisions: list[str]) -> dict:
                 if r["layers"] == layers and r["precision"] == precision and r["mode"].startswith("offload-") and r.get("step_ms"):
                     entry[f"{r['mode']}_over_resident"] = ratio(r["step_ms"], res)
                     entry[f"{r['mode']}_over_offload"] = ratio(r["step_ms"], off)
+                    if r["mode"].endswith("-bf16state"):  # against the resident run with the same state
+                        entry[f"{r['mode']}_over_resident-bf16state"] = ratio(r["step_ms"], get(layers, precision, "resident-bf16state"))
             summary[f"{layers}_layers/{precision}"] = entry
     return summary

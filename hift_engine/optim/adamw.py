@@ -38,11 +38,11 @@ class AdamWSpec(FusedSpec):
             weight_decay=hyper["weight_decay"], amsgrad=hyper["amsgrad"], maximize=hyper["maximize"],
         )
 
-    def kernel(self, table, steps, grads, state, stride, flags, hyper, master=False) -> None:
+    def kernel(self, table, steps, grads, state, stride, flags, hyper, master=False, moment_bf16=False, seed=0) -> None:
         from ..kernels.adamw import adamw_update
 
         adamw_update(
-            table, steps, grads, state, stride, flags, master=master,
+            table, steps, grads, state, stride, flags, master=master, moment_bf16=moment_bf16, seed=seed,
             lr=hyper["lr"], beta1=hyper["betas"][0], beta2=hyper["betas"][1], eps=hyper["eps"],
             weight_decay=hyper["weight_decay"], amsgrad=hyper["amsgrad"], maximize=hyper["maximize"],
         )

@@ -58,6 +58,20 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
     return "triton"
 
 
+def _rounding_seed(gid: int) -> int:
+    """Key of the random bits that round group ``gid``'s bf16 moments (plus the step count): fixed, so a
+    resumed run and every data-parallel replica round alike."""
+    return (gid + 1) << 32
+
+
+def round_stochastic_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
+    """dst (bf16) <- src (fp32) rounded up or down at random in proportion to the distance (as the kernels do):
+    16 random bits added below the bf16 mantissa, then cut off."""
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    bits = (src.contiguous().view(torch.int32) + noise) & -65536
+    dst.copy_(bits.view(torch.float32))
+
+
 class FusedPath(UpdatePath):
     def __init__(
         self,
@@ -75,6 +89,8 @@ class FusedPath(UpdatePath):
         # apply_coef: the gradients are multiplied by flags[0] (clipping, loss-scale unscaling) before the math
         self.store, self.backend, self.apply_coef, self.masters = store, backend, apply_coef, masters
         self.name = spec.name
+        # state_dtype="bf16": the optimizer's vectors are bf16 (the layouts say so), stored with stochastic rounding
+        self.moment_bf16 = any(lay.half_from < lay.num_state for lay in self.layouts)
         self.state_names = spec.state_names(param_groups[0])
         self._structure = spec.structure(param_groups[0])
         self._grad_views = grad_views
@@ -124,8 +140,9 @@ class FusedPath(UpdatePath):
                 if sub:
                     table = lay.table(b, None if full else sub)
                     grads = self.arena.buffers[b.dtype]
+                    extra = {"moment_bf16": True, "seed": _rounding_seed(gid)} if self.moment_bf16 else {}
                     self.spec.kernel(table, lay.steps, grads, state, lay.state_stride, flags, self.param_groups[b.param_group],
-                                     master=self.masters)
+                                     master=self.masters, **extra)
             return
         if flags is not None and flags[1].item() != 0:  # reference path: a host sync is acceptable here
             return
@@ -140,6 +157,9 @@ class FusedPath(UpdatePath):
             if coef is not None:
                 grads = [g * coef.to(g.dtype) for g in grads]
             states = [lay.state_views(state, k, sub) for k in range(self.masters, lay.num_state)]
+            stored = states
+            if self.moment_bf16:  # the math in fp32 on copies, stored back with stochastic rounding below
+                states = [[t.float() for t in vec] for vec in stored]
             steps = lay.steps[sub].tolist()
             params = lay.state_views(state, 0, sub) if self.masters else [lay.params[i] for i in sub]
             if self.masters:  # a weight the user changed since the last update wins over its master (as in the kernels)
@@ -147,6 +167,11 @@ class FusedPath(UpdatePath):
                     weight = lay.params[i].detach()
                     torch.where(weight != master.to(weight.dtype), weight.float(), master, out=master)
             self.spec.reference(params, grads, states, steps, self.param_groups[b.param_group])
+            if self.moment_bf16:
+                gen = torch.Generator(device=lay.device).manual_seed(_rounding_seed(gid) + int(steps[0]))
+                for vec_out, vec_in in zip(stored, states):
+                    for dst, src in zip(vec_out, vec_in):
+                        round_stochastic_(dst, src, gen)
             if self.masters:
                 for i, master in zip(sub, params):
                     lay.params[i].copy_(master)  # round to the model's dtype
@@ -206,7 +231,8 @@ class FusedPath(UpdatePath):
                 continue
             entry: dict[str, Any] = {"step": torch.tensor(steps[i], dtype=torch.float32)}
             for k, name in enumerate(self._keys()):
-                entry[name] = lay.state_views(flat, k, [i])[0]
+                view = lay.state_views(flat, k, [i])[0]
+                entry[name] = view.float() if view.dtype != torch.float32 else view  # bf16 moments: exact in fp32
             out.append(entry)
         return out
 
@@ -281,10 +307,11 @@ class FusedPath(UpdatePath):
 
     # ------------------------------------------------------------------ misc
     def state_bytes_per_element(self) -> int:
-        return 4 * len(self._keys())
+        return 4 * self.masters + (2 if self.moment_bf16 else 4) * len(self.state_names)
 
     def describe(self) -> str:
         out = f"state_store={self.store.kind if self.store else 'none'}" + (" masters=fp32" if self.masters else "")
+        out += " moments=bf16 (stochastic rounding)" if self.moment_bf16 else ""
         if self.store is not None and self.store.kind.startswith("offload"):  # said before it is taken
             out += f" pinned host state={sum(self.store.numels) * 4 / 2**30:.2f} GiB"
         return out
