@@ -28,7 +28,7 @@ def _group(device, master, amsgrad, seed=0):
     moments[:stride].copy_(torch.randn(stride, generator=g) * 1e-2)
     moments[stride : 2 * stride].copy_(torch.rand(stride, generator=g) * 1e-4)
     if amsgrad:
-        moments[2 * stride :].copy_(moments[stride : 2 * stride].float() + torch.rand(stride, generator=g) * 1e-4)
+        moments[2 * stride :].copy_(moments[stride : 2 * stride].float() + (torch.rand(stride, generator=g) * 1e-4).to(device))
     grp.set_grads([torch.randn(p.numel(), generator=g) * 1e-2 for p in grp.params])
     return grp, moments
 
