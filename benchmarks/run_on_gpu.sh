@@ -160,9 +160,14 @@ elif [ "$stage" = seqtiled32 ]; then
     --seq-probe 16384,24576,32768 $tiled --full-cycle-modes "" --out "$OUT"
 elif [ "$stage" = ddp ]; then
   ensure_installed
+  # these machines' host memory grows as it is used: MemAvailable at start is far below the 256 GiB limit
+  export HIFT_HOST_MEMORY_CHECK=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  run nvidia-smi --query-gpu=name,memory.total --format=csv
+  grep -E "MemTotal|MemAvailable" /proc/meminfo | tee -a "$log"
   for n in 1 2; do
-    run timeout 280 $py -m torch.distributed.run --nproc-per-node $n -m hift_engine.cli.main bench ddp --out "$OUT"
+    run timeout 150 $py -m torch.distributed.run --nproc-per-node $n -m hift_engine.cli.main bench ddp --out "$OUT"
   done
+  run timeout 150 $py -m torch.distributed.run --nproc-per-node 2 -m hift_engine.cli.main bench ddp --shard-state --out "$OUT"
 elif [ "$stage" = seq16 ]; then
   # bf16-mixed at 16384 tokens in 23.5 GiB: the seqtiled settings, then smaller head and MLP chunks
   ensure_installed
