@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", "--log_every", type=int, default=100)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16-mixed", "fp16-mixed"))
+    p.add_argument("--state-dtype", "--state_dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: AdamW's moments in bf16 (stochastic rounding)")
     p.set_defaults(func=run)
 
 
@@ -33,5 +36,7 @@ def run(args) -> int:
         device=args.device,
         seed=args.seed,
         log_every=args.log_every,
+        precision=args.precision,
+        state_dtype=args.state_dtype,
     )
     return 0

@@ -57,6 +57,7 @@ def run_demo(
     log_every: int = 100,
     printer: Callable[[str], None] | None = print,
     precision: str = "fp32",
+    state_dtype: str = "fp32",
 ) -> DemoResult:
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -66,7 +67,7 @@ def run_demo(
         model = model.to(compute_dtype(precision))
     opt = HiFTOptimizer(
         model, "adamw", lr=lr, weight_decay=0.0, layers_per_group=layers_per_group, strategy=strategy, seed=seed,
-        precision=precision,
+        precision=precision, state_dtype=state_dtype,
     )
     sched = opt.cycle_scheduler("cosine", total_steps=steps, warmup_steps=0)
     out = DemoResult(num_groups=opt.num_groups)
