@@ -5,6 +5,7 @@
 #             whole test suite, offload benchmark, the race test with one wait removed (must fail),
 #             compute-sanitizer on the store tests
 #   kernels   the kernel benchmark
+#   kernels16 the AdamW kernel with bf16 moments (block-sized group; bf16-mixed and fp32 weights) vs a same-bytes copy
 #   diagnose  offload vs resident step variants with profiler trace summaries (benchmarks/diagnose_offload.py)
 #   offload   the offload (transfer bandwidth, pinned allocation) benchmark
 #   memory    smoke runs, then the 7B memory benchmark
@@ -90,6 +91,13 @@ if [ "$stage" = check ]; then
 elif [ "$stage" = kernels ]; then
   ensure_installed
   run timeout 90 $py -m hift_engine.cli.main bench kernels --shape all --out "$OUT"
+elif [ "$stage" = kernels16 ]; then
+  # the AdamW kernel with bf16 moments (stochastic rounding) against a same-bytes copy, beside fp32 moments
+  ensure_installed
+  hb="$py -m hift_engine.cli.main bench kernels --shape block --optimizers adamw"
+  run timeout 120 $hb --dtype bf16-mixed --state-dtype fp32 --out "$OUT"
+  run timeout 120 $hb --dtype bf16-mixed --state-dtype bf16 --out "$OUT"
+  run timeout 120 $hb --dtype fp32 --state-dtype bf16 --out "$OUT"
 elif [ "$stage" = diagnose ]; then
   ensure_installed
   run timeout 300 $py benchmarks/diagnose_offload.py --layers 8 --profile --out "$OUT" --trace-dir /tmp/traces
@@ -233,6 +241,6 @@ elif [ "$stage" = converge ]; then
     --lr 2e-4 --methods full,hift-auto,hift-1,badam,full-cpu-offload --updates 400 --seconds 60 --eval-batches 16 \
     --cap-gib 12 --out "$OUT"
 else
-  echo "unknown stage: $stage (check, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, seqtiled32, seq16, firstcycle, bf16state, autocost, cudatests, ddp, converge)"; exit 2
+  echo "unknown stage: $stage (check, kernels16, smoke, groups, kernels, diagnose, offload, memory, step, verify, mixed, long, seqprobe, seqoffload, seqtiled, seqtiled32, seq16, firstcycle, bf16state, autocost, cudatests, ddp, converge)"; exit 2
 fi
 done

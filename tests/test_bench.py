@@ -22,6 +22,7 @@ from hift_engine.cli.main import build_parser, main
         (["bench", "groups", "--cases", "fp32@47.5", "--offload-baseline"], {"cases": "fp32@47.5", "offload_baseline": True}),
         (["bench", "step", "--state-dtype", "fp32,bf16"], {"state_dtype": "fp32,bf16"}),
         (["bench", "memory", "--state-dtype", "bf16"], {"state_dtype": "bf16"}),
+        (["bench", "kernels", "--optimizers", "adamw", "--state-dtype", "bf16"], {"state_dtype": "bf16"}),
     ],
 )
 def test_bench_arguments_parse(argv, expect):

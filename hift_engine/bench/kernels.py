@@ -43,12 +43,13 @@ HPARAMS = {
 }
 
 
-def bytes_per_param(optimizer: str, esize: int, master: bool = False) -> int:
+def bytes_per_param(optimizer: str, esize: int, master: bool = False, bf16_state: bool = False) -> int:
     from ..optim import FUSED_SPECS
 
     spec = FUSED_SPECS[optimizer]()
     hyper = spec.normalize({k: v for k, v in HPARAMS[optimizer].items() if k not in ("lr", "weight_decay")})
-    return spec.bytes_per_param(hyper, esize, master)
+    full = spec.bytes_per_param(hyper, esize, master)
+    return full - 4 * len(spec.state_names(hyper)) if bf16_state else full  # each moment read + written in 2 bytes
 
 
 def add_arguments(p) -> None:
@@ -56,6 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--optimizers", default="adamw,adagrad,sgd", help="comma-separated subset of adamw,adagrad,sgd")
     p.add_argument("--dtype", choices=("fp32", "bf16", "bf16-mixed"), default="fp32",
                    help="parameter dtype (state is fp32); bf16-mixed: bf16 parameters with fp32 masters in the state")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: AdamW's moments in bf16 with stochastic rounding (adamw only)")
     p.add_argument("--rep-ms", type=int, default=400, help="timing budget per provider (ms)")
 
 
@@ -79,7 +82,7 @@ class _Holder(nn.Module):
         self.ps = nn.ParameterList(params)
 
 
-def _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master=False) -> float:
+def _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master=False, bf16_state=False) -> float:
     """The kernel alone, on a group laid out exactly as the engine lays it out (flat state and gradients; with
     ``master``, the fp32 masters as state vector 0, equal to the rounded weights as in training)."""
     from ..layout import GroupLayout
@@ -88,7 +91,8 @@ def _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master=False) -> float:
     spec = FUSED_SPECS[opt_name]()
     hyper = {**spec.normalize({k: v for k, v in HPARAMS[opt_name].items() if k not in ("lr", "weight_decay")}), **HPARAMS[opt_name]}
     ps = _params(shapes, dtype, dev, grads=False)
-    lay = GroupLayout(0, [str(i) for i in range(len(ps))], ps, [0] * len(ps), len(spec.state_names(hyper)) + master, dev)
+    lay = GroupLayout(0, [str(i) for i in range(len(ps))], ps, [0] * len(ps), len(spec.state_names(hyper)) + master, dev,
+                      half_from=master if bf16_state else None)
     state = torch.zeros(lay.state_numel, dtype=torch.float32, device=dev)
     if master:
         for view, p in zip(lay.state_views(state, 0), ps):
@@ -96,21 +100,22 @@ def _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master=False) -> float:
     grads = torch.randn(max(lay.grad_numel.values()), device=dev).mul_(1e-3).to(dtype)
     lay.steps.fill_(1)
     table = lay.table(lay.buckets[0])
-    return median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper, master=master),
+    extra = {"moment_bf16": True, "seed": 1 << 32} if bf16_state else {}
+    return median_ms(lambda: spec.kernel(table, lay.steps, grads, state, lay.state_stride, None, hyper, master=master, **extra),
                      rep_ms=rep_ms)
 
 
-def _time_hift(opt_name, shapes, dtype, dev, rep_ms, master=False):
+def _time_hift(opt_name, shapes, dtype, dev, rep_ms, master=False, bf16_state=False):
     """(kernel-only ms, HiFTOptimizer.step() ms) for one group of ``shapes``, through public interfaces only."""
     from ..optimizer import HiFTOptimizer
 
-    t_kernel = _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master)
+    t_kernel = _time_kernel(opt_name, shapes, dtype, dev, rep_ms, master, bf16_state)
     _free()
     # The whole step: gradients set by hand are applied by step(), as in torch.optim.
     model = _Holder(_params(shapes, dtype, dev, grads=False))
     opt = HiFTOptimizer(
         model, opt_name, groups=[[".*"]], no_decay=[], state_store="resident", kernels="triton",
-        precision="bf16-mixed" if master else "fp32", **HPARAMS[opt_name]
+        precision="bf16-mixed" if master else "fp32", state_dtype="bf16" if bf16_state else "fp32", **HPARAMS[opt_name]
     )
     gen = torch.Generator(device=dev).manual_seed(1)
     for p in model.parameters():
@@ -146,12 +151,15 @@ def run(args) -> int:
     dev = require_cuda("kernels")
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     master = args.dtype == "bf16-mixed"
+    bf16_state = args.state_dtype == "bf16"
     esize = torch.tensor([], dtype=dtype).element_size()
     shapes_list = ["block", "7b"] if args.shape == "all" else [args.shape]
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     for o in optimizers:
         if o not in TORCH:
             raise SystemExit(f"hift bench kernels: unknown optimizer {o!r}; use adamw, adagrad, sgd")
+        if bf16_state and o != "adamw":
+            raise SystemExit(f"hift bench kernels: --state-dtype bf16 is AdamW's (bf16 moments); drop {o!r}")
     rows, skipped = [], []
     copy_GBps = _copy_GBps(dev, args.rep_ms)
     _free()
@@ -160,16 +168,17 @@ def run(args) -> int:
         n = sum(int(torch.Size(s).numel()) for s in shapes)
         free, _ = torch.cuda.mem_get_info(dev)
         for opt_name in optimizers:
-            bpp = bytes_per_param(opt_name, esize, master)
+            bpp = bytes_per_param(opt_name, esize, master, bf16_state)
             need = n * (2 * esize + bpp - 3 * esize) + (n * 12 if master else 0)  # params + grads + state (+ torch's fp32 copy)
             if need > 0.92 * free:
                 skipped.append(f"{shape}/{opt_name}: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
                 continue
             moved = n * bpp
             t_copy = moved / copy_GBps / 1e6  # the time a copy moving the same bytes takes
-            base = dict(shape=shape, optimizer=opt_name, dtype=args.dtype, params=n, bytes_per_param=bpp)
+            base = dict(shape=shape, optimizer=opt_name, dtype=args.dtype, state_dtype=args.state_dtype, params=n,
+                        bytes_per_param=bpp)
             rows.append({**base, "provider": "copy", "ms": t_copy, "note": f"{COPY_BYTES >> 30} GiB d2d copy"})
-            t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms, master)
+            t_kernel, t_step = _time_hift(opt_name, shapes, dtype, dev, args.rep_ms, master, bf16_state)
             _free()
             rows.append({**base, "provider": "hift-kernel", "ms": t_kernel})
             rows.append({**base, "provider": "hift-step", "ms": t_step})
@@ -188,7 +197,7 @@ def run(args) -> int:
                 if r["shape"] == shape and r["optimizer"] == opt_name and fused and r.get("ms"):
                     r["vs_torch_fused"] = fused / r["ms"]
     cols = ["shape", "optimizer", "provider", "params", "ms", "GB/s", "of_copy", "vs_torch_fused", "note"]
-    print_table(rows, cols, title=f"hift bench kernels ({args.dtype} params, fp32 state)")
+    print_table(rows, cols, title=f"hift bench kernels ({args.dtype} params, {args.state_dtype} state)")
     for s in skipped:
         print(f"skipped {s}")
     summary = {}
@@ -196,5 +205,6 @@ def run(args) -> int:
         if r["provider"] == "hift-kernel" and r.get("ms"):
             key = f"{r['shape']}/{r['optimizer']}"
             summary[key] = {"of_copy": r.get("of_copy"), "vs_torch_fused": r.get("vs_torch_fused")}
-    write_result(args.out, "kernels", rows, summary, skipped=skipped, dtype=args.dtype, copy_GBps=copy_GBps)
+    write_result(args.out, "kernels", rows, summary, skipped=skipped, dtype=args.dtype, state_dtype=args.state_dtype,
+                 copy_GBps=copy_GBps)
     return 0
