@@ -194,9 +194,11 @@ elif [ "$stage" = firstcycle ]; then
   ensure_installed
   hb="$py -m hift_engine.cli.main bench"
   step="$hb step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
-  run timeout 150 $step --batch 4 --precision bf16-mixed --chunk-mib 16,32,64 --out "$OUT"
+  HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --chunk-mib 16,32,64 --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=0 HIFT_ALLOC_NICE=0 run timeout 120 $step --batch 4 --precision bf16-mixed --out "$OUT"
+  run timeout 120 $step --batch 4 --precision bf16-mixed --out "$OUT"  # the defaults: whole registration, nice 19
   HIFT_PACE_DEPTH=2 run timeout 120 $step --batch 4 --precision bf16-mixed --chunk-mib 16,64 --out "$OUT"
+  HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with

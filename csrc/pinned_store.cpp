@@ -222,9 +222,11 @@ void PinnedStore::prepare_in_stream(int64_t slot) {
 float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<float>(); }
 
 // cudaHostRegister holds a driver lock while it pins pages, which stalls the training thread's launches and
-// copies for as long (tens of ms for a GiB). Registering in pieces keeps each hold short. Pieces are a
-// multiple of the paced transfer piece, counted from the buffer's start as the copier cuts its copies, so no
-// copy spans two registrations; unpaced stores copy a group whole and register it whole.
+// copies for as long (tens of ms for a GiB). Registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each
+// hold short. Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier
+// cuts its copies, so no paced copy spans two registrations; unpaced stores register a group whole. Off by
+// default: a copy by other code of a range spanning two registrations (a view of host state copied to a GPU)
+// is not known to be valid in CUDA, and that has not been checked on a GPU yet.
 size_t PinnedStore::registration_bytes() const {
   const size_t chunk = static_cast<size_t>(chunk_bytes_);
   const size_t want = static_cast<size_t>(tuning_.register_piece_mib) << 20;

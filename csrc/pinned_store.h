@@ -51,8 +51,9 @@ struct Tuning {
   int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: cores, at most 16)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
   bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
-  int64_t register_piece_mib = 256;     // HIFT_REGISTER_PIECE_MIB: cudaHostRegister this much per call when paced
-                                        // (a multiple of the transfer piece, so no copy spans two); 0: whole buffer
+  int64_t register_piece_mib = 0;       // HIFT_REGISTER_PIECE_MIB: > 0 registers this much per cudaHostRegister
+                                        // call when paced (whole transfer pieces, so no paced copy spans two);
+                                        // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
   static Tuning from_env();
 };

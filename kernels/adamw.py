@@ -48,11 +48,10 @@ def _adamw_apply(
     m = tl.load(m_ptrs, mask=mask).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask).to(tl.float32)
     if MOM_BF16:
-        bits_m, bits_v, bits_vmax, _ = tl.randint4x(seed + step.to(tl.int64), rand_offs)
+        bits_m, bits_v, _, _ = tl.randint4x(seed + step.to(tl.int64), rand_offs)
     else:
         bits_m = 0
         bits_v = 0
-        bits_vmax = 0
     if HAS_FLAGS:
         g = g * tl.load(scale_ptr)
     if MAXIMIZE:
@@ -65,7 +64,8 @@ def _adamw_apply(
     step_size = tl.div_rn(lr, bias_correction1)
     if AMSGRAD:
         vmax = tl.maximum(tl.load(vmax_ptrs, mask=mask).to(tl.float32), v)
-        _store_moment(vmax_ptrs, vmax, mask, bits_vmax, MOM_BF16)
+        # v's bits: rounding with the same bits is monotone, so the stored max never falls below the stored v
+        _store_moment(vmax_ptrs, vmax, mask, bits_v, MOM_BF16)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
@@ -91,7 +91,7 @@ def _adamw_kernel(
     v_ptrs = m_ptrs + state_stride
     vmax_ptrs = v_ptrs + state_stride
     step = tl.load(steps_ptr + sidx)
-    rand_offs = soff + offs
+    rand_offs = (soff + offs).to(tl.uint32)  # 32-bit counters: older Triton returns 64-bit bits for 64-bit offsets
     if full:
         _adamw_apply(p_ptrs, w_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, None, flags_ptr, step, seed, rand_offs,
                      lr, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, decay_factor,

@@ -97,6 +97,8 @@ def run(args) -> int:
             print_table(rows, list(row), title=f"hift bench ddp: {n_params / 1e9:.3f} B params, {ranks.world} process(es)")
             write_result(args.out, "ddp", rows, {"processes": ranks.world, "params": n_params,
                                                  "tokens_per_s_total": row["tokens_per_s_total"]})
+        if ranks.world > 1:  # every rank done before any tears the process group down (a rank aborted once in CI)
+            dist.barrier()
     finally:
         ranks.close()
     return 0

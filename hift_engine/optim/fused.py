@@ -64,10 +64,15 @@ def _rounding_seed(gid: int) -> int:
     return (gid + 1) << 32
 
 
-def round_stochastic_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
+def rounding_noise(like: Tensor, generator: torch.Generator) -> Tensor:
+    """16 random bits per element of ``like``, for round_stochastic_."""
+    return torch.randint(0, 1 << 16, like.shape, dtype=torch.int32, device=like.device, generator=generator)
+
+
+def round_stochastic_(dst: Tensor, src: Tensor, noise: Tensor) -> None:
     """dst (bf16) <- src (fp32) rounded up or down at random in proportion to the distance (as the kernels do):
-    16 random bits added below the bf16 mantissa, then cut off."""
-    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    the 16 bits of ``noise`` added below the bf16 mantissa, then cut off. For a fixed noise it is monotone, so
+    two vectors rounded with the same noise keep their order (AMSGrad's max stays >= v)."""
     bits = (src.contiguous().view(torch.int32) + noise) & -65536
     dst.copy_(bits.view(torch.float32))
 
@@ -147,6 +152,7 @@ class FusedPath(UpdatePath):
         if flags is not None and flags[1].item() != 0:  # reference path: a host sync is acceptable here
             return
         coef = flags[0] if flags is not None and self.apply_coef else None
+        gen = None  # one random stream per update (bf16 moments), so buckets do not repeat each other's bits
         for b in lay.buckets:
             sub = [i for i in b.members if i in member_set]
             if not sub:
@@ -168,10 +174,13 @@ class FusedPath(UpdatePath):
                     torch.where(weight != master.to(weight.dtype), weight.float(), master, out=master)
             self.spec.reference(params, grads, states, steps, self.param_groups[b.param_group])
             if self.moment_bf16:
-                gen = torch.Generator(device=lay.device).manual_seed(_rounding_seed(gid) + int(steps[0]))
-                for vec_out, vec_in in zip(stored, states):
-                    for dst, src in zip(vec_out, vec_in):
-                        round_stochastic_(dst, src, gen)
+                if gen is None:
+                    gen = torch.Generator(device=lay.device).manual_seed(_rounding_seed(gid) + int(steps[0]))
+                noise = [[rounding_noise(t, gen) for t in vec] for vec in states[:2]]  # m's and v's
+                noise += noise[1:] * (len(states) - 2)  # AMSGrad's max takes v's bits (order kept)
+                for vec_out, vec_in, vec_noise in zip(stored, states, noise):
+                    for dst, src, bits in zip(vec_out, vec_in, vec_noise):
+                        round_stochastic_(dst, src, bits)
             if self.masters:
                 for i, master in zip(sub, params):
                     lay.params[i].copy_(master)  # round to the model's dtype

@@ -29,6 +29,7 @@ from .torch_transport import TorchTransport
 __all__ = ["OffloadStore", "TRANSPORTS"]
 
 TRANSPORTS = ("torch", "native")
+_SLICE = 16 << 20  # elements per slice of a device-to-host load_state (64 MiB)
 
 
 def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int, alloc_order=None):
@@ -150,7 +151,12 @@ class OffloadStore(StateStore):
         if s is not None:  # drop the device copy; the next activation fetches the loaded state
             self._slot_gid[s] = None
             self._dirty[s] = self._fresh[s] = False
-        self.transport.host(gid).copy_(flat.reshape(-1))
+        host, flat = self.transport.host(gid), flat.reshape(-1)
+        if flat.is_cuda:  # through pageable memory in slices: a CUDA copy straight into host memory registered in
+            for i in range(0, flat.numel(), _SLICE):  # pieces (HIFT_REGISTER_PIECE_MIB) could span two of them
+                host[i : i + _SLICE].copy_(flat[i : i + _SLICE].cpu())
+        else:
+            host.copy_(flat)
         self._initialized.add(gid)
         self.stats.host_bytes = self.transport.host_bytes
 

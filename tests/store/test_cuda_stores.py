@@ -144,4 +144,10 @@ def test_native_registration_in_pieces_round_trips_bit_exact(monkeypatch):
         store.prefetch(1 - gid)
     for gid in range(2):
         assert torch.equal(store.host_state(gid), ref[gid].cpu())
+    # load_state from the device (seeding masters from fp32 weights) crosses the registrations too
+    fresh = torch.randn(numels[0], generator=g, device="cuda")
+    store.load_state(0, fresh)
+    assert torch.equal(store.host_state(0), fresh.cpu())
+    state, _ = store.activate(0)
+    assert torch.equal(state, fresh)
     store.close()
