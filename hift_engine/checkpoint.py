@@ -144,6 +144,8 @@ def _prepare(root, step: int, keep_last) -> tuple[Path, list, Path]:
         raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-del-*"):  # deletions a killed process did not finish
+        shutil.rmtree(stale, ignore_errors=True)
     before = saved_checkpoints(root)
     tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
@@ -201,11 +203,25 @@ def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_
     _fsync_path(root)
     for _, old_step, old in before:  # the new copy is in place: older copies of the same step can go
         if old_step == step:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
+
+
+def _discard(old: Path) -> None:
+    """Delete a checkpoint directory so that at no moment does a part of it look complete: it is first renamed
+    out of the readers' view (atomic), then deleted. A process killed while deleting in place left a directory
+    whose manifest listed files already gone; killed now, it leaves a ``.tmp-del-*`` directory, which readers
+    ignore and the next save removes."""
+    trash = old.parent / f".tmp-del-{old.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(old, trash)
+    except OSError:
+        return  # already gone (another process pruned it)
+    _fsync_path(old.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, reducer) -> Path:

@@ -85,6 +85,40 @@ def test_layout_on_disk_and_keep_last(tmp_path):
     assert latest_checkpoint(tmp_path).name == "ckpt-00000008"
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside the process: nothing after it runs."""
+
+
+def test_kill_while_keep_last_deletes_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    """keep_last removed old checkpoints with rmtree in place: killed half-way (CI caught it with SIGKILL), a
+    directory kept its manifest while files it lists were gone, so it still looked complete. Now a checkpoint
+    is renamed out of sight before it is deleted."""
+    model, opt, sched = _setup()
+    for i in range(2):
+        _train(model, opt, sched, 2, start=2 * i)
+        save_checkpoint(tmp_path, model, opt, sched, keep_last=2)
+
+    def dies_after_one_file(path, ignore_errors=False):
+        for dirpath, _, files in os.walk(path):
+            for name in sorted(files):
+                if name != "manifest.json":
+                    os.remove(os.path.join(dirpath, name))
+                    raise _Killed()
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_after_one_file)
+    _train(model, opt, sched, 2, start=4)
+    with pytest.raises(_Killed):
+        save_checkpoint(tmp_path, model, opt, sched, keep_last=2)
+    monkeypatch.undo()
+    listed = ckpt.list_checkpoints(tmp_path)
+    assert [p.name for p in listed] == ["ckpt-00000004", "ckpt-00000006"]
+    for d in listed:  # whatever looks complete must verify
+        ckpt.verify_checkpoint(d)
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000006"
+    save_checkpoint(tmp_path, model, opt, sched, step=7, keep_last=2)  # the next save clears the half-deleted one
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
 def test_crash_during_write_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
     model, opt, sched = _setup()
     _train(model, opt, sched, 2)
