@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import HiFTError
@@ -40,16 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     if old_level == logging.NOTSET or old_level > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except HiFTError as e:  # expected, user-facing errors: one clear line, no traceback
         print(f"hift {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print(f"hift {args.command}: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+    from ..recipe.ranks import leave_without_destructors
+
+    if leave_without_destructors():  # a gloo process group ran here: its exit can abort after the work is done
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
