@@ -6,7 +6,7 @@ Layout of one checkpoint, ``<root>/ckpt-<step:08d>/`` (``ckpt-<step>-r<n>`` when
                                same encoding state_dict() is built on), written from the store's host memory
                                after its write-back finished (no copy of the 50 GiB)
     meta.json                  step, the optimizer's meta (hyper-parameters, order position, skips), RNG, extra
-    rng.safetensors            torch CPU (and CUDA) generator states
+    rng.safetensors            torch CPU (and CUDA) generator states (each rank's under data parallelism)
     scheduler.pt               the LR scheduler's state_dict (torch.save; read with weights_only=True)
     manifest.json              written last: every file's size and SHA-256, a save sequence number, and the
                                SHA-256 of the manifest's own content
@@ -89,6 +89,24 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
     return tensors, [state[0], list(state[1]), state[2]]
 
 
+def _all_ranks_rng(reducer) -> list | None:
+    """Every rank's (RNG tensors, python RNG state), on rank 0 (None elsewhere): under data parallelism each rank
+    draws its own dropout masks and shuffles, so each must resume from its own generators. A collective."""
+    gathered: list | None = [None] * reducer.world if reducer.is_main else None
+    dist.gather_object(_rng_state(), gathered, dst=0)
+    return gathered
+
+
+def _rank_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], rank: int) -> tuple[dict, Any]:
+    """The RNG state saved for ``rank``: its own ("rank<r>." keys, meta's python_rng_ranks), or rank 0's in a
+    checkpoint saved without them (one process, or an older version)."""
+    prefix = f"rank{rank}."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if rank and "torch_cpu" in own:
+        return own, (meta.get("python_rng_ranks") or {}).get(str(rank))
+    return {k: v for k, v in tensors.items() if not k.startswith("rank")}, meta.get("python_rng")
+
+
 def _set_rng_state(tensors: Mapping[str, torch.Tensor], python_state: Any) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -123,14 +141,16 @@ def save_checkpoint(
         return _save(root, model, optimizer, scheduler, step, extra, keep_last)
     if getattr(optimizer, "shards", None) is not None:
         return _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, reducer)
-    # Data parallel: the state is replicated, so rank 0 writes and every rank gets the path (or rank 0's error).
+    # Data parallel: the state is replicated, so rank 0 writes (with every rank's RNG state) and every rank gets
+    # the path (or rank 0's error).
+    rngs = _all_ranks_rng(reducer)
     if not reducer.is_main:
         outcome = reducer.broadcast_object(None)
         if outcome.get("error"):
             raise CheckpointError(f"rank 0 could not save the checkpoint: {outcome['error']}")
         return Path(outcome["path"])
     try:
-        path = _save(root, model, optimizer, scheduler, step, extra, keep_last)
+        path = _save(root, model, optimizer, scheduler, step, extra, keep_last, rngs)
     except BaseException as e:
         reducer.broadcast_object({"error": f"{type(e).__name__}: {e}"})
         raise
@@ -153,7 +173,7 @@ def _prepare(root, step: int, keep_last) -> tuple[Path, list, Path]:
     return root, before, tmp
 
 
-def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
+def _save(root, model, optimizer, scheduler, step, extra, keep_last, rngs=None) -> Path:
     root, before, tmp = _prepare(root, step, keep_last)
     try:
         export = optimizer.export_state()
@@ -163,17 +183,23 @@ def _save(root, model, optimizer, scheduler, step, extra, keep_last) -> Path:
             if group.values:
                 values[str(gid)] = group.values
             masters.update(optimizer.master_weights(gid, group))
-        return _finish(root, before, tmp, model, masters, scheduler, step, export.meta, values, extra, keep_last)
+        return _finish(root, before, tmp, model, masters, scheduler, step, export.meta, values, extra, keep_last, rngs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_meta, values, extra, keep_last) -> Path:
+def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_meta, values, extra, keep_last,
+            rngs=None) -> Path:
     """Everything but the optimizer's group files, the manifest (over every file in ``tmp``), the atomic rename,
-    and the removal of copies it replaces."""
+    and the removal of copies it replaces. ``rngs``: every rank's RNG state (data parallel), rank 0's first."""
     _save_tensors(tmp / "model.safetensors", model_weights(model, masters=masters))
-    rng_tensors, python_rng = _rng_state()
+    rng_tensors, python_rng = rngs[0] if rngs else _rng_state()
+    python_ranks = {}
+    for r, (tensors, python_state) in enumerate(rngs or []):
+        if r:  # rank 0's under the plain names, as a one-process checkpoint has them
+            rng_tensors = {**rng_tensors, **{f"rank{r}.{k}": v for k, v in tensors.items()}}
+            python_ranks[str(r)] = python_state
     _save_tensors(tmp / "rng.safetensors", rng_tensors)
     if scheduler is not None:
         with open(tmp / "scheduler.pt", "wb") as f:
@@ -184,6 +210,8 @@ def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_
         "step": step, "optimizer": opt_meta, "group_values": values, "python_rng": python_rng,
         "extra": dict(extra or {}), "torch": torch.__version__,
     }
+    if python_ranks:
+        meta["python_rng_ranks"] = python_ranks
     try:
         _write_json(tmp / "meta.json", meta)
     except TypeError as e:
@@ -267,6 +295,7 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
             dist.gather_object(mine, gathered, dst=0)
             if main:
                 masters.update(optimizer.shards.assemble_masters(gid, gathered))
+    rngs = _all_ranks_rng(reducer)
     errors: list | None = [None] * world if main else None
     dist.gather_object(error, errors, dst=0)
     if main:
@@ -274,7 +303,8 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
             failed = [e for e in errors if e]
             if failed:
                 raise CheckpointError("; ".join(failed))
-            box = {"path": str(_finish(root, before, tmp, model, masters, scheduler, step, export.meta, {}, extra, keep_last))}
+            box = {"path": str(_finish(root, before, tmp, model, masters, scheduler, step, export.meta, {}, extra, keep_last,
+                                       rngs))}
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             box = {"error": f"{type(e).__name__}: {e}"}
@@ -382,7 +412,7 @@ def load_checkpoint(
         if scheduler is not None:
             scheduler.load_state_dict(saved_sched)  # after the optimizer: a schedule may set the LRs it implies
         if rng is not None:
-            _set_rng_state(rng, meta.get("python_rng"))
+            _set_rng_state(*_rank_rng(rng, meta, reducer.rank if reducer is not None else 0))
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: failed while loading an already verified checkpoint ({type(e).__name__}: {e})") from e
     return {"step": int(meta.get("step", 0)), "extra": meta.get("extra", {}), "path": str(path)}

@@ -55,6 +55,8 @@ def _worker(rank, world, tmp, mode, port):
             _partial(rank, tmp)
         elif mode == "killed":
             _killed(rank, tmp)
+        elif mode.startswith("rng"):
+            _rng_per_rank(rank, tmp, shard=mode == "rng-shard")
         elif mode.startswith("shard"):
             _sharded(rank, tmp, mode)
         elif mode == "mismatch":
@@ -92,6 +94,28 @@ def _train_and_resume(rank, tmp):
     load_checkpoint(path, again, opt2)
     _train(again, opt2, k, rank, start=3 * k)
     torch.save({"resumed": again.state_dict(), "same_path": str(path)}, f"{tmp}/resumed-{rank}.pt")
+    opt.close()
+    opt2.close()
+
+
+def _rng_per_rank(rank, tmp, shard):
+    """Each rank draws from its own generators (dropout masks, shuffles): after a resume each must continue its
+    own streams. The checkpoint used to hold rank 0's alone, so rank 1 resumed with rank 0's."""
+    import random
+
+    model = tiny_llama()  # seeds torch's generator: each rank's own seed comes after
+    opt = _opt(model, shard_state=shard)
+    torch.manual_seed(100 + rank)
+    random.seed(rank)
+    _train(model, opt, 2, rank)
+    path = save_checkpoint(f"{tmp}/ckpt", model, opt)
+    expected = (torch.rand(4), random.random())
+    torch.manual_seed(999)
+    random.seed(999)
+    again = tiny_llama(seed=5)
+    opt2 = _opt(again, shard_state=shard)
+    load_checkpoint(path, again, opt2)
+    torch.save({"expected": expected, "resumed": (torch.rand(4), random.random())}, f"{tmp}/rng-{rank}.pt")
     opt.close()
     opt2.close()
 
@@ -267,6 +291,15 @@ def test_sharded_state_trains_exactly_like_replicated_state_with_1_over_n_of_the
         assert all(t.dtype == torch.float32 for t in sharded.values())
     assert any(not torch.equal(outs[0][False]["weights"][n], tiny_llama().state_dict()[n].to(w.dtype))
                for n, w in outs[0][False]["weights"].items())  # it trained
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_every_rank_resumes_its_own_random_streams(shard, tmp_path):
+    _spawn(2, tmp_path, "rng-shard" if shard else "rng")
+    got = [torch.load(tmp_path / f"rng-{r}.pt") for r in range(2)]
+    for r, g in enumerate(got):
+        assert torch.equal(g["resumed"][0], g["expected"][0]) and g["resumed"][1] == g["expected"][1], f"rank {r}"
+    assert not torch.equal(got[0]["expected"][0], got[1]["expected"][0])  # the ranks' streams differ
 
 
 def test_a_rank_killed_while_saving_leaves_the_last_checkpoint_intact(tmp_path):
