@@ -22,6 +22,7 @@ it changes anything. Nothing is unpickled except the scheduler state, under ``to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import copy
@@ -47,6 +48,8 @@ from .checkpoint_dir import (
 from .errors import CheckpointError, ConfigError
 from .sharding import shard_file
 from .state_io import Signature
+
+log = logging.getLogger("hift_engine")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "verify_checkpoint", "model_weights"]
 
@@ -99,11 +102,17 @@ def _all_ranks_rng(reducer) -> list | None:
 
 def _rank_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], rank: int) -> tuple[dict, Any]:
     """The RNG state saved for ``rank``: its own ("rank<r>." keys, meta's python_rng_ranks), or rank 0's in a
-    checkpoint saved without them (one process, or an older version)."""
+    checkpoint saved without them (one process, fewer processes, or an older version), said in a warning:
+    that rank then draws the same dropout masks and shuffles as rank 0."""
     prefix = f"rank{rank}."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if rank and "torch_cpu" in own:
         return own, (meta.get("python_rng_ranks") or {}).get(str(rank))
+    if rank:
+        saved = 1 + len(meta.get("python_rng_ranks") or {})
+        log.warning(f"rank {rank}: the checkpoint holds the random-number state of {saved} process(es), none of it "
+                    "this rank's; it resumes rank 0's random streams (the same dropout masks and shuffles as rank 0). "
+                    "Resume on as many processes as saved it, or reseed each rank after loading")
     return {k: v for k, v in tensors.items() if not k.startswith("rank")}, meta.get("python_rng")
 
 
@@ -412,7 +421,8 @@ def load_checkpoint(
         if scheduler is not None:
             scheduler.load_state_dict(saved_sched)  # after the optimizer: a schedule may set the LRs it implies
         if rng is not None:
-            _set_rng_state(*_rank_rng(rng, meta, reducer.rank if reducer is not None else 0))
+            rank = reducer.rank if reducer is not None else (dist.get_rank() if dist.is_initialized() else 0)
+            _set_rng_state(*_rank_rng(rng, meta, rank))
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: failed while loading an already verified checkpoint ({type(e).__name__}: {e})") from e
     return {"step": int(meta.get("step", 0)), "extra": meta.get("extra", {}), "path": str(path)}

@@ -97,3 +97,25 @@ def test_ctrl_c_before_the_first_checkpoint_says_how_to_start_again(tmp_path, hi
     rc, _, err = hift_train()
     assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "before the first checkpoint" in err and err.strip().endswith("--overwrite")
+
+
+def test_main_returns_to_a_python_caller_after_a_gloo_group_was_torn_down(tmp_path):
+    """main() is a function that tests and scripts call and then go on. Once a gloo process group had been torn
+    down it ended the whole process with os._exit: the caller's later code and its buffered files were lost
+    while the process reported success. Only the console entry may leave that way."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hift_engine.recipe.ranks as r\n"
+        "r._gloo_torn_down = True  # as Ranks.close leaves it after hift train or bench ddp under torchrun (gloo)\n"
+        f"f = open({str(tmp_path / 'buffered.txt')!r}, 'w'); f.write('written by the caller')\n"
+        "from hift_engine.cli.main import main\n"
+        "rc = main(['env'])\n"
+        "print('AFTER', rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "AFTER 0" in done.stdout, (done.returncode, done.stdout[-500:], done.stderr[-1000:])
+    assert (tmp_path / "buffered.txt").read_text() == "written by the caller"

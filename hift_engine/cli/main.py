@@ -10,7 +10,7 @@ import sys
 from ..errors import HiFTError
 from . import bench, demo, env, train
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "entry", "build_parser"]
 
 SUBCOMMANDS = (demo, train, bench, env)
 
@@ -51,14 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    from ..recipe.ranks import leave_without_destructors
-
-    if leave_without_destructors():  # a gloo process group ran here: its exit can abort after the work is done
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
     return rc
 
 
+def entry() -> None:
+    """The ``hift`` console script and ``python -m hift_engine.cli.main``: run, then exit with main's code.
+    After a gloo process group ran in this process, leave with os._exit: its exit could abort in C++ static
+    destructors after all work was done (torchrun then reported a finished run as failed). Only here, never in
+    main(), which Python callers use as a function."""
+    from ..recipe.ranks import leave_without_destructors
+
+    rc = main()
+    if leave_without_destructors():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -59,7 +59,8 @@ class Ranks:
 
 # A gloo process group was destroyed in this process. Even then, about one exit in ten or more aborted in C++
 # static destructors ("terminate called without an active exception", SIGABRT) after all work was done and
-# written, so torchrun reported a finished run as failed. The CLI then leaves with os._exit (see cli/main.py).
+# written, so torchrun reported a finished run as failed. The console entry then leaves with os._exit
+# (cli/main.py entry(); main() itself returns, as a function must).
 _gloo_torn_down = False
 
 
