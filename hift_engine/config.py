@@ -101,8 +101,8 @@ class HiFTConfig:
     state_dtype:      "fp32" (default) or "bf16": AdamW's moments (exp_avg, exp_avg_sq, max_exp_avg_sq) kept in
                       bf16, stored with stochastic rounding, so the state takes 4 instead of 8 bytes per
                       parameter (8 instead of 12 with bf16-mixed masters, which stay fp32) in host memory and on
-                      every transfer. Fused AdamW only; not with shard_state. state_dict() gives the moments as
-                      fp32 (exact); loading rounds them to bf16.
+                      every transfer. Fused AdamW only; not with shard_state. state_dict() gives the bf16
+                      moments as they are; loading fp32 moments rounds them to bf16.
     activation_checkpointing: "off"; "always": the blocks above the active group keep only their inputs and
                       are recomputed in backward (the active group and the blocks below it cost nothing extra);
                       "auto": only as many of those blocks as needed to stay inside memory_budget_gib are

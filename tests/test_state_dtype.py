@@ -57,7 +57,7 @@ def test_v_decays_where_round_to_nearest_would_stall(kernels):
         opt.zero_grad()
         (model(**lm_batch()).loss * 0.0).backward()
         opt.step()
-    v = torch.cat([e["exp_avg_sq"].flatten() for e in opt.state_dict()["state"].values()])
+    v = torch.cat([e["exp_avg_sq"].flatten().float() for e in opt.state_dict()["state"].values()])
     assert v.numel() > 5000
     assert abs(v.mean().item() - 0.999**steps) < 2e-3, (v.mean().item(), 0.999**steps)
     assert v.max().item() < 1.0
@@ -173,8 +173,9 @@ def test_checkpoint_of_the_other_state_dtype_is_refused_before_anything_changes(
 
 
 def test_state_dict_moves_between_state_dtypes():
-    """state_dict() holds fp32 moments either way: fp32 state loads into bf16 rounded (to nearest), and back
-    exactly."""
+    """state_dict() holds the moments as the optimizer keeps them (bf16 views with bf16 moments: no fp32 copy of
+    the whole state, which a host sized for bf16 state may not have room for): fp32 state loads into bf16
+    rounded (to nearest), back exactly, and into torch.optim.AdamW."""
     model = tiny_llama()
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_dtype="fp32")
     _train(model, opt, 4)
@@ -184,12 +185,19 @@ def test_state_dict_moves_between_state_dtypes():
     moved = opt_bf16.state_dict()
     for i, entry in sd["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
-            assert moved["state"][i][k].dtype == torch.float32
-            assert torch.equal(moved["state"][i][k], entry[k].to(torch.bfloat16).float())
+            assert moved["state"][i][k].dtype == torch.bfloat16
+            assert torch.equal(moved["state"][i][k], entry[k].to(torch.bfloat16))
     back = HiFTOptimizer(tiny_llama(), "adamw", lr=1e-2, state_dtype="fp32")
     back.load_state_dict(moved)
     for i, entry in moved["state"].items():
-        assert torch.equal(back.state_dict()["state"][i]["exp_avg_sq"], entry["exp_avg_sq"])
+        assert torch.equal(back.state_dict()["state"][i]["exp_avg_sq"], entry["exp_avg_sq"].float())
+    groups = [[p for p in g["params"]] for g in opt_bf16.param_groups]  # torch's numbering is these groups' order
+    opt_bf16.close()
+    plain = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2)
+    plain.load_state_dict(moved)
+    first = plain.state[groups[0][0]]
+    assert first["exp_avg"].dtype == torch.float32
+    assert torch.equal(first["exp_avg"], moved["state"][0]["exp_avg"].float())
 
 
 @pytest.mark.parametrize(

@@ -240,8 +240,8 @@ class FusedPath(UpdatePath):
                 continue
             entry: dict[str, Any] = {"step": torch.tensor(steps[i], dtype=torch.float32)}
             for k, name in enumerate(self._keys()):
-                view = lay.state_views(flat, k, [i])[0]
-                entry[name] = view.float() if view.dtype != torch.float32 else view  # bf16 moments: exact in fp32
+                # views of the host state in its own dtype (bf16 moments stay bf16: no copy, nothing rounded)
+                entry[name] = lay.state_views(flat, k, [i])[0]
             out.append(entry)
         return out
 
