@@ -117,8 +117,7 @@ class GroupLayout:
 
     def vector(self, state: Tensor, k: int) -> Tensor:
         """State vector ``k`` of the flat tensor, in its own dtype (``state_stride`` elements)."""
-        v = state[self.vector_base[k] : self.vector_base[k + 1]]
-        return v.view(torch.bfloat16) if k >= self.half_from else v
+        return state[self.vector_base[k] : self.vector_base[k + 1]].view(self.vector_dtype(k))
 
     def state_views(self, state: Tensor, k: int, members: Sequence[int] | None = None) -> list[Tensor]:
         """Views of state vector ``k`` shaped like the parameters (all, or ``members``), in the vector's dtype."""

@@ -55,6 +55,8 @@ def _worker(rank, world, tmp, mode, port):
             _partial(rank, tmp)
         elif mode == "killed":
             _killed(rank, tmp)
+        elif mode.startswith("world-"):
+            _world_change(rank, tmp, mode[len("world-"):])
         elif mode.startswith("rng"):
             _rng_per_rank(rank, tmp, shard=mode == "rng-shard")
         elif mode.startswith("shard"):
@@ -302,44 +304,32 @@ def test_every_rank_resumes_its_own_random_streams(shard, tmp_path):
     assert not torch.equal(got[0]["expected"][0], got[1]["expected"][0])  # the ranks' streams differ
 
 
-def _world_change_worker(rank, world, tmp, phase, port):
+def _world_change(rank, tmp, phase):
     import logging
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    torch.manual_seed(0)
-    try:
-        if phase == "save":
-            model = tiny_llama()
-            opt = _opt(model)
-            torch.manual_seed(100 + rank)
-            _train(model, opt, 2, rank)
-            save_checkpoint(f"{tmp}/ckpt", model, opt)
-            opt.close()
-        else:
-            records = []
-            handler = logging.Handler()
-            handler.emit = records.append
-            logging.getLogger("hift_engine").addHandler(handler)
-            model = tiny_llama(seed=5)
-            opt = _opt(model)
-            load_checkpoint(f"{tmp}/ckpt", model, opt)
-            torch.save({"draw": torch.rand(4), "warnings": [r.getMessage() for r in records]}, f"{tmp}/wc-{rank}.pt")
-            opt.close()
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if phase == "save":
+        model = tiny_llama()
+        opt = _opt(model)
+        torch.manual_seed(100 + rank)
+        _train(model, opt, 2, rank)
+        save_checkpoint(f"{tmp}/ckpt", model, opt)
+    else:
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("hift_engine").addHandler(handler)
+        model = tiny_llama(seed=5)
+        opt = _opt(model)
+        load_checkpoint(f"{tmp}/ckpt", model, opt)
+        torch.save({"draw": torch.rand(4), "warnings": [r.getMessage() for r in records]}, f"{tmp}/wc-{rank}.pt")
+    opt.close()
 
 
 def test_a_world_size_change_does_not_silently_give_two_ranks_one_random_stream(tmp_path):
     """A replicated checkpoint of 2 ranks loaded by 3: rank 2 has no random-number state of its own and takes
     rank 0's, so ranks 0 and 2 draw the same dropout masks from then on. That must be said (it was silent)."""
-    mp.spawn(_world_change_worker, args=(2, str(tmp_path), "save", _free_port()), nprocs=2, join=True)
-    mp.spawn(_world_change_worker, args=(3, str(tmp_path), "load", _free_port()), nprocs=3, join=True)
+    _spawn(2, tmp_path, "world-save")
+    _spawn(3, tmp_path, "world-load")
     got = [torch.load(tmp_path / f"wc-{r}.pt") for r in range(3)]
     assert not torch.equal(got[0]["draw"], got[1]["draw"])  # rank 1 has its own
     assert not got[0]["warnings"] and not got[1]["warnings"]

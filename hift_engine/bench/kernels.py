@@ -48,8 +48,7 @@ def bytes_per_param(optimizer: str, esize: int, master: bool = False, bf16_state
 
     spec = FUSED_SPECS[optimizer]()
     hyper = spec.normalize({k: v for k, v in HPARAMS[optimizer].items() if k not in ("lr", "weight_decay")})
-    full = spec.bytes_per_param(hyper, esize, master)
-    return full - 4 * len(spec.state_names(hyper)) if bf16_state else full  # each moment read + written in 2 bytes
+    return spec.bytes_per_param(hyper, esize, master, state_size=2 if bf16_state else 4)
 
 
 def add_arguments(p) -> None:

@@ -176,7 +176,7 @@ def _probe(model, opt, seqs, nvml, dev, mode, head_chunk_tokens, cap_gib=None) -
             while opt.order.position > 2:
                 _steps(model, opt, 1, ALIGN_SEQ, 1, nvml, dev, "align")
             pr = _steps(model, opt, 1, seq, 3, nvml, dev, f"probe{seq}-{mode}", head_chunk_tokens)
-            used = max((r["nvml_used_gib"] or 0) for r in pr) if nvml.used() is not None else None
+            used = max((r["nvml_used_gib"] or 0) for r in pr) if nvml.handle is not None else None
             within = used is None or cap_gib is None or used <= cap_gib
             probes.append({"checkpointing": mode, "seq": seq, "fits": within,
                            "peak_reserved_gib": max(r["peak_reserved_gib"] for r in pr),

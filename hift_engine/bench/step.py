@@ -221,8 +221,8 @@ def run(args) -> int:
                     continue  # one full fine-tuning reference per model size
                 variants = [(c, None) for c in chunks] + [(chunks[0], a) for a in ckpts[1:]] if mode == "offload" else [(None, None)]
                 dtypes = state_dtypes if mode in ("offload", "resident") else ["fp32"]
-                for i, (chunk, ckpt, sd) in enumerate((c, a, d) for d in dtypes for c, a in variants):
-                    label = mode if i == 0 else f"{mode}-ckpt-{ckpt}" if ckpt else f"{mode}-chunk{chunk}" if chunk != chunks[0] else mode
+                for chunk, ckpt, sd in ((c, a, d) for d in dtypes for c, a in variants):
+                    label = f"{mode}-ckpt-{ckpt}" if ckpt else f"{mode}-chunk{chunk}" if chunk != variants[0][0] else mode
                     label += "-bf16state" if sd == "bf16" else ""
                     extra = {"activation_checkpointing": ckpt or ckpts[0]} if mode != "standard" else {}
                     if sd == "bf16":

@@ -46,11 +46,12 @@ class FusedSpec(ABC):
         """Names of the fp32 state vectors (torch.optim's state keys), in layout order (from
         ``kernels.reference.state_names``, which the kernels' argument checks read too)."""
 
-    def bytes_per_param(self, hyper: Mapping[str, Any], element_size: int = 4, master: bool = False) -> int:
+    def bytes_per_param(self, hyper: Mapping[str, Any], element_size: int = 4, master: bool = False,
+                        state_size: int = 4) -> int:
         """Bytes one update moves per parameter: read+write the parameter, read its gradient, read+write each
-        fp32 state vector (AdamW in fp32: 28); with fp32 ``master`` weights also read+write the master
-        (AdamW in bf16-mixed: 30)."""
-        return 3 * element_size + 8 * (len(self.state_names(hyper)) + master)
+        state vector of ``state_size`` bytes (AdamW in fp32: 28); with fp32 ``master`` weights also read+write the
+        master (AdamW in bf16-mixed: 30; with bf16 moments, ``state_size=2``: 22)."""
+        return 3 * element_size + 8 * master + 2 * state_size * len(self.state_names(hyper))
 
     def init_fresh(self, state_vectors: Sequence[Tensor], hyper: Mapping[str, Any]) -> None:
         """Initialise zero-filled state of a bucket's parameters on their first activation (default: zeros)."""
