@@ -24,6 +24,8 @@
 #   seq16     bf16-mixed at 16384 tokens in 23.5 GiB with the seqtiled options, MLP/head chunks 4096/2048 and 2048/1024
 #   firstcycle first cycle over later ones after a resident warm-up (bf16-mixed batch 4, fp32 batch 1), new and old
 #             allocator settings; offloaded over resident for transfer pieces of 16/32/64 MiB and pace depth 2
+#   pinprobe  where pinning host memory spends its time (benchmarks/pin_probe.cu), then the first cycle with the
+#             allocator's own timings, default settings and 256 MiB registration pieces
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -199,6 +201,17 @@ elif [ "$stage" = firstcycle ]; then
   run timeout 120 $step --batch 4 --precision bf16-mixed --out "$OUT"  # the defaults: whole registration, nice 19
   HIFT_PACE_DEPTH=2 run timeout 120 $step --batch 4 --precision bf16-mixed --chunk-mib 16,64 --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+  run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = pinprobe ]; then
+  # where pinning time goes (benchmarks/pin_probe.cu: first touch, cudaHostRegister, in parallel, across a seam
+  # between two registrations), then the first cycle with the allocator's timings (alloc_* columns), defaults
+  # and 256 MiB registration pieces, bf16-mixed batch 4 and fp32 batch 1
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 8
+  ensure_installed
+  run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
+  HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with

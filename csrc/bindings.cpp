@@ -41,5 +41,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait_allocated", &S::wait_allocated, release(),
            "Block until the background thread has allocated every group's host buffer (or stopped).")
       .def("close", &S::close, release(), "Finish copies; release streams, events and host memory (idempotent).")
+      .def(
+          "alloc_stats",
+          [](const S& s) {
+            auto a = s.alloc_stats();
+            py::dict d;
+            d["touch_s"] = a.touch_s;
+            d["register_s"] = a.register_s;
+            d["wait_s"] = a.wait_s;
+            d["waits"] = a.waits;
+            return d;
+          },
+          "Seconds spent on first touch and cudaHostRegister (summed over threads), and how long (and how often) "
+          "callers waited for a host buffer that was not ready.")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).");
 }

@@ -4,6 +4,7 @@
 #include "check.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,11 @@ constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kMaxRegistration = size_t(64) << 30;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+using Clock = std::chrono::steady_clock;
+int64_t nanoseconds_since(Clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+}
 
 // The integer in environment variable `name`, or `fallback` when it is unset or empty.
 int64_t env_int(const char* name, int64_t fallback) {
@@ -250,9 +256,12 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
   if (buf->ptr == nullptr)
     throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,
                                       " bytes of host memory for optimizer state; free host memory or train fewer groups"));
+  const auto t0 = Clock::now();
   parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
+  touch_ns_ += nanoseconds_since(t0);
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
+    const auto t1 = Clock::now();
     c10::cuda::CUDAGuard guard(device_);
     const size_t piece = registration_bytes();
     buf->registration = piece;
@@ -267,6 +276,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
       }
     }
     buf->registered = true;
+    register_ns_ += nanoseconds_since(t1);
   }
 #endif
   return buf;
@@ -327,6 +337,16 @@ std::shared_ptr<HostBuffer> PinnedStore::ready_buffer(int64_t gid) {
 std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   {
     std::unique_lock<std::mutex> lock(alloc_mu_);
+    if (host_[gid]) return host_[gid];
+  }
+  const auto t0 = Clock::now();  // not ready: count how long the caller is held up
+  struct Count {
+    PinnedStore* self;
+    Clock::time_point t0;
+    ~Count() { self->wait_ns_ += nanoseconds_since(t0); self->waits_ += 1; }
+  } count{this, t0};
+  {
+    std::unique_lock<std::mutex> lock(alloc_mu_);
     alloc_cv_.wait(lock, [&] { return host_[gid] || !claimed_[gid]; });  // being allocated: wait for it
     if (host_[gid]) return host_[gid];
     claimed_[gid] = 1;
@@ -345,6 +365,10 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   host_[gid] = buf;
   alloc_cv_.notify_all();
   return buf;
+}
+
+PinnedStore::AllocStats PinnedStore::alloc_stats() const {
+  return {touch_ns_.load() * 1e-9, register_ns_.load() * 1e-9, wait_ns_.load() * 1e-9, waits_.load()};
 }
 
 at::Tensor PinnedStore::host(int64_t gid) {

@@ -102,6 +102,13 @@ class PinnedStore {
   void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
 
   int64_t host_bytes() const { return host_bytes_.load(); }
+  // Where allocation time went, in seconds: first touch and cudaHostRegister summed over the threads that did
+  // them, and how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts them.
+  struct AllocStats {
+    double touch_s, register_s, wait_s;
+    int64_t waits;
+  };
+  AllocStats alloc_stats() const;
   int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
 
  private:
@@ -125,6 +132,7 @@ class PinnedStore {
   Tuning tuning_;
   int64_t chunk_bytes_;
   std::atomic<int64_t> host_bytes_{0};
+  std::atomic<int64_t> touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0};
   // Allocation state per group, guarded by alloc_mu_: host_[g] set = ready; claimed_[g] = someone is
   // allocating it (the background thread or a caller).
   std::mutex alloc_mu_;

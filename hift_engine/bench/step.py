@@ -134,6 +134,10 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         _loop(model, opt, batches, k, args.head_chunk_tokens)  # the first cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
         first_ms = 1e3 * (time.perf_counter() - t0) / k
+        alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
+        if alloc is not None:  # the native store: what pinning host memory cost the first cycle
+            row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_touch_s=alloc["touch_s"],
+                       alloc_register_s=alloc["register_s"])
         torch.cuda.reset_peak_memory_stats(dev)
         stats0 = _store_bytes(opt)
         n = k * cycles

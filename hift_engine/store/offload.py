@@ -168,6 +168,12 @@ class OffloadStore(StateStore):
             self._dirty[s] = self._fresh[s] = False
         self._initialized.discard(gid)
 
+    def alloc_stats(self) -> dict | None:
+        """The native store's allocation times (first touch, pinning, and how long write-backs waited for a
+        buffer that was not ready: the first cycle's extra cost); None for the torch transport."""
+        stats = getattr(self.transport, "alloc_stats", None)
+        return stats() if stats is not None else None
+
     def synchronize(self) -> None:
         self.transport.synchronize()
 

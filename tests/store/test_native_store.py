@@ -27,6 +27,23 @@ def test_host_bytes_are_exact_to_the_page(native, monkeypatch):
     store.close()
 
 
+def test_alloc_stats_count_the_callers_waits(native, monkeypatch):
+    """alloc_stats() says how long write-backs were held up by a buffer that was not ready: lazily, every
+    group's first host() allocates on the caller; a buffer that is there already costs no wait."""
+    monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")
+    numels = [2_000_000, 3_000_000]
+    store = native.PinnedStore(numels, [torch.zeros(max(numels))])
+    assert store.alloc_stats() == {"touch_s": 0.0, "register_s": 0.0, "wait_s": 0.0, "waits": 0}
+    store.writeback(0, 0)
+    store.writeback(1, 0)
+    first = store.alloc_stats()
+    assert first["waits"] == 2 and first["wait_s"] >= first["touch_s"] > 0
+    assert first["register_s"] == 0.0  # a CPU build pins nothing
+    store.writeback(0, 0)  # the buffer is there: no wait
+    assert store.alloc_stats() == first
+    store.close()
+
+
 def test_background_allocation_takes_every_buffer_once(native):
     """From construction a thread allocates every group's buffer; a caller that needs one first allocates it
     itself or waits for it, and either way each group gets exactly one buffer, counted once."""

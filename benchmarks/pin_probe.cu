@@ -1,0 +1,199 @@
+// Where the time of pinning host memory goes, piece by piece, on the machine it runs on (no torch involved):
+//   first touch (the kernel maps and zeroes pages) with 1..16 threads, with and without the huge-page hint;
+//   cudaHostRegister of touched memory, whole or in 256 MiB pieces, from one thread and from several at once;
+//   cudaHostAlloc for comparison; and whether copies that span two separate registrations are correct and
+//   asynchronous (the question that keeps HIFT_REGISTER_PIECE_MIB opt-in).
+//
+//   nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && /tmp/pin_probe [GiB per case, default 8]
+// Prints one "key value" line per measurement (rates in GiB/s) and a final JSON object.
+#include <cuda_runtime.h>
+#include <sys/mman.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+constexpr size_t kGiB = size_t(1) << 30, kMiB = size_t(1) << 20, kPage = 4096, kHuge = 2 * kMiB;
+std::vector<std::pair<std::string, double>> results;
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) { std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e)); std::exit(1); }
+}
+void record(const std::string& key, double value) {
+  std::printf("%-48s %.3f\n", key.c_str(), value);
+  std::fflush(stdout);
+  results.emplace_back(key, value);
+}
+std::string read_file(const char* path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  std::string out = s.str();
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+long anon_huge_kib() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  long v;
+  std::string unit;
+  while (f >> key >> v >> unit)
+    if (key == "AnonHugePages:") return v;
+  return -1;
+}
+
+char* map(size_t bytes, bool huge) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) { std::perror("mmap"); std::exit(1); }
+  madvise(p, bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  return static_cast<char*>(p);
+}
+void touch(char* p, size_t bytes, int threads) {
+  size_t per = ((bytes / threads + kHuge - 1) / kHuge) * kHuge;
+  std::vector<std::thread> pool;
+  for (size_t start = 0; start < bytes; start += per)
+    pool.emplace_back([=] {
+      volatile char* v = p;
+      for (size_t off = start; off < std::min(bytes, start + per); off += kPage) v[off] = 0;
+    });
+  for (auto& t : pool) t.join();
+}
+void reg(char* p, size_t bytes, size_t piece) {
+  for (size_t off = 0; off < bytes; off += piece)
+    check(cudaHostRegister(p + off, std::min(piece, bytes - off), cudaHostRegisterDefault), "cudaHostRegister");
+}
+void unreg(char* p, size_t bytes, size_t piece) {
+  for (size_t off = 0; off < bytes; off += piece) cudaHostUnregister(p + off);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const size_t total = (argc > 1 ? std::atol(argv[1]) : 8) * kGiB;
+  const size_t buf = 2 * kGiB;  // about one 7B block's bf16-mixed state (2.2 GiB)
+  const int nbuf = int(total / buf);
+  check(cudaSetDevice(0), "cudaSetDevice");
+  check(cudaFree(nullptr), "context");
+  std::printf("thp_enabled %s\nthp_defrag %s\ncores %u\n",
+              read_file("/sys/kernel/mm/transparent_hugepage/enabled").c_str(),
+              read_file("/sys/kernel/mm/transparent_hugepage/defrag").c_str(), std::thread::hardware_concurrency());
+
+  // 1. first touch, per thread count and huge-page hint
+  for (bool huge : {true, false})
+    for (int threads : {1, 4, 8, 16}) {
+      if (!huge && threads != 16 && threads != 1) continue;
+      std::vector<char*> bufs;
+      long h0 = anon_huge_kib();
+      double t0 = now();
+      for (int i = 0; i < nbuf; ++i) { bufs.push_back(map(buf, huge)); touch(bufs.back(), buf, threads); }
+      double dt = now() - t0;
+      std::string tag = std::string(huge ? "huge" : "nohuge") + "_t" + std::to_string(threads);
+      record("touch_" + tag + "_GiBps", double(total) / kGiB / dt);
+      record("touch_" + tag + "_huge_share", double(anon_huge_kib() - h0) * 1024 / double(total));
+      // 2. register what was touched: whole buffers, from one thread
+      if (threads == 16) {
+        t0 = now();
+        for (char* p : bufs) reg(p, buf, buf);
+        record("register_whole_" + tag + "_GiBps", double(total) / kGiB / (now() - t0));
+        t0 = now();
+        for (char* p : bufs) unreg(p, buf, buf);
+        record("unregister_" + tag + "_GiBps", double(total) / kGiB / (now() - t0));
+        t0 = now();
+        for (char* p : bufs) reg(p, buf, 256 * kMiB);
+        record("register_256MiB_pieces_" + tag + "_GiBps", double(total) / kGiB / (now() - t0));
+        for (char* p : bufs) unreg(p, buf, 256 * kMiB);
+        // several threads registering their own buffers at once: does the driver serialise them?
+        for (int par : {2, 4}) {
+          t0 = now();
+          std::vector<std::thread> pool;
+          for (int w = 0; w < par; ++w)
+            pool.emplace_back([&, w] {
+              for (int i = w; i < nbuf; i += par) reg(bufs[i], buf, buf);
+            });
+          for (auto& t : pool) t.join();
+          record("register_whole_" + tag + "_" + std::to_string(par) + "threads_GiBps", double(total) / kGiB / (now() - t0));
+          for (char* p : bufs) unreg(p, buf, buf);
+        }
+      }
+      for (char* p : bufs) munmap(p, buf);
+    }
+
+  // 3. register untouched memory (the driver faults the pages in itself), and cudaHostAlloc
+  {
+    std::vector<char*> bufs;
+    double t0 = now();
+    for (int i = 0; i < nbuf; ++i) { bufs.push_back(map(buf, true)); reg(bufs.back(), buf, buf); }
+    record("register_untouched_huge_GiBps", double(total) / kGiB / (now() - t0));
+    for (char* p : bufs) { unreg(p, buf, buf); munmap(p, buf); }
+    std::vector<void*> hs(nbuf);
+    t0 = now();
+    for (auto& h : hs) check(cudaHostAlloc(&h, buf, cudaHostAllocDefault), "cudaHostAlloc");
+    record("cudaHostAlloc_GiBps", double(total) / kGiB / (now() - t0));
+    for (auto& h : hs) cudaFreeHost(h);
+  }
+
+  // 4. one mapping registered as two 256 MiB pieces; copies of a range across the seam, both ways
+  {
+    const size_t piece = 256 * kMiB, n = 2 * piece, len = 64 * kMiB, at = piece - len / 2;
+    char* p = map(n, true);
+    touch(p, n, 4);
+    reg(p, n, piece);
+    for (size_t i = 0; i < n; i += 4) *reinterpret_cast<unsigned*>(p + i) = unsigned(i * 2654435761u);
+    void* d;
+    check(cudaMalloc(&d, len), "cudaMalloc");
+    cudaStream_t s;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+    // H2D across the seam; is the host call asynchronous (returns before the copy is done)?
+    double t0 = now();
+    check(cudaMemcpyAsync(d, p + at, len, cudaMemcpyHostToDevice, s), "h2d");
+    double issued = now() - t0;
+    bool pending = cudaStreamQuery(s) == cudaErrorNotReady;
+    check(cudaStreamSynchronize(s), "sync");
+    double done = now() - t0;
+    std::vector<char> back(len);
+    check(cudaMemcpy(back.data(), d, len, cudaMemcpyDeviceToHost), "d2h check");
+    bool h2d_ok = std::memcmp(back.data(), p + at, len) == 0;
+    // D2H across the seam into the registered memory
+    check(cudaMemset(d, 0x5a, len), "memset");
+    check(cudaDeviceSynchronize(), "sync");
+    t0 = now();
+    check(cudaMemcpyAsync(p + at, d, len, cudaMemcpyDeviceToHost, s), "d2h");
+    double d2h_issued = now() - t0;
+    check(cudaStreamSynchronize(s), "sync");
+    double d2h_done = now() - t0;
+    bool d2h_ok = true;
+    for (size_t i = 0; i < len; ++i) d2h_ok &= p[at + i] == 0x5a;
+    bool neighbours_ok = *reinterpret_cast<unsigned*>(p + at - 4) == unsigned((at - 4) * 2654435761u) &&
+                         *reinterpret_cast<unsigned*>(p + at + len) == unsigned((at + len) * 2654435761u);
+    record("seam_h2d_correct", h2d_ok);
+    record("seam_h2d_issue_ms", issued * 1e3);
+    record("seam_h2d_done_ms", done * 1e3);
+    record("seam_h2d_pending_after_issue", pending);
+    record("seam_d2h_correct", d2h_ok && neighbours_ok);
+    record("seam_d2h_issue_ms", d2h_issued * 1e3);
+    record("seam_d2h_done_ms", d2h_done * 1e3);
+    // the same copy inside one registration, for the rate a pinned copy has here
+    t0 = now();
+    check(cudaMemcpyAsync(d, p, len, cudaMemcpyHostToDevice, s), "h2d inside");
+    double inside_issued = now() - t0;
+    check(cudaStreamSynchronize(s), "sync");
+    record("inside_h2d_issue_ms", inside_issued * 1e3);
+    record("inside_h2d_done_ms", (now() - t0) * 1e3);
+    cudaFree(d);
+    unreg(p, n, piece);
+    munmap(p, n);
+  }
+
+  std::printf("{");
+  for (size_t i = 0; i < results.size(); ++i)
+    std::printf("%s\"%s\": %.4f", i ? ", " : "", results[i].first.c_str(), results[i].second);
+  std::printf("}\n");
+  return 0;
+}
