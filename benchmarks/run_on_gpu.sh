@@ -26,6 +26,7 @@
 #             allocator settings; offloaded over resident for transfer pieces of 16/32/64 MiB and pace depth 2
 #   pinprobe  where pinning host memory spends its time (benchmarks/pin_probe.cu), then the first cycle with the
 #             allocator's own timings, default settings and 256 MiB registration pieces
+#   firstcycle2 the first cycle on a warmed host: defaults, --prepin, 256 MiB pieces, bf16 moments; the seam copy
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -213,6 +214,19 @@ elif [ "$stage" = pinprobe ]; then
   run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = firstcycle2 ]; then
+  # the first cycle on a warm host: touch 96 GiB of host memory once first (a fresh VM backs its memory on first
+  # touch at about 8 GiB/s, which the first run after boot would otherwise pay); then bf16-mixed batch 4 with the
+  # defaults, with every buffer pinned before the first cycle (--prepin: what is left is not pinning), with
+  # 256 MiB registration pieces, and with bf16 moments; and whether a copy across two registrations works
+  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 60 /tmp/pin_probe 1 seam
+  ensure_installed
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --prepin --out "$OUT"
+  HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --state-dtype bf16 --out "$OUT"
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
   # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments

@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
                    help="> 0: every HiFT mode computes the LM head and loss in chunks of this many tokens")
     p.add_argument("--cap-gib", type=float, default=0.0,
                    help="> 0: cap the process's device memory (pynvml view, CUDA context included) as on a smaller card")
+    p.add_argument("--prepin", action="store_true",
+                   help="offload mode: wait until every host buffer is pinned before timing the first cycle (separates "
+                        "the cost of pinning during training from the rest of the first cycle)")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--state-dtype", default="fp32",
                    help="comma-separated (fp32, bf16): the offload and resident modes are measured with each (bf16: "
@@ -128,6 +131,9 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
     row = {"precision": precision, "mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
     if mode == "offload":
         row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib)
+    if getattr(args, "prepin", False) and mode == "offload":
+        opt.store.wait_allocated()
+        label = row["mode"] = f"{label}-prepinned"
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -174,6 +174,13 @@ class OffloadStore(StateStore):
         stats = getattr(self.transport, "alloc_stats", None)
         return stats() if stats is not None else None
 
+    def wait_allocated(self) -> None:
+        """Block until every group's host buffer is allocated and pinned (the native store pins them in the
+        background from construction; the torch transport allocates on first use, so there is nothing to wait for)."""
+        wait = getattr(self.transport, "wait_allocated", None)
+        if wait is not None:
+            wait()
+
     def synchronize(self) -> None:
         self.transport.synchronize()
 
