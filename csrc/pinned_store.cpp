@@ -231,8 +231,8 @@ float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<
 // copies for as long (tens of ms for a GiB). Registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each
 // hold short. Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier
 // cuts its copies, so no paced copy spans two registrations; unpaced stores register a group whole. Off by
-// default: a copy by other code of a range spanning two registrations (a view of host state copied to a GPU)
-// is not known to be valid in CUDA, and that has not been checked on a GPU yet.
+// default: CUDA refuses a copy of a range that spans two registrations (cudaErrorInvalidValue on the H200,
+// benchmarks/pin_probe.cu), so other code copying a view of host state across a seam would fail.
 size_t PinnedStore::registration_bytes() const {
   const size_t chunk = static_cast<size_t>(chunk_bytes_);
   const size_t want = static_cast<size_t>(tuning_.register_piece_mib) << 20;

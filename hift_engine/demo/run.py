@@ -58,11 +58,19 @@ def run_demo(
     printer: Callable[[str], None] | None = print,
     precision: str = "fp32",
     state_dtype: str = "fp32",
+    init_noise: float = 0.0,
 ) -> DemoResult:
+    """``init_noise`` > 0 multiplies every initial weight by ``1 + init_noise * N(0, 1)`` (noise of a fixed seed):
+    a control for how sensitive the run is to tiny changes, against which a precision's effect can be judged."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     task = ArithmeticTask()
     model = tiny_llama(seed=seed, device=dev)
+    if init_noise:
+        noise = torch.Generator().manual_seed(12345)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + init_noise * torch.randn(p.shape, generator=noise).to(dev))
     if precision.endswith("-mixed"):
         model = model.to(compute_dtype(precision))
     opt = HiFTOptimizer(
