@@ -26,7 +26,9 @@ import logging
 import os
 import random
 import copy
+import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -175,11 +177,37 @@ def _prepare(root, step: int, keep_last) -> tuple[Path, list, Path]:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-del-*"):  # deletions a killed process did not finish
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".tmp-ckpt-*"):  # saves a killed process did not finish
+        if _abandoned(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     before = saved_checkpoints(root)
-    tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}@{_HOST}"
     tmp.mkdir()
     (tmp / "optim").mkdir()
     return root, before, tmp
+
+
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+_TMP_NAME = re.compile(r"^\.tmp-ckpt-\d+-(?P<pid>\d+)-\d+@(?P<host>.+)$")
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a ``.tmp-ckpt-*`` directory was left by a save whose process is gone: it was made on this host
+    (the name says where) by a process id that no longer exists. Anything else (another host on a shared
+    filesystem, a live process, an older name without the host) is left alone: it may be a save in progress."""
+    m = _TMP_NAME.match(name)
+    if m is None or m["host"] != _HOST or os.name != "posix":
+        return False
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _save(root, model, optimizer, scheduler, step, extra, keep_last, rngs=None) -> Path:

@@ -119,6 +119,29 @@ def test_kill_while_keep_last_deletes_leaves_no_complete_looking_checkpoint(tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_save_killed_midway_leaves_a_temporary_directory_that_the_next_save_removes(tmp_path):
+    """A process killed while saving left its .tmp-ckpt-* directory (up to a whole model and optimizer state)
+    behind for ever. The name now says which host and process made it; the next save removes those of this
+    host whose process is gone, and leaves alone any that may be a save in progress."""
+    code = ("import os, sys; from hift_engine import checkpoint as c; "
+            "print(c._prepare(sys.argv[1], 3, None)[2]); os._exit(0)")  # the temporary directory, then gone
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    orphan = Path(out.stdout.strip())
+    assert orphan.is_dir() and orphan.parent == tmp_path
+    (orphan / "optim" / "group-0000.safetensors").write_bytes(b"x" * 1024)  # what it had written
+    alive = tmp_path / f".tmp-ckpt-00000003-{os.getppid()}-1@{ckpt._HOST}"  # a live process: maybe saving now
+    elsewhere = tmp_path / ".tmp-ckpt-00000003-1-1@some-other-host"  # a shared filesystem: cannot tell
+    older = tmp_path / ".tmp-ckpt-00000003-999999999-1"  # the name before the host was in it
+    for d in (alive, elsewhere, older):
+        d.mkdir()
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 2)
+    save_checkpoint(tmp_path, model, opt, sched)
+    assert not orphan.exists()
+    assert alive.is_dir() and elsewhere.is_dir() and older.is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002"]
+
+
 def test_crash_during_write_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
     model, opt, sched = _setup()
     _train(model, opt, sched, 2)
