@@ -125,12 +125,14 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
         k = k_hint or 1
     else:
+        built = time.perf_counter()
         opt = _hift(model, mode, args.store, chunk_mib, precision=hift_precision(precision), **overrides)
+        built = time.perf_counter() - built
         k = opt.num_groups
     label = label or mode
     row = {"precision": precision, "mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
     if mode == "offload":
-        row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib)
+        row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib, construct_s=built)
     if getattr(args, "prepin", False) and mode == "offload":
         opt.store.wait_allocated()
         label = row["mode"] = f"{label}-prepinned"
