@@ -28,7 +28,6 @@
 #             allocator's own timings, default settings and 256 MiB registration pieces
 #   firstcycle2 the first cycle on a warmed host: defaults, --prepin, 256 MiB pieces, bf16 moments; the seam copy
 #   firstcycle3 the first cycle's pinning cost against transfer pacing, registration piece size, touch threads
-#   firstcycle4 the first cycle with two allocator threads and with first touch in the constructor
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -241,19 +240,6 @@ elif [ "$stage" = firstcycle3 ]; then
   HIFT_REGISTER_PIECE_MIB=16 run timeout 150 $step --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=64 run timeout 150 $step --out "$OUT"
   HIFT_TOUCH_THREADS=4 run timeout 150 $step --out "$OUT"
-elif [ "$stage" = firstcycle4 ]; then
-  # the first cycle's pinning cost against two allocator threads (HIFT_ALLOC_THREADS=2) and first touch done in
-  # the constructor (HIFT_TOUCH_FIRST=1: only registration left to the background), bf16-mixed batch 4, warmed
-  # host; the store's CUDA tests under both settings first
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
-  ensure_installed
-  HIFT_ALLOC_THREADS=3 HIFT_TOUCH_FIRST=1 run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
-  run timeout 150 $step --out "$OUT"
-  HIFT_ALLOC_THREADS=2 run timeout 150 $step --out "$OUT"
-  HIFT_TOUCH_FIRST=1 run timeout 150 $step --out "$OUT"
-  HIFT_TOUCH_FIRST=1 HIFT_ALLOC_THREADS=2 run timeout 150 $step --out "$OUT"
-  run timeout 150 $step --out "$OUT"
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
   # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments

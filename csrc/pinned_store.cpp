@@ -102,11 +102,6 @@ Tuning Tuning::from_env() {
   t.background_alloc = background == 1;
   t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
-  t.alloc_threads = env_int("HIFT_ALLOC_THREADS", t.alloc_threads);
-  const int64_t touch_first = env_int("HIFT_TOUCH_FIRST", 0);
-  HIFT_CHECK(touch_first == 0 || touch_first == 1, "HIFT_TOUCH_FIRST must be 0 or 1, got ", touch_first);
-  t.touch_first = touch_first == 1;
-  HIFT_CHECK(t.alloc_threads >= 1 && t.alloc_threads <= 8, "HIFT_ALLOC_THREADS must be in [1, 8], got ", t.alloc_threads);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
   HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
@@ -186,23 +181,9 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
               "; rebuild the extension with a CUDA toolchain");
   HIFT_CHECK(tuning_.alloc_mode != "hostalloc", "PinnedStore: HIFT_ALLOC_MODE=hostalloc needs a CUDA build");
 #endif
-  touched_.resize(numels_.size());
-  if (cuda_ && tuning_.touch_first)
-    for (int64_t g : alloc_order_) {
-      auto buf = std::make_shared<HostBuffer>();
-      buf->bytes = static_cast<size_t>(numels_[g]) * sizeof(float);
-      buf->reserved = round_up(std::max<size_t>(buf->bytes, 1), kPage);
-      buf->ptr = map_pages(buf->reserved);
-      if (buf->ptr == nullptr) break;  // the allocator (or the caller) tries again and reports it
-      const auto t0 = Clock::now();
-      parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, 0);
-      touch_ns_ += nanoseconds_since(t0);
-      touched_[g] = std::move(buf);
-    }
   if (tuning_.background_alloc && !numels_.empty()) {
     allocator_done_ = false;
-    allocators_running_ = tuning_.alloc_threads;
-    for (int64_t i = 0; i < tuning_.alloc_threads; ++i) allocators_.emplace_back([this] { allocate_in_background(); });
+    allocator_ = std::thread([this] { allocate_in_background(); });
   }
 }
 
@@ -259,10 +240,7 @@ size_t PinnedStore::registration_bytes() const {
   return std::min(kMaxRegistration, std::max<size_t>(1, want / chunk) * chunk);
 }
 
-// Group gid's buffer, mapped, touched and (CUDA) registered; only the one who claimed gid calls this.
-std::shared_ptr<HostBuffer> PinnedStore::allocate(int64_t gid, bool background) {
-  const size_t bytes = static_cast<size_t>(numels_[gid]) * sizeof(float);
-  if (auto buf = std::move(touched_[gid])) return register_pages(std::move(buf));
+std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background) {
   auto buf = std::make_shared<HostBuffer>();
   buf->bytes = bytes;
   buf->reserved = round_up(std::max<size_t>(bytes, 1), kPage);
@@ -281,10 +259,6 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(int64_t gid, bool background) 
   const auto t0 = Clock::now();
   parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
   touch_ns_ += nanoseconds_since(t0);
-  return register_pages(std::move(buf));
-}
-
-std::shared_ptr<HostBuffer> PinnedStore::register_pages(std::shared_ptr<HostBuffer> buf) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     const auto t1 = Clock::now();
@@ -313,18 +287,16 @@ std::shared_ptr<HostBuffer> PinnedStore::register_pages(std::shared_ptr<HostBuff
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
-  for (;;) {
-    int64_t g;
+  for (int64_t g : alloc_order_) {
     {
       std::lock_guard<std::mutex> lock(alloc_mu_);
-      if (stop_alloc_ || alloc_cursor_ == alloc_order_.size()) break;
-      g = alloc_order_[alloc_cursor_++];  // the threads share one walk through the order
+      if (stop_alloc_) break;
       if (claimed_[g]) continue;  // a caller needed it first
       claimed_[g] = 1;
     }
     std::shared_ptr<HostBuffer> buf;
     try {
-      buf = allocate(g, /*background=*/true);
+      buf = allocate(static_cast<size_t>(numels_[g]) * sizeof(float), /*background=*/true);
     } catch (const std::exception&) {
       // Out of host memory (or pinning refused): leave it to the caller who needs this buffer, whose
       // own attempt raises the error with its message where it can be handled.
@@ -340,7 +312,7 @@ void PinnedStore::allocate_in_background() {
     alloc_cv_.notify_all();
   }
   std::lock_guard<std::mutex> lock(alloc_mu_);
-  if (--allocators_running_ == 0) allocator_done_ = true;
+  allocator_done_ = true;
   alloc_cv_.notify_all();
 }
 
@@ -349,10 +321,7 @@ void PinnedStore::stop_allocator() {
     std::lock_guard<std::mutex> lock(alloc_mu_);
     stop_alloc_ = true;
   }
-  for (auto& t : allocators_)
-    if (t.joinable()) t.join();
-  allocators_.clear();
-  touched_.clear();
+  if (allocator_.joinable()) allocator_.join();
 }
 
 void PinnedStore::wait_allocated() {
@@ -384,7 +353,7 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   }
   std::shared_ptr<HostBuffer> buf;
   try {
-    buf = allocate(gid);
+    buf = allocate(static_cast<size_t>(numels_[gid]) * sizeof(float));
   } catch (...) {
     std::lock_guard<std::mutex> lock(alloc_mu_);
     claimed_[gid] = 0;

@@ -55,9 +55,6 @@ struct Tuning {
                                         // call when paced (whole transfer pieces, so no paced copy spans two);
                                         // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
-  int64_t alloc_threads = 1;            // HIFT_ALLOC_THREADS: background threads allocating buffers at once (1..8)
-  bool touch_first = false;             // HIFT_TOUCH_FIRST: 1 maps and first-touches every buffer in the constructor
-                                        // (CUDA stores), leaving only cudaHostRegister to the background
   static Tuning from_env();
 };
 
@@ -118,8 +115,7 @@ class PinnedStore {
   void check_open(const char* fn) const;
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
-  std::shared_ptr<HostBuffer> allocate(int64_t gid, bool background = false);
-  std::shared_ptr<HostBuffer> register_pages(std::shared_ptr<HostBuffer> buf);  // page-lock (CUDA stores)
+  std::shared_ptr<HostBuffer> allocate(size_t bytes, bool background = false);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
@@ -146,10 +142,7 @@ class PinnedStore {
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
   bool stop_alloc_ = false;
   bool allocator_done_ = true;
-  size_t alloc_cursor_ = 0;       // next position in alloc_order_ for a background thread
-  int64_t allocators_running_ = 0;
-  std::vector<std::thread> allocators_;
-  std::vector<std::shared_ptr<HostBuffer>> touched_;  // HIFT_TOUCH_FIRST: mapped and touched, not yet registered
+  std::thread allocator_;
   bool cuda_ = false;
   bool closed_ = false;
 #ifdef HIFT_WITH_CUDA

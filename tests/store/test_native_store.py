@@ -44,12 +44,9 @@ def test_alloc_stats_count_the_callers_waits(native, monkeypatch):
     store.close()
 
 
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_background_allocation_takes_every_buffer_once(native, monkeypatch, threads):
-    """From construction a thread (or HIFT_ALLOC_THREADS of them, sharing one walk through the order) allocates
-    every group's buffer; a caller that needs one first allocates it itself or waits for it, and either way
-    each group gets exactly one buffer, counted once."""
-    monkeypatch.setenv("HIFT_ALLOC_THREADS", threads)
+def test_background_allocation_takes_every_buffer_once(native):
+    """From construction a thread allocates every group's buffer; a caller that needs one first allocates it
+    itself or waits for it, and either way each group gets exactly one buffer, counted once."""
     numels = [3_000_001, 7, 1_000_000, 2048, 500_000] * 4
     expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
     orders = [[], list(reversed(range(len(numels)))), [7, 3, 0, 19, 1] + [g for g in range(len(numels)) if g not in (7, 3, 0, 19, 1)]]
@@ -126,9 +123,6 @@ def test_bad_construction_is_refused(native, args, match):
     "name, value, match",
     [
         ("HIFT_ALLOC_MODE", "mmap", "HIFT_ALLOC_MODE must be 'register' or 'hostalloc', got 'mmap'"),
-        ("HIFT_ALLOC_THREADS", "0", r"HIFT_ALLOC_THREADS must be in \[1, 8\], got 0"),
-        ("HIFT_TOUCH_FIRST", "yes", "HIFT_TOUCH_FIRST must be an integer, got 'yes'"),
-        ("HIFT_TOUCH_FIRST", "2", "HIFT_TOUCH_FIRST must be 0 or 1, got 2"),
         ("HIFT_PACE_DEPTH", "0", r"HIFT_PACE_DEPTH must be in \[1, 64\], got 0"),
         ("HIFT_TOUCH_THREADS", "-1", "HIFT_TOUCH_THREADS must be >= 0, got -1"),
         ("HIFT_TOUCH_THREADS", "two", "HIFT_TOUCH_THREADS must be an integer, got 'two'"),
