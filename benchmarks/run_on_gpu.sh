@@ -28,6 +28,7 @@
 #             allocator's own timings, default settings and 256 MiB registration pieces
 #   firstcycle2 the first cycle on a warmed host: defaults, --prepin, 256 MiB pieces, bf16 moments; the seam copy
 #   firstcycle3 the first cycle's pinning cost against transfer pacing, registration piece size, touch threads
+#   demoprecision benchmarks/demo_precision.py on the GPU: bf16-mixed vs fp32 on the demo against a 1e-6 nudge
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -240,6 +241,10 @@ elif [ "$stage" = firstcycle3 ]; then
   HIFT_REGISTER_PIECE_MIB=16 run timeout 150 $step --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=64 run timeout 150 $step --out "$OUT"
   HIFT_TOUCH_THREADS=4 run timeout 150 $step --out "$OUT"
+elif [ "$stage" = demoprecision ]; then
+  # the demo's bf16-mixed vs fp32 final loss against a 1e-6 nudge of the initial weights, on the GPU (4 at once)
+  ensure_installed
+  run timeout 400 $py benchmarks/demo_precision.py --device cuda --workers 4 --out "$OUT"
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
   # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments
