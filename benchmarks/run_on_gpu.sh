@@ -28,6 +28,7 @@
 #             allocator's own timings, default settings and 256 MiB registration pieces
 #   firstcycle2 the first cycle on a warmed host: defaults, --prepin, 256 MiB pieces, bf16 moments; the seam copy
 #   firstcycle3 the first cycle's pinning cost against transfer pacing, registration piece size, touch threads
+#   firstcycle5 the default allocator's first cycle on a warmed machine (after one uncounted full run), twice
 #   demoprecision benchmarks/demo_precision.py on the GPU: bf16-mixed vs fp32 on the demo against a 1e-6 nudge
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
@@ -241,6 +242,15 @@ elif [ "$stage" = firstcycle3 ]; then
   HIFT_REGISTER_PIECE_MIB=16 run timeout 150 $step --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=64 run timeout 150 $step --out "$OUT"
   HIFT_TOUCH_THREADS=4 run timeout 150 $step --out "$OUT"
+elif [ "$stage" = firstcycle5 ]; then
+  # the default allocator on a warmed machine: 96 GiB touched, then one full bf16-mixed batch-4 run that is not
+  # counted (the first registration of a fresh machine's memory is slower), then the defaults twice
+  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  ensure_installed
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  run timeout 150 $step --out /tmp/warmup
+  run timeout 150 $step --out "$OUT"
+  run timeout 150 $step --out "$OUT"
 elif [ "$stage" = demoprecision ]; then
   # the demo's bf16-mixed vs fp32 final loss against a 1e-6 nudge of the initial weights, on the GPU (4 at once)
   ensure_installed

@@ -102,8 +102,9 @@ class PinnedStore {
   void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
 
   int64_t host_bytes() const { return host_bytes_.load(); }
-  // Where allocation time went, in seconds: first touch and cudaHostRegister summed over the threads that did
-  // them, and how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts them.
+  // Where allocation time went, in seconds: first touch and pinning (cudaHostRegister, or cudaHostAlloc under
+  // HIFT_ALLOC_MODE=hostalloc) summed over the threads that did them, and how long callers (write-backs, loads)
+  // waited for a buffer that was not ready; waits counts those calls (a failed allocation is one too).
   struct AllocStats {
     double touch_s, register_s, wait_s;
     int64_t waits;

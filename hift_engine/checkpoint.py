@@ -26,9 +26,7 @@ import logging
 import os
 import random
 import copy
-import re
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +45,7 @@ from .checkpoint_dir import (
     sha256,
     verify_checkpoint,
 )
+from .checkpoint_tmp import SaveDir, clear_abandoned
 from .errors import CheckpointError, ConfigError
 from .sharding import shard_file
 from .state_io import Signature
@@ -169,67 +168,46 @@ def save_checkpoint(
     return path
 
 
-def _prepare(root, step: int, keep_last) -> tuple[Path, list, Path]:
-    """Checks, then the checkpoints saved so far and a fresh temporary directory (with ``optim/``) under root."""
+def _prepare(root, step: int, keep_last) -> tuple[Path, list, SaveDir]:
+    """Checks, then the checkpoints saved so far and a fresh temporary directory (with ``optim/``, locked until
+    its ``release()``) under root."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ConfigError(f"keep_last must be an integer >= 1 (or None to keep all), got {keep_last!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-del-*"):  # deletions a killed process did not finish
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(".tmp-ckpt-*"):  # saves a killed process did not finish
-        if _abandoned(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+    clear_abandoned(root)  # saves a killed process did not finish
     before = saved_checkpoints(root)
-    tmp = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}@{_HOST}"
-    tmp.mkdir()
-    (tmp / "optim").mkdir()
-    return root, before, tmp
-
-
-_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
-_TMP_NAME = re.compile(r"^\.tmp-ckpt-\d+-(?P<pid>\d+)-\d+@(?P<host>.+)$")
-
-
-def _abandoned(name: str) -> bool:
-    """Whether a ``.tmp-ckpt-*`` directory was left by a save whose process is gone: it was made on this host
-    (the name says where) by a process id that no longer exists. Anything else (another host on a shared
-    filesystem, a live process, an older name without the host) is left alone: it may be a save in progress."""
-    m = _TMP_NAME.match(name)
-    if m is None or m["host"] != _HOST or os.name != "posix":
-        return False
-    pid = int(m["pid"])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
+    return root, before, SaveDir(root, step)
 
 
 def _save(root, model, optimizer, scheduler, step, extra, keep_last, rngs=None) -> Path:
-    root, before, tmp = _prepare(root, step, keep_last)
+    root, before, save_dir = _prepare(root, step, keep_last)
+    tmp = save_dir.path
     try:
         export = optimizer.export_state()
-        values, masters = {}, {}
+        values, masters, written = {}, {}, []
         for gid, group in enumerate(export.groups):  # each waits for its group's write-back
-            _save_tensors(tmp / "optim" / f"group-{gid:04d}.safetensors", group.tensors)
+            written.append(f"optim/group-{gid:04d}.safetensors")
+            _save_tensors(tmp / written[-1], group.tensors)
             if group.values:
                 values[str(gid)] = group.values
             masters.update(optimizer.master_weights(gid, group))
-        return _finish(root, before, tmp, model, masters, scheduler, step, export.meta, values, extra, keep_last, rngs)
+        return _finish(root, before, tmp, model, masters, scheduler, step, export.meta, values, extra, keep_last, rngs,
+                       written)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        save_dir.release()
 
 
 def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_meta, values, extra, keep_last,
-            rngs=None) -> Path:
+            rngs=None, written=()) -> Path:
     """Everything but the optimizer's group files, the manifest (over every file in ``tmp``), the atomic rename,
-    and the removal of copies it replaces. ``rngs``: every rank's RNG state (data parallel), rank 0's first."""
+    and the removal of copies it replaces. ``rngs``: every rank's RNG state (data parallel), rank 0's first.
+    ``written``: the optimizer files (relative to ``tmp``) written before; each must still be there."""
     _save_tensors(tmp / "model.safetensors", model_weights(model, masters=masters))
     rng_tensors, python_rng = rngs[0] if rngs else _rng_state()
     python_ranks = {}
@@ -258,6 +236,11 @@ def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_
         for f in sorted(tmp.rglob("*"))
         if f.is_file()
     }
+    expected = [*written, "model.safetensors", "rng.safetensors", "meta.json"] + (["scheduler.pt"] if scheduler is not None else [])
+    missing = [name for name in expected if name not in files]
+    if missing:  # a manifest over what is left would make an incomplete checkpoint look complete
+        raise CheckpointError(f"save_checkpoint: {missing[:3]} ({len(missing)} files) vanished from {tmp} while "
+                              "saving (is another process deleting it?); nothing was saved, the previous checkpoints stand")
     manifest = {"format": FORMAT, "step": step, "seq": max((s for s, _, _ in before), default=-1) + 1, "files": files}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     _write_json(tmp / "manifest.json", manifest)
@@ -294,14 +277,26 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
     made (so the directory must be on a filesystem every rank sees); rank 0 gathers the whole fp32 masters of a
     mixed-precision run group by group, writes the rest and the manifest over every file, and renames. Any
     rank's failure fails the save on every rank, and nothing is renamed into place."""
-    rank, world, main = reducer.rank, reducer.world, reducer.is_main
+    main = reducer.is_main
     box: dict[str, Any] = {}
+    save_dir = None
     if main:
         try:
-            root, before, tmp = _prepare(root, step, keep_last)
-            box = {"tmp": str(tmp)}
+            root, before, save_dir = _prepare(root, step, keep_last)
+            box = {"tmp": str(save_dir.path)}
         except BaseException as e:
             box = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        return _save_shards(root, model, optimizer, scheduler, step, extra, keep_last, reducer, box,
+                            before if main and save_dir is not None else None)
+    finally:
+        if save_dir is not None:
+            save_dir.release()
+
+
+def _save_shards(root, model, optimizer, scheduler, step, extra, keep_last, reducer, box, before) -> Path:
+    """_save_sharded once rank 0 made (and locked) the temporary directory, or failed to (``box``)."""
+    rank, world, main = reducer.rank, reducer.world, reducer.is_main
     box = reducer.broadcast_object(box if main else None)
     if box.get("error"):
         raise CheckpointError(f"rank 0 could not start the checkpoint: {box['error']}")
@@ -340,8 +335,9 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
             failed = [e for e in errors if e]
             if failed:
                 raise CheckpointError("; ".join(failed))
+            written = [f"optim/{shard_file(gid, r)}" for gid in range(optimizer.num_groups) for r in range(world)]
             box = {"path": str(_finish(root, before, tmp, model, masters, scheduler, step, export.meta, {}, extra, keep_last,
-                                       rngs))}
+                                       rngs, written))}
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             box = {"error": f"{type(e).__name__}: {e}"}

@@ -119,27 +119,85 @@ def test_kill_while_keep_last_deletes_leaves_no_complete_looking_checkpoint(tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def _old(path, seconds=600):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
 def test_a_save_killed_midway_leaves_a_temporary_directory_that_the_next_save_removes(tmp_path):
     """A process killed while saving left its .tmp-ckpt-* directory (up to a whole model and optimizer state)
-    behind for ever. The name now says which host and process made it; the next save removes those of this
-    host whose process is gone, and leaves alone any that may be a save in progress."""
+    behind for ever. The next save now removes those of this host that no process holds locked. A process id
+    does not tell: a restarted container's trainer gets its old id back, so an orphan may carry a live id."""
+    from hift_engine.checkpoint_tmp import HOST
+
     code = ("import os, sys; from hift_engine import checkpoint as c; "
-            "print(c._prepare(sys.argv[1], 3, None)[2]); os._exit(0)")  # the temporary directory, then gone
+            "print(c._prepare(sys.argv[1], 3, None)[2].path); os._exit(0)")  # made it, then killed
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     orphan = Path(out.stdout.strip())
     assert orphan.is_dir() and orphan.parent == tmp_path
     (orphan / "optim" / "group-0000.safetensors").write_bytes(b"x" * 1024)  # what it had written
-    alive = tmp_path / f".tmp-ckpt-00000003-{os.getppid()}-1@{ckpt._HOST}"  # a live process: maybe saving now
+    same_id = tmp_path / f".tmp-ckpt-00000003-{os.getpid()}-1@{HOST}"  # an earlier life of this process id
+    same_id.mkdir()
+    young = tmp_path / f".tmp-ckpt-00000003-1-2@{HOST}"  # just made: its lock may not be taken yet
     elsewhere = tmp_path / ".tmp-ckpt-00000003-1-1@some-other-host"  # a shared filesystem: cannot tell
     older = tmp_path / ".tmp-ckpt-00000003-999999999-1"  # the name before the host was in it
-    for d in (alive, elsewhere, older):
+    for d in (young, elsewhere, older):
         d.mkdir()
+    for d in (orphan, same_id, elsewhere, older):
+        _old(d)
     model, opt, sched = _setup()
     _train(model, opt, sched, 2)
     save_checkpoint(tmp_path, model, opt, sched)
-    assert not orphan.exists()
-    assert alive.is_dir() and elsewhere.is_dir() and older.is_dir()
+    assert not orphan.exists() and not same_id.exists()
+    assert young.is_dir() and elsewhere.is_dir() and older.is_dir()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002"]
+
+
+def test_a_save_in_progress_is_never_cleared_whatever_its_process_id_says(tmp_path):
+    """Found in review: clearing by "this host and the process id is gone" deleted a live save run in another
+    process-id namespace (containers sharing a hostname), which then failed and lost its checkpoint. A live
+    save holds its directory's lock, and a locked directory is never cleared."""
+    code = ("import sys, time; from pathlib import Path; from hift_engine.checkpoint_tmp import SaveDir; "
+            "d = SaveDir(Path(sys.argv[1]), 5); print(d.path, flush=True); time.sleep(120)")
+    saver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(saver.stdout.readline().strip())
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        looks_dead = live.with_name(live.name.replace(f"-{saver.pid}-", f"-{dead.stdout.strip()}-"))
+        os.rename(live, looks_dead)  # as another namespace sees it: an id no process here has; the lock stays
+        _old(looks_dead)
+        model, opt, sched = _setup()
+        _train(model, opt, sched, 2)
+        save_checkpoint(tmp_path, model, opt, sched)
+        assert looks_dead.is_dir() and (looks_dead / "optim").is_dir()
+    finally:
+        saver.kill()
+        saver.wait()
+    save_checkpoint(tmp_path, model, opt, sched, step=3)  # its process gone, the lock went with it
+    assert not looks_dead.exists()
+
+
+def test_files_vanishing_during_a_save_fail_it_instead_of_making_an_incomplete_checkpoint(tmp_path, monkeypatch):
+    """Found in review: the manifest covered whatever was left in the temporary directory, so a file deleted
+    during the save (by another process) gave a checkpoint that verified, became the latest, let keep_last
+    delete the good one, and then failed to load. The save now checks that every file it wrote is there."""
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 2)
+    good = save_checkpoint(tmp_path, model, opt, sched, keep_last=1)
+    real = ckpt._save_tensors
+
+    def and_lose_group_0(path, tensors):
+        real(path, tensors)
+        if path.name == "group-0001.safetensors":
+            (path.parent / "group-0000.safetensors").unlink()
+
+    monkeypatch.setattr(ckpt, "_save_tensors", and_lose_group_0)
+    _train(model, opt, sched, 2, start=2)
+    with pytest.raises(CheckpointError, match="vanished"):
+        save_checkpoint(tmp_path, model, opt, sched, keep_last=1)
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert latest_checkpoint(tmp_path, verify=True) == good
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-ckpt-")]
 
 
 def test_crash_during_write_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):

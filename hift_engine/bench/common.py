@@ -47,6 +47,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "device": "cpu",
         "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "hift_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HIFT_") and k != "HIFT_COMMIT"},
     }
     try:
         import triton

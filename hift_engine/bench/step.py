@@ -134,7 +134,12 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
     if mode == "offload":
         row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib, construct_s=built)
     if getattr(args, "prepin", False) and mode == "offload":
+        if opt.store.alloc_stats() is None or os.environ.get("HIFT_BACKGROUND_ALLOC", "1") != "1":
+            raise SystemExit("hift bench step --prepin: needs the native store allocating in the background "
+                             "(--store native, HIFT_BACKGROUND_ALLOC unset or 1); nothing would be pinned beforehand")
+        t0 = time.perf_counter()
         opt.store.wait_allocated()
+        row["prepin_s"] = time.perf_counter() - t0
         label = row["mode"] = f"{label}-prepinned"
     try:
         torch.cuda.synchronize()

@@ -11,7 +11,6 @@ import torch
 
 from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
-from ..precision import compute_dtype
 from .task import VOCAB_SIZE, ArithmeticTask
 
 __all__ = ["DemoResult", "run_demo", "tiny_llama"]
@@ -71,8 +70,8 @@ def run_demo(
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1 + init_noise * torch.randn(p.shape, generator=noise).to(dev))
-    if precision.endswith("-mixed"):
-        model = model.to(compute_dtype(precision))
+    # Under bf16-mixed/fp16-mixed the optimizer casts the fp32 model and keeps its fp32 weights as the masters,
+    # so both precisions start from the same weights (init_noise included).
     opt = HiFTOptimizer(
         model, "adamw", lr=lr, weight_decay=0.0, layers_per_group=layers_per_group, strategy=strategy, seed=seed,
         precision=precision, state_dtype=state_dtype,
