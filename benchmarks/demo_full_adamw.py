@@ -6,6 +6,7 @@ by 1e-6 (as benchmarks/demo_precision.py does), seeds 0-2, CPU, two runs at a ti
 """
 
 import json
+import os
 import math
 import random
 import subprocess
@@ -53,7 +54,8 @@ def main() -> None:
         for seed, noise, row in pool.map(one, jobs):
             results.setdefault(f"seed{seed}", {})["fp32+1e-6" if noise else "fp32"] = row
             print(seed, noise, {k: v for k, v in row.items() if k != "loss_every_250"}, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("HIFT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                            text=True).stdout.strip()
     out = {"benchmark": "demo-full-adamw", "device": "cpu", "torch": torch.__version__, "python": sys.version.split()[0],
            "commit": commit, "steps": STEPS, "lr": LR, "final_loss": "mean of the last 100 step losses", "results": results}
     with open("benchmarks/results/demo-full-adamw-cpu.json", "w") as f:

@@ -52,7 +52,8 @@ def main() -> None:
         base = rows["fp32"]["final_loss"]
         cells = "  ".join(f"{rows[n]['final_loss']:8.3f} ({rows[n]['accuracy']:4.0%})" for n in VARIANTS)
         print(f"{seed:>4}  {cells}  {rows['fp32+1e-6']['final_loss'] / base:10.3f}  {rows['bf16-mixed']['final_loss'] / base:15.3f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("HIFT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                            text=True).stdout.strip()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"benchmark": "demo-precision", "device": device, "torch": torch.__version__, "python": sys.version.split()[0],
            "commit": commit, "steps": 1500, "lr": 3e-3, "final_loss": "mean of the last 100 step losses",
