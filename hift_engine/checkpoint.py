@@ -45,7 +45,7 @@ from .checkpoint_dir import (
     sha256,
     verify_checkpoint,
 )
-from .checkpoint_tmp import SaveDir, clear_abandoned
+from .checkpoint_tmp import LOCK_NAME, SaveDir, clear_abandoned
 from .errors import CheckpointError, ConfigError
 from .sharding import shard_file
 from .state_io import Signature
@@ -234,7 +234,7 @@ def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_
     files = {
         str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
         for f in sorted(tmp.rglob("*"))
-        if f.is_file()
+        if f.is_file() and f != tmp / LOCK_NAME
     }
     expected = [*written, "model.safetensors", "rng.safetensors", "meta.json"] + (["scheduler.pt"] if scheduler is not None else [])
     missing = [name for name in expected if name not in files]
@@ -247,6 +247,7 @@ def _finish(root: Path, before, tmp: Path, model, masters, scheduler, step, opt_
     _fsync_path(tmp / "optim")
     _fsync_path(tmp)
     final = free_name(root, step)
+    (tmp / LOCK_NAME).unlink(missing_ok=True)  # the lock itself is held until the save's release()
     os.rename(tmp, final)
     _fsync_path(root)
     for _, old_step, old in before:  # the new copy is in place: older copies of the same step can go

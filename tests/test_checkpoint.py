@@ -120,15 +120,17 @@ def test_kill_while_keep_last_deletes_leaves_no_complete_looking_checkpoint(tmp_
 
 
 def _old(path, seconds=600):
+    """As if nothing in ``path`` had changed for ``seconds``."""
     t = time.time() - seconds
-    os.utime(path, (t, t))
+    for p in [*Path(path).rglob("*"), Path(path)]:
+        os.utime(p, (t, t))
 
 
 def test_a_save_killed_midway_leaves_a_temporary_directory_that_the_next_save_removes(tmp_path):
     """A process killed while saving left its .tmp-ckpt-* directory (up to a whole model and optimizer state)
     behind for ever. The next save now removes those of this host that no process holds locked. A process id
     does not tell: a restarted container's trainer gets its old id back, so an orphan may carry a live id."""
-    from hift_engine.checkpoint_tmp import HOST
+    from hift_engine.checkpoint_tmp import HOST, LOCK_NAME
 
     code = ("import os, sys; from hift_engine import checkpoint as c; "
             "print(c._prepare(sys.argv[1], 3, None)[2].path); os._exit(0)")  # made it, then killed
@@ -138,18 +140,23 @@ def test_a_save_killed_midway_leaves_a_temporary_directory_that_the_next_save_re
     (orphan / "optim" / "group-0000.safetensors").write_bytes(b"x" * 1024)  # what it had written
     same_id = tmp_path / f".tmp-ckpt-00000003-{os.getpid()}-1@{HOST}"  # an earlier life of this process id
     same_id.mkdir()
+    (same_id / LOCK_NAME).touch()  # its lock went with that life
     young = tmp_path / f".tmp-ckpt-00000003-1-2@{HOST}"  # just made: its lock may not be taken yet
     elsewhere = tmp_path / ".tmp-ckpt-00000003-1-1@some-other-host"  # a shared filesystem: cannot tell
     older = tmp_path / ".tmp-ckpt-00000003-999999999-1"  # the name before the host was in it
     for d in (young, elsewhere, older):
         d.mkdir()
-    for d in (orphan, same_id, elsewhere, older):
+    busy = tmp_path / f".tmp-ckpt-00000003-1-3@{HOST}"  # old, unlocked, but a file in it was just written
+    (busy / "optim").mkdir(parents=True)
+    (busy / LOCK_NAME).touch()
+    for d in (orphan, same_id, elsewhere, older, busy):
         _old(d)
+    (busy / "optim" / "group-0000.safetensors").write_bytes(b"x")
     model, opt, sched = _setup()
     _train(model, opt, sched, 2)
     save_checkpoint(tmp_path, model, opt, sched)
     assert not orphan.exists() and not same_id.exists()
-    assert young.is_dir() and elsewhere.is_dir() and older.is_dir()
+    assert young.is_dir() and elsewhere.is_dir() and older.is_dir() and busy.is_dir()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000002"]
 
 
@@ -175,6 +182,59 @@ def test_a_save_in_progress_is_never_cleared_whatever_its_process_id_says(tmp_pa
         saver.wait()
     save_checkpoint(tmp_path, model, opt, sched, step=3)  # its process gone, the lock went with it
     assert not looks_dead.exists()
+
+
+def test_a_temporary_directory_being_cleared_as_it_is_made_is_given_up_and_a_failed_one_leaks_nothing(tmp_path, monkeypatch):
+    """Found in review: a save that found its fresh directory's lock taken (a clearing save judged it abandoned,
+    possible with clock skew) went on without the lock, so it could be deleted under it; and a save that failed
+    right after taking the lock kept the descriptor and a locked directory until the process ended."""
+    from hift_engine import checkpoint_tmp as ct
+
+    real, calls = ct._lock, {"n": 0}
+
+    def first_one_held(lock_file, create):
+        calls["n"] += 1
+        return (None, True) if calls["n"] == 1 else real(lock_file, create)
+
+    monkeypatch.setattr(ct, "_lock", first_one_held)
+    save_dir = ct.SaveDir(tmp_path, 7)
+    assert calls["n"] == 2 and save_dir._fd is not None  # the second directory, locked
+    assert not ct._lock(save_dir.path / ct.LOCK_NAME, create=False)[0]  # nobody else can take it
+    save_dir.release()
+    monkeypatch.setattr(ct, "_lock", real)
+
+    opened = []
+    real_open = os.open
+    def recording_open(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        if str(path).endswith(ct.LOCK_NAME):
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(ct.os, "open", recording_open)
+    real_mkdir = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(OSError(28, "No space left"))
+                        if self.name == "optim" else real_mkdir(self, *a, **k))
+    before = set(tmp_path.iterdir())
+    with pytest.raises(OSError, match="No space"):
+        ct.SaveDir(tmp_path, 8)
+    assert set(tmp_path.iterdir()) == before  # the half-made directory is gone
+    assert len(opened) == 1  # the lock was taken, and its descriptor closed again
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
+
+
+def test_this_process_never_clears_its_own_save_in_progress(tmp_path, monkeypatch):
+    """Over NFS, flock is emulated with POSIX record locks, which never conflict within one process: a second
+    thread's save could take a first thread's lock. This process's saves in progress are skipped by name."""
+    from hift_engine import checkpoint_tmp as ct
+
+    live = ct.SaveDir(tmp_path, 9)
+    _old(live.path)
+    monkeypatch.setattr(ct, "_lock", lambda lock_file, create: (os.open(lock_file, os.O_RDONLY), False))  # NFS-like
+    assert ct.clear_abandoned(tmp_path) == [] and live.path.is_dir()
+    live.release()
+    assert ct.clear_abandoned(tmp_path) == [live.path]
 
 
 def test_files_vanishing_during_a_save_fail_it_instead_of_making_an_incomplete_checkpoint(tmp_path, monkeypatch):
