@@ -44,6 +44,20 @@ def test_alloc_stats_count_the_callers_waits(native, monkeypatch):
     store.close()
 
 
+def test_alloc_stats_count_a_wait_behind_the_background_thread(native):
+    """With the background thread on (the default), a write-back whose buffer the thread has not reached yet
+    is a wait too, and the thread's own first touches are counted once it is done."""
+    numels = [1000, 256 << 20]  # group 1 (1 GiB) first in the thread's order: group 0 cannot be ready at once
+    store = native.PinnedStore(numels, [torch.zeros(max(numels))], 0, [1, 0])
+    store.writeback(0, 0)
+    early = store.alloc_stats()
+    assert early["waits"] == 1 and early["wait_s"] > 0
+    store.wait_allocated()
+    done = store.alloc_stats()
+    assert done["waits"] == 1 and done["touch_s"] > early["touch_s"] > 0  # the 1 GiB buffer's touch came in
+    store.close()
+
+
 def test_background_allocation_takes_every_buffer_once(native):
     """From construction a thread allocates every group's buffer; a caller that needs one first allocates it
     itself or waits for it, and either way each group gets exactly one buffer, counted once."""
