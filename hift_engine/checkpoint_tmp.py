@@ -66,9 +66,13 @@ class SaveDir:
         self._fd = None
         for _ in range(self.ATTEMPTS):
             self.path = root / f".tmp-ckpt-{step:08d}-{os.getpid()}-{time.monotonic_ns()}@{HOST}"
-            self.path.mkdir()
-            with _OWN_LOCK:
+            with _OWN_LOCK:  # before it exists, so no thread of this process ever sees it unowned
                 _OWN.add(self.path.name)
+            try:
+                self.path.mkdir()
+            except BaseException:
+                self._forget()
+                raise
             try:
                 self._fd, held = _lock(self.path / LOCK_NAME, create=True)
                 if held:  # a clear_abandoned took it in the instant before us (clock skew): it will delete it
@@ -123,14 +127,16 @@ def clear_abandoned(root: Path, now: float | None = None) -> list[Path]:
         try:
             if now - _newest_mtime(path) < MIN_AGE_S:
                 continue
-        except OSError:
-            continue  # renamed into place or cleared meanwhile
+        except (OSError, RecursionError):
+            continue  # renamed into place or cleared meanwhile (or too deep to judge): leave it
         fd, _ = _lock(path / LOCK_NAME, create=False)
         if fd is None:
             continue
         try:  # holding the lock: no save can be using it
             shutil.rmtree(path, ignore_errors=True)
-            cleared.append(path)
         finally:
             os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)  # NFS keeps an open, deleted .lock as .nfs*: gone once closed
+        if not path.exists():
+            cleared.append(path)
     return cleared
