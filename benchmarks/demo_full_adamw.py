@@ -6,14 +6,14 @@ by 1e-6 (as benchmarks/demo_precision.py does), seeds 0-2, CPU, two runs at a ti
 """
 
 import json
-import os
 import math
 import random
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from hift_engine.bench.common import commit_id
 
 STEPS, LR, BATCH = 1500, 3e-3, 64
 
@@ -21,16 +21,13 @@ STEPS, LR, BATCH = 1500, 3e-3, 64
 def one(job: tuple[int, float]) -> tuple[int, float, dict]:
     seed, noise = job
     torch.set_num_threads(1)
-    from hift_engine.demo.run import tiny_llama
+    from hift_engine.demo.run import nudge_weights, tiny_llama
     from hift_engine.demo.task import ArithmeticTask
 
     torch.manual_seed(seed)
     model = tiny_llama(seed=seed)
     if noise:  # as run_demo(init_noise=...) does it
-        gen = torch.Generator().manual_seed(12345)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + noise * torch.randn(p.shape, generator=gen))
+        nudge_weights(model, noise)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / STEPS)))
     task, rng, losses = ArithmeticTask(), random.Random(seed), []
@@ -54,10 +51,8 @@ def main() -> None:
         for seed, noise, row in pool.map(one, jobs):
             results.setdefault(f"seed{seed}", {})["fp32+1e-6" if noise else "fp32"] = row
             print(seed, noise, {k: v for k, v in row.items() if k != "loss_every_250"}, flush=True)
-    commit = os.environ.get("HIFT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                            text=True).stdout.strip()
     out = {"benchmark": "demo-full-adamw", "device": "cpu", "torch": torch.__version__, "python": sys.version.split()[0],
-           "commit": commit, "steps": STEPS, "lr": LR, "final_loss": "mean of the last 100 step losses", "results": results}
+           "commit": commit_id(), "steps": STEPS, "lr": LR, "final_loss": "mean of the last 100 step losses", "results": results}
     with open("benchmarks/results/demo-full-adamw-cpu.json", "w") as f:
         json.dump(out, f, indent=1)
 

@@ -14,11 +14,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from hift_engine.bench.common import commit_id
 
 VARIANTS = {"fp32": ("fp32", 0.0), "fp32+1e-6": ("fp32", 1e-6), "bf16-mixed": ("bf16-mixed", 0.0),
             "bf16-mixed+1e-6": ("bf16-mixed", 1e-6)}
@@ -52,11 +53,9 @@ def main() -> None:
         base = rows["fp32"]["final_loss"]
         cells = "  ".join(f"{rows[n]['final_loss']:8.3f} ({rows[n]['accuracy']:4.0%})" for n in VARIANTS)
         print(f"{seed:>4}  {cells}  {rows['fp32+1e-6']['final_loss'] / base:10.3f}  {rows['bf16-mixed']['final_loss'] / base:15.3f}")
-    commit = os.environ.get("HIFT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                            text=True).stdout.strip()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"benchmark": "demo-precision", "device": device, "torch": torch.__version__, "python": sys.version.split()[0],
-           "commit": commit, "steps": 1500, "lr": 3e-3, "final_loss": "mean of the last 100 step losses",
+           "commit": commit_id(), "steps": 1500, "lr": 3e-3, "final_loss": "mean of the last 100 step losses",
            "results": results}
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     with open(os.path.join(args.out, f"demo-precision-{kind}.json"), "w") as f:

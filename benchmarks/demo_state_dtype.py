@@ -5,10 +5,10 @@ mean of the last 100 losses and accuracy on fresh problems (CPU, about 6 minutes
 """
 
 import json
-import os
-import subprocess
 
 import torch
+
+from hift_engine.bench.common import commit_id
 
 from hift_engine.demo import run_demo
 
@@ -22,9 +22,7 @@ def main() -> None:
                 "final": r.losses[-1], "mean_last_100": sum(r.losses[-100:]) / 100, "accuracy": r.accuracy,
             }
             print(seed, state_dtype, results[f"seed{seed}/{state_dtype}"], flush=True)
-    commit = os.environ.get("HIFT_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                            text=True).stdout.strip()
-    out = {"benchmark": "demo-state-dtype", "device": "cpu", "torch": torch.__version__, "commit": commit,
+    out = {"benchmark": "demo-state-dtype", "device": "cpu", "torch": torch.__version__, "commit": commit_id(),
            "steps": 1500, "lr": 3e-3, "precision": "fp32", "results": results}
     with open("benchmarks/results/demo-state-dtype-cpu.json", "w") as f:
         json.dump(out, f, indent=1)

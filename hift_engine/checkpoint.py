@@ -280,7 +280,7 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
     rank's failure fails the save on every rank, and nothing is renamed into place."""
     main = reducer.is_main
     box: dict[str, Any] = {}
-    save_dir = None
+    save_dir, before = None, None
     if main:
         try:
             root, before, save_dir = _prepare(root, step, keep_last)
@@ -288,8 +288,7 @@ def _save_sharded(root, model, optimizer, scheduler, step, extra, keep_last, red
         except BaseException as e:
             box = {"error": f"{type(e).__name__}: {e}"}
     try:
-        return _save_shards(root, model, optimizer, scheduler, step, extra, keep_last, reducer, box,
-                            before if main and save_dir is not None else None)
+        return _save_shards(root, model, optimizer, scheduler, step, extra, keep_last, reducer, box, before)
     finally:
         if save_dir is not None:
             save_dir.release()

@@ -27,7 +27,8 @@ def require_cuda(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())  # indexed: some torch.cuda APIs insist
 
 
-def _commit() -> str:
+def commit_id() -> str:
+    """HIFT_COMMIT if set (the device's git metadata can be stale), else the checkout's short hash."""
     if os.environ.get("HIFT_COMMIT"):
         return os.environ["HIFT_COMMIT"]
     try:
@@ -41,7 +42,7 @@ def environment() -> dict[str, Any]:
     """Device, versions and commit: every JSON record carries these."""
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit_id(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -13,7 +13,7 @@ from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
 from .task import VOCAB_SIZE, ArithmeticTask
 
-__all__ = ["DemoResult", "run_demo", "tiny_llama"]
+__all__ = ["DemoResult", "run_demo", "tiny_llama", "nudge_weights"]
 
 
 def tiny_llama(hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0, device="cpu"):
@@ -32,6 +32,14 @@ def tiny_llama(hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).to(device)
+
+
+def nudge_weights(model, noise: float) -> None:
+    """Multiply every weight by ``1 + noise * N(0, 1)``, the same noise every time (a fixed generator seed)."""
+    gen = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + noise * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 @dataclass
@@ -66,10 +74,7 @@ def run_demo(
     task = ArithmeticTask()
     model = tiny_llama(seed=seed, device=dev)
     if init_noise:
-        noise = torch.Generator().manual_seed(12345)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + init_noise * torch.randn(p.shape, generator=noise).to(dev))
+        nudge_weights(model, init_noise)
     # Under bf16-mixed/fp16-mixed the optimizer casts the fp32 model and keeps its fp32 weights as the masters,
     # so both precisions start from the same weights (init_noise included).
     opt = HiFTOptimizer(
