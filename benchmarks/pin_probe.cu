@@ -2,10 +2,13 @@
 //   first touch (the kernel maps and zeroes pages) with 1..16 threads, with and without the huge-page hint;
 //   cudaHostRegister of touched memory, whole or in 256 MiB pieces, from one thread and from several at once;
 //   cudaHostAlloc for comparison; and whether copies that span two separate registrations are correct and
-//   asynchronous (the question that keeps HIFT_REGISTER_PIECE_MIB opt-in).
+//   asynchronous (the question that keeps HIFT_REGISTER_PIECE_MIB opt-in); and what a registration running on
+//   another thread does to the work of a training loop ("stall"): the latency of the CUDA calls a training thread
+//   makes, the GPU's own progress on queued kernels, and a device-to-host copy's rate, each idle and while
+//   cudaHostRegister runs.
 //
-//   nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && /tmp/pin_probe [GiB per case, default 8] [seam]
-// ("seam": only the copies across two registrations)
+//   nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && /tmp/pin_probe [GiB per case, default 8] [seam|stall]
+// ("seam": only the copies across two registrations; "stall": only the concurrency probe)
 // Prints one "key value" line per measurement (rates in GiB/s) and a final JSON object.
 #include <cuda_runtime.h>
 #include <sys/mman.h>
@@ -74,11 +77,113 @@ void reg(char* p, size_t bytes, size_t piece) {
 void unreg(char* p, size_t bytes, size_t piece) {
   for (size_t off = 0; off < bytes; off += piece) cudaHostUnregister(p + off);
 }
+
+__global__ void noop() {}
+__global__ void spin(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
+
+// Registers every buffer whole on its own thread (as the store's background allocator does) while `work` runs on
+// this one; returns how long the registrations took. Unregisters them again afterwards.
+template <class Work>
+double while_registering(std::vector<char*>& bufs, size_t buf, Work work) {
+  double reg_s = 0;
+  std::thread t([&] {
+    double t0 = now();
+    for (char* p : bufs) reg(p, buf, buf);
+    reg_s = now() - t0;
+  });
+  work();
+  t.join();
+  for (char* p : bufs) unreg(p, buf, buf);
+  return reg_s;
+}
+
+// What a concurrent cudaHostRegister costs the rest of the process, three ways, each idle and while registering:
+//   calls  a loop of kernel launches (synchronised every 64, so the launch queue never fills) for `window` seconds:
+//          the slowest call and the time spent in calls over 1 ms, i.e. how long the calling thread was held
+//   gpu    kernels already queued (spinning 2 ms each, 0.6 s in all): their elapsed GPU time (events)
+//   d2h    device-to-host copies into already-pinned memory, 8 x 256 MiB queued: their rate
+void stall_probe(size_t total) {
+  const size_t buf = 2 * kGiB;
+  const int nbuf = int(total / buf);
+  std::vector<char*> bufs;
+  for (int i = 0; i < nbuf; ++i) { bufs.push_back(map(buf, true)); touch(bufs.back(), buf, 16); }
+  cudaStream_t s;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+  const double window = 0.5;
+  for (bool registering : {false, true}) {
+    const std::string tag = registering ? "_registering" : "_idle";
+    double worst = 0, held = 0;
+    long calls = 0;
+    auto launches = [&] {
+      const double t0 = now();
+      while (now() - t0 < window) {
+        const double c0 = now();
+        noop<<<1, 1, 0, s>>>();
+        const double dt = now() - c0;
+        worst = std::max(worst, dt);
+        if (dt > 1e-3) held += dt;
+        if (++calls % 64 == 0) check(cudaStreamSynchronize(s), "sync");
+      }
+      check(cudaStreamSynchronize(s), "sync");
+    };
+    double reg_s = registering ? while_registering(bufs, buf, launches) : (launches(), 0.0);
+    record("stall_calls_per_s" + tag, calls / window);
+    record("stall_call_max_ms" + tag, worst * 1e3);
+    record("stall_call_held_over_1ms_ms" + tag, held * 1e3);
+    if (registering) record("stall_register_s", reg_s);
+  }
+  int khz = 0;
+  check(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0), "clock rate");
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "event");
+  check(cudaEventCreate(&b), "event");
+  for (bool registering : {false, true}) {
+    auto queued = [&] {
+      check(cudaEventRecord(a, s), "record");
+      for (int i = 0; i < 300; ++i) spin<<<1, 1, 0, s>>>(2LL * khz);  // 2 ms at the base clock
+      check(cudaEventRecord(b, s), "record");
+      check(cudaEventSynchronize(b), "sync");
+    };
+    if (registering) while_registering(bufs, buf, queued); else queued();
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    record(std::string("stall_gpu_600ms_of_spins_ms") + (registering ? "_registering" : "_idle"), ms);
+  }
+  {
+    const size_t piece = 256 * kMiB;
+    char* host = map(8 * piece, true);
+    touch(host, 8 * piece, 16);
+    reg(host, 8 * piece, 8 * piece);
+    void* d;
+    check(cudaMalloc(&d, piece), "cudaMalloc");
+    for (bool registering : {false, true}) {
+      auto copies = [&] {
+        check(cudaEventRecord(a, s), "record");
+        for (int i = 0; i < 8; ++i) check(cudaMemcpyAsync(host + i * piece, d, piece, cudaMemcpyDeviceToHost, s), "d2h");
+        check(cudaEventRecord(b, s), "record");
+        check(cudaEventSynchronize(b), "sync");
+      };
+      if (registering) while_registering(bufs, buf, copies); else copies();
+      float ms = 0;
+      check(cudaEventElapsedTime(&ms, a, b), "elapsed");
+      record(std::string("stall_d2h_GiBps") + (registering ? "_registering" : "_idle"), 2.0 / (ms / 1e3));
+    }
+    cudaFree(d);
+    unreg(host, 8 * piece, 8 * piece);
+    munmap(host, 8 * piece);
+  }
+  for (char* p : bufs) munmap(p, buf);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   const size_t total = (argc > 1 ? std::atol(argv[1]) : 8) * kGiB;
   const bool seam_only = argc > 2 && std::string(argv[2]) == "seam";
+  const bool stall_only = argc > 2 && std::string(argv[2]) == "stall";
   const size_t buf = 2 * kGiB;  // about one 7B block's bf16-mixed state (2.2 GiB)
   const int nbuf = int(total / buf);
   check(cudaSetDevice(0), "cudaSetDevice");
@@ -87,6 +192,9 @@ int main(int argc, char** argv) {
               read_file("/sys/kernel/mm/transparent_hugepage/enabled").c_str(),
               read_file("/sys/kernel/mm/transparent_hugepage/defrag").c_str(), std::thread::hardware_concurrency());
 
+  if (stall_only) {
+    stall_probe(total);
+  } else {
   // 1. first touch, per thread count and huge-page hint
   for (bool huge : {true, false})
     if (!seam_only)
@@ -197,6 +305,7 @@ int main(int argc, char** argv) {
     cudaFree(d);
     unreg(p, n, piece);
     munmap(p, n);
+  }
   }
 
   std::printf("{");

@@ -29,7 +29,8 @@
 #   firstcycle2 the first cycle on a warmed host: defaults, --prepin, 256 MiB pieces, bf16 moments; the seam copy
 #   firstcycle3 the first cycle's pinning cost against transfer pacing, registration piece size, touch threads
 #   firstcycle5 the default allocator's first cycle on a warmed machine (after one uncounted full run), twice
-#   demoprecision benchmarks/demo_precision.py on the GPU: bf16-mixed vs fp32 on the demo against a 1e-6 nudge
+#   demoprecision benchmarks/demo_precision.py on the GPU: bf16-mixed vs fp32 on both demo tasks against a 1e-6 nudge
+#   stallprobe what a concurrent cudaHostRegister does to CUDA calls, queued kernels and copies (pin_probe.cu stall)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -254,7 +255,11 @@ elif [ "$stage" = firstcycle5 ]; then
 elif [ "$stage" = demoprecision ]; then
   # the demo's bf16-mixed vs fp32 final loss against a 1e-6 nudge of the initial weights, on the GPU (4 at once)
   ensure_installed
-  run timeout 400 $py benchmarks/demo_precision.py --device cuda --workers 4 --out "$OUT"
+  run timeout 240 $py benchmarks/demo_precision.py --task text --device cuda --workers 4 --out "$OUT"
+  run timeout 300 $py benchmarks/demo_precision.py --task arithmetic --device cuda --workers 4 --out "$OUT"
+elif [ "$stage" = stallprobe ]; then
+  # is the first cycle's pinning cost the driver holding other threads' calls, the GPU slowing, or the copies?
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 120 /tmp/pin_probe 16 stall
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
   # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments

@@ -61,3 +61,23 @@ def test_init_noise_nudges_the_initial_weights_reproducibly():
     assert nudged[0].losses == nudged[1].losses  # a fixed noise seed
     assert nudged[0].losses[0] != base.losses[0]
     assert abs(nudged[0].losses[0] - base.losses[0]) < 1e-2 * base.losses[0]
+
+
+def test_text_task_scores_held_out_bytes_and_learns():
+    result = run_demo(task="text", steps=40, printer=None)
+    assert result.task == "text" and result.eval_loss_before is not None
+    assert result.eval_loss < 0.85 * result.eval_loss_before  # ln(256) = 5.5 at the start
+    assert result.accuracy > result.accuracy_before + 0.1
+    assert sorted(set(result.groups)) == list(range(result.num_groups))
+
+
+def test_unknown_demo_task_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="task must be one of"):
+        run_demo(task="poetry", printer=None)
+
+
+def test_hift_demo_cli_runs_the_text_task(capsys):
+    assert main(["demo", "--task", "text", "--steps", "4", "--batch-size", "2", "--log-every", "2"]) == 0
+    assert "held-out loss" in capsys.readouterr().out

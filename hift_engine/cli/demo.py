@@ -1,16 +1,27 @@
-"""``hift demo``: train a tiny LLaMA with HiFT AdamW on built-in arithmetic (about 30 s on a 2-core CPU)."""
+"""``hift demo``: train a tiny LLaMA with HiFT AdamW on a built-in task (about 30 s on a 2-core CPU).
+
+Tasks: ``arithmetic`` (default; "a+b=" problems, scored by exact-match accuracy) and ``text`` (next-byte prediction on
+Python's email package source, scored by held-out loss and next-byte accuracy). --steps, --batch-size and --lr default
+to the task's own settings (hift_engine.demo.run.TASK_DEFAULTS)."""
 
 from __future__ import annotations
+
+from ..demo.run import TASK_DEFAULTS, TASKS
 
 NAME = "demo"
 
 
+def _per_task(name: str) -> str:
+    return ", ".join(f"{getattr(d, name)} for {task}" for task, d in TASK_DEFAULTS.items())
+
+
 def register(sub) -> None:
     p = sub.add_parser(NAME, help="train a tiny model on a built-in task (CPU-friendly)", description=__doc__)
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--task", default="arithmetic", choices=TASKS, help="the built-in task (default arithmetic)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {_per_task('steps')})")
     # Both spellings, as hift train takes them: --layers-per-group and --layers_per_group.
-    p.add_argument("--batch-size", "--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None, help=f"default: {_per_task('batch_size')}")
+    p.add_argument("--lr", type=float, default=None, help=f"default: {_per_task('lr')}")
     p.add_argument("--layers-per-group", "--layers_per_group", type=int, default=1)
     p.add_argument("--strategy", default="bottom2up", choices=("bottom2up", "top2down", "random"))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -25,9 +36,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..demo import run_demo
 
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or (args.batch_size is not None and args.batch_size < 1):
         raise SystemExit("hift demo: --steps and --batch-size must be >= 1")
     run_demo(
+        task=args.task,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
