@@ -5,15 +5,18 @@
 //   asynchronous (the question that keeps HIFT_REGISTER_PIECE_MIB opt-in); and what a registration running on
 //   another thread does to the work of a training loop ("stall"): the latency of the CUDA calls a training thread
 //   makes, the GPU's own progress on queued kernels, and a device-to-host copy's rate, each idle and while
-//   cudaHostRegister runs.
+//   cudaHostRegister, cudaHostAlloc, or a registration from a second context runs.
 //
-//   nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && /tmp/pin_probe [GiB per case, default 8] [seam|stall]
+//   nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && /tmp/pin_probe [GiB per case, default 8] [seam|stall]
 // ("seam": only the copies across two registrations; "stall": only the concurrency probe)
 // Prints one "key value" line per measurement (rates in GiB/s) and a final JSON object.
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -85,97 +88,206 @@ __global__ void spin(long long cycles) {
   }
 }
 
-// Registers every buffer whole on its own thread (as the store's background allocator does) while `work` runs on
-// this one; returns how long the registrations took. Unregisters them again afterwards.
-template <class Work>
-double while_registering(std::vector<char*>& bufs, size_t buf, Work work) {
-  double reg_s = 0;
-  std::thread t([&] {
-    double t0 = now();
-    for (char* p : bufs) reg(p, buf, buf);
-    reg_s = now() - t0;
-  });
-  work();
-  t.join();
-  for (char* p : bufs) unreg(p, buf, buf);
-  return reg_s;
+// Something that pins host memory, run on its own thread while the probe's thread works:
+//   register       cudaHostRegister of every buffer, whole (what the store's background allocator does)
+//   hostalloc      cudaHostAlloc of 2 x 2 GiB (the driver allocates and pins)
+//   other_context  cuMemHostRegister(PORTABLE) of every buffer from a second context of the same device, created
+//                  on that thread: is the lock per context? (PORTABLE memory counts as pinned in every context)
+struct Blocker {
+  std::string kind;
+  std::vector<char*>* bufs;
+  size_t buf;
+  std::atomic<bool> done{false};
+  double seconds = 0;
+  std::vector<void*> allocated;
+  CUcontext ctx = nullptr;
+  std::thread thread;
+
+  void start() {
+    done = false;
+    thread = std::thread([this] {
+      const double t0 = now();
+      if (kind == "register") {
+        for (char* p : *bufs) reg(p, buf, buf);
+      } else if (kind == "hostalloc") {
+        for (int i = 0; i < 2; ++i) {
+          void* h = nullptr;
+          check(cudaHostAlloc(&h, buf, cudaHostAllocDefault), "cudaHostAlloc");
+          allocated.push_back(h);
+        }
+      } else {
+        CUdevice dev;
+        cuDeviceGet(&dev, 0);
+        if (cuCtxCreate(&ctx, nullptr, 0, dev) != CUDA_SUCCESS) { std::fprintf(stderr, "cuCtxCreate failed\n"); std::exit(1); }
+        for (char* p : *bufs)
+          if (cuMemHostRegister(p, buf, CU_MEMHOSTREGISTER_PORTABLE) != CUDA_SUCCESS) {
+            std::fprintf(stderr, "cuMemHostRegister failed\n");
+            std::exit(1);
+          }
+      }
+      seconds = now() - t0;
+      done = true;
+    });
+  }
+  // Join, then undo (outside any measurement).
+  void finish() {
+    thread.join();
+    if (kind == "register") {
+      for (char* p : *bufs) unreg(p, buf, buf);
+    } else if (kind == "hostalloc") {
+      for (void* h : allocated) cudaFreeHost(h);
+      allocated.clear();
+    } else {
+      cuCtxSetCurrent(ctx);
+      for (char* p : *bufs) cuMemHostUnregister(p);
+      cuCtxDestroy(ctx);
+      ctx = nullptr;
+      check(cudaSetDevice(0), "cudaSetDevice");
+    }
+  }
+};
+
+// The device memory a second context of the device takes: at creation, then after lowering the limits that reserve
+// device memory per context (stack, malloc heap, printf FIFO) to their minimum. (The store never launches kernels in
+// its pinning context, so it needs none of them.)
+void context_memory_probe() {
+  check(cudaFree(nullptr), "context");
+  CUdevice dev;
+  cuDeviceGet(&dev, 0);
+  size_t before = 0, created = 0, trimmed = 0, total = 0;
+  check(cudaMemGetInfo(&before, &total), "mem info");
+  CUcontext ctx;
+  if (cuCtxCreate(&ctx, nullptr, 0, dev) != CUDA_SUCCESS) { std::fprintf(stderr, "cuCtxCreate failed\n"); std::exit(1); }
+  check(cudaMemGetInfo(&created, &total), "mem info");
+  record("ctxmem_created_MiB", (double(before) - double(created)) / kMiB);
+  cuCtxSetLimit(CU_LIMIT_STACK_SIZE, 0);
+  cuCtxSetLimit(CU_LIMIT_MALLOC_HEAP_SIZE, 0);
+  cuCtxSetLimit(CU_LIMIT_PRINTF_FIFO_SIZE, 0);
+  check(cudaMemGetInfo(&trimmed, &total), "mem info");
+  record("ctxmem_trimmed_MiB", (double(before) - double(trimmed)) / kMiB);
+  cuCtxDestroy(ctx);
+  check(cudaSetDevice(0), "cudaSetDevice");
+  size_t after = 0;
+  check(cudaMemGetInfo(&after, &total), "mem info");
+  record("ctxmem_after_destroy_MiB", (double(before) - double(after)) / kMiB);
 }
 
-// What a concurrent cudaHostRegister costs the rest of the process, three ways, each idle and while registering:
-//   calls  a loop of kernel launches (synchronised every 64, so the launch queue never fills) for `window` seconds:
-//          the slowest call and the time spent in calls over 1 ms, i.e. how long the calling thread was held
-//   gpu    kernels already queued (spinning 2 ms each, 0.6 s in all): their elapsed GPU time (events)
-//   d2h    device-to-host copies into already-pinned memory, 8 x 256 MiB queued: their rate
+// What pinning on another thread costs this one, measured idle (for the blocker's duration as last measured) and
+// while each kind of blocker runs:
+//   calls   the calls a training thread makes, each in its own loop until the blocker is done: kernel launches
+//           (synchronised every 64, so the launch queue never fills), event record + query, 4 KiB device-to-host
+//           copies into pinned memory (synchronised every 64): calls per second and the longest call
+//   gpu     300 kernels spinning 2 ms each (0.6 s), all queued BEFORE the blocker starts: elapsed GPU time
+//   d2h     16 device-to-host copies of 2 GiB into pinned memory (~0.6 s), queued before the blocker starts: rate
+// and, for other_context, whether memory registered there is pinned here (a 2 GiB copy's rate into it).
 void stall_probe(size_t total) {
   const size_t buf = 2 * kGiB;
   const int nbuf = int(total / buf);
   std::vector<char*> bufs;
   for (int i = 0; i < nbuf; ++i) { bufs.push_back(map(buf, true)); touch(bufs.back(), buf, 16); }
+  cuInit(0);
   cudaStream_t s;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
-  const double window = 0.5;
-  for (bool registering : {false, true}) {
-    const std::string tag = registering ? "_registering" : "_idle";
-    double worst = 0, held = 0;
-    long calls = 0;
-    auto launches = [&] {
-      const double t0 = now();
-      while (now() - t0 < window) {
-        const double c0 = now();
-        noop<<<1, 1, 0, s>>>();
-        const double dt = now() - c0;
-        worst = std::max(worst, dt);
-        if (dt > 1e-3) held += dt;
-        if (++calls % 64 == 0) check(cudaStreamSynchronize(s), "sync");
-      }
-      check(cudaStreamSynchronize(s), "sync");
-    };
-    double reg_s = registering ? while_registering(bufs, buf, launches) : (launches(), 0.0);
-    record("stall_calls_per_s" + tag, calls / window);
-    record("stall_call_max_ms" + tag, worst * 1e3);
-    record("stall_call_held_over_1ms_ms" + tag, held * 1e3);
-    if (registering) record("stall_register_s", reg_s);
-  }
+  cudaEvent_t a, b, e;
+  for (cudaEvent_t* ev : {&a, &b}) check(cudaEventCreate(ev), "event");
+  check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+  void *small_d, *small_h, *big_d;
+  check(cudaMalloc(&small_d, 4096), "cudaMalloc");
+  check(cudaMallocHost(&small_h, 4096), "cudaMallocHost");
+  check(cudaMalloc(&big_d, buf), "cudaMalloc");
+  char* big_h = map(buf, true);
+  touch(big_h, buf, 16);
+  reg(big_h, buf, buf);
+  noop<<<1, 1, 0, s>>>();  // load the module now, not inside the first measurement
+  check(cudaStreamSynchronize(s), "sync");
   int khz = 0;
   check(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0), "clock rate");
-  cudaEvent_t a, b;
-  check(cudaEventCreate(&a), "event");
-  check(cudaEventCreate(&b), "event");
-  for (bool registering : {false, true}) {
-    auto queued = [&] {
-      check(cudaEventRecord(a, s), "record");
-      for (int i = 0; i < 300; ++i) spin<<<1, 1, 0, s>>>(2LL * khz);  // 2 ms at the base clock
-      check(cudaEventRecord(b, s), "record");
-      check(cudaEventSynchronize(b), "sync");
-    };
-    if (registering) while_registering(bufs, buf, queued); else queued();
+
+  using Call = std::function<void(long)>;
+  const std::vector<std::pair<std::string, Call>> calls = {
+      {"launch", [&](long i) { noop<<<1, 1, 0, s>>>(); if (i % 64 == 63) check(cudaStreamSynchronize(s), "sync"); }},
+      {"event", [&](long) { check(cudaEventRecord(e, s), "record"); cudaEventQuery(e); }},
+      {"copy4k", [&](long i) {
+         check(cudaMemcpyAsync(small_h, small_d, 4096, cudaMemcpyDeviceToHost, s), "copy");
+         if (i % 64 == 63) check(cudaStreamSynchronize(s), "sync");
+       }},
+  };
+  double window = 0.5;  // the idle window: the last blocker's duration
+  for (const std::string kind : {"none", "register", "hostalloc", "other_context"}) {
+    Blocker blk;
+    blk.kind = kind;
+    blk.bufs = &bufs;
+    blk.buf = buf;
+    const bool idle = kind == "none";
+    for (const auto& [name, call] : calls) {
+      if (!idle) blk.start();
+      const double t0 = now();
+      double worst = 0;
+      long n = 0;
+      while (idle ? now() - t0 < window : !blk.done.load()) {
+        const double c0 = now();
+        call(n++);
+        worst = std::max(worst, now() - c0);
+      }
+      const double elapsed = now() - t0;
+      check(cudaStreamSynchronize(s), "sync");
+      if (!idle) blk.finish();
+      record("stall_" + kind + "_" + name + "_calls_per_s", n / elapsed);
+      record("stall_" + kind + "_" + name + "_max_ms", worst * 1e3);
+      if (!idle) window = blk.seconds;
+    }
+    if (!idle) record("stall_" + kind + "_seconds", blk.seconds);
+    // queued work, then the blocker
+    check(cudaEventRecord(a, s), "record");
+    for (int i = 0; i < 300; ++i) spin<<<1, 1, 0, s>>>(2LL * khz);
+    check(cudaEventRecord(b, s), "record");
+    if (!idle) blk.start();
+    check(cudaEventSynchronize(b), "sync");
+    if (!idle) blk.finish();
     float ms = 0;
     check(cudaEventElapsedTime(&ms, a, b), "elapsed");
-    record(std::string("stall_gpu_600ms_of_spins_ms") + (registering ? "_registering" : "_idle"), ms);
-  }
-  {
-    const size_t piece = 256 * kMiB;
-    char* host = map(8 * piece, true);
-    touch(host, 8 * piece, 16);
-    reg(host, 8 * piece, 8 * piece);
-    void* d;
-    check(cudaMalloc(&d, piece), "cudaMalloc");
-    for (bool registering : {false, true}) {
-      auto copies = [&] {
-        check(cudaEventRecord(a, s), "record");
-        for (int i = 0; i < 8; ++i) check(cudaMemcpyAsync(host + i * piece, d, piece, cudaMemcpyDeviceToHost, s), "d2h");
-        check(cudaEventRecord(b, s), "record");
-        check(cudaEventSynchronize(b), "sync");
-      };
-      if (registering) while_registering(bufs, buf, copies); else copies();
-      float ms = 0;
+    record("stall_" + kind + "_gpu_600ms_of_spins_ms", ms);
+    check(cudaEventRecord(a, s), "record");
+    for (int i = 0; i < 16; ++i) check(cudaMemcpyAsync(big_h, big_d, buf, cudaMemcpyDeviceToHost, s), "d2h");
+    check(cudaEventRecord(b, s), "record");
+    if (!idle) blk.start();
+    check(cudaEventSynchronize(b), "sync");
+    if (!idle) blk.finish();
+    check(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    record("stall_" + kind + "_d2h_GiBps", 32.0 / (ms / 1e3));
+    if (kind == "other_context") {  // memory registered PORTABLE in the other context: pinned here?
+      blk.start();
+      blk.thread.join();
+      check(cudaEventRecord(a, s), "record");
+      check(cudaMemcpyAsync(bufs[0], big_d, buf, cudaMemcpyDeviceToHost, s), "d2h into other-context memory");
+      check(cudaEventRecord(b, s), "record");
+      check(cudaEventSynchronize(b), "sync");
       check(cudaEventElapsedTime(&ms, a, b), "elapsed");
-      record(std::string("stall_d2h_GiBps") + (registering ? "_registering" : "_idle"), 2.0 / (ms / 1e3));
+      record("other_context_registered_d2h_GiBps", 2.0 / (ms / 1e3));
+      cudaPointerAttributes attr{};
+      check(cudaPointerGetAttributes(&attr, bufs[0]), "attributes");
+      record("other_context_memory_type_here", attr.type);  // 1: registered host memory, 0: unregistered
+      // what the other context costs in device memory, and whether its registrations outlive it
+      size_t free_with = 0, free_without = 0, dev_total = 0;
+      check(cudaMemGetInfo(&free_with, &dev_total), "mem info");
+      cuCtxSetCurrent(blk.ctx);
+      cuCtxDestroy(blk.ctx);
+      check(cudaSetDevice(0), "cudaSetDevice");
+      check(cudaMemGetInfo(&free_without, &dev_total), "mem info");
+      record("other_context_device_MiB", (double(free_without) - double(free_with)) / kMiB);
+      cudaPointerAttributes after{};
+      cudaError_t st = cudaPointerGetAttributes(&after, bufs[0]);
+      cudaGetLastError();
+      record("other_context_memory_type_after_destroy", st == cudaSuccess ? after.type : -1);
+      for (char* p : bufs) cudaHostUnregister(p);  // in case they outlived it
+      cudaGetLastError();
     }
-    cudaFree(d);
-    unreg(host, 8 * piece, 8 * piece);
-    munmap(host, 8 * piece);
   }
+  unreg(big_h, buf, buf);
+  munmap(big_h, buf);
+  cudaFree(big_d);
+  cudaFree(small_d);
+  cudaFreeHost(small_h);
   for (char* p : bufs) munmap(p, buf);
 }
 }  // namespace
@@ -184,6 +296,11 @@ int main(int argc, char** argv) {
   const size_t total = (argc > 1 ? std::atol(argv[1]) : 8) * kGiB;
   const bool seam_only = argc > 2 && std::string(argv[2]) == "seam";
   const bool stall_only = argc > 2 && std::string(argv[2]) == "stall";
+  if (argc > 2 && std::string(argv[2]) == "ctxmem") {
+    cuInit(0);
+    context_memory_probe();
+    return 0;
+  }
   const size_t buf = 2 * kGiB;  // about one 7B block's bf16-mixed state (2.2 GiB)
   const int nbuf = int(total / buf);
   check(cudaSetDevice(0), "cudaSetDevice");

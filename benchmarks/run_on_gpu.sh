@@ -30,7 +30,12 @@
 #   firstcycle3 the first cycle's pinning cost against transfer pacing, registration piece size, touch threads
 #   firstcycle5 the default allocator's first cycle on a warmed machine (after one uncounted full run), twice
 #   demoprecision benchmarks/demo_precision.py on the GPU: bf16-mixed vs fp32 on both demo tasks against a 1e-6 nudge
-#   stallprobe what a concurrent cudaHostRegister does to CUDA calls, queued kernels and copies (pin_probe.cu stall)
+#   stallprobe what pinning on another thread (cudaHostRegister, cudaHostAlloc, a second context) does to CUDA
+#             calls, queued kernels and copies (pin_probe.cu stall)
+#   pinctx1   the pinning context: CUDA store/engine tests, then the first cycle of 7B bf16-mixed batch 4 with the
+#             defaults (pinned from a second context) on a warmed machine after one uncounted run, twice
+#   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
+#             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
 #   autocost  activation_checkpointing off vs auto at 7B fp32 1 x 2048 in 47.5 GiB
 #   cudatests the CUDA tests of activation checkpointing, auto groups (tiled MLP included)
@@ -211,7 +216,7 @@ elif [ "$stage" = pinprobe ]; then
   # where pinning time goes (benchmarks/pin_probe.cu: first touch, cudaHostRegister, in parallel, across a seam
   # between two registrations), then the first cycle with the allocator's timings (alloc_* columns), defaults
   # and 256 MiB registration pieces, bf16-mixed batch 4 and fp32 batch 1
-  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 8
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 8
   ensure_installed
   run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
   step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
@@ -224,7 +229,7 @@ elif [ "$stage" = firstcycle2 ]; then
   # defaults, with every buffer pinned before the first cycle (--prepin: what is left is not pinning), with
   # 256 MiB registration pieces, and with bf16 moments; and whether a copy across two registrations works
   run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
-  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 60 /tmp/pin_probe 1 seam
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 60 /tmp/pin_probe 1 seam
   ensure_installed
   step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
   run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
@@ -257,9 +262,24 @@ elif [ "$stage" = demoprecision ]; then
   ensure_installed
   run timeout 240 $py benchmarks/demo_precision.py --task text --device cuda --workers 4 --out "$OUT"
   run timeout 300 $py benchmarks/demo_precision.py --task arithmetic --device cuda --workers 4 --out "$OUT"
+elif [ "$stage" = pinctx1 ]; then
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
+  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  run timeout 150 $step --out /tmp/warmup
+  run timeout 150 $step --out "$OUT"
+  run timeout 150 $step --out "$OUT"
+elif [ "$stage" = pinctx2 ]; then
+  ensure_installed
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  run timeout 150 $step --batch 4 --precision bf16-mixed --no-pin-context --out "$OUT"
+  run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+  run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
+    --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
 elif [ "$stage" = stallprobe ]; then
   # is the first cycle's pinning cost the driver holding other threads' calls, the GPU slowing, or the copies?
-  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -o /tmp/pin_probe && run timeout 120 /tmp/pin_probe 16 stall
+  run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 16 stall
 elif [ "$stage" = bf16state ]; then
   # state_dtype="bf16" (AdamW moments in bf16): its CUDA tests, a 2-layer smoke, 7B bf16-mixed batch 4 with
   # fp32 and bf16 moments (offloaded and resident, same run), and 13B bf16-mixed in 47.5 GiB with bf16 moments

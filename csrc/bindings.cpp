@@ -19,10 +19,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   using S = PinnedStore;
   py::class_<S>(m, "PinnedStore")
-      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, int64_t, std::vector<int64_t>>(), py::arg("numels"),
-           py::arg("slots"), py::arg("chunk_bytes") = 0, py::arg("alloc_order") = std::vector<int64_t>{},
+      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, int64_t, std::vector<int64_t>, bool>(),
+           py::arg("numels"), py::arg("slots"), py::arg("chunk_bytes") = 0,
+           py::arg("alloc_order") = std::vector<int64_t>{}, py::arg("pin_context") = true,
            "Store for len(numels) groups of fp32 state, streamed into the given slots (paced if chunk_bytes > 0); "
-           "host buffers are allocated in the background in alloc_order (default: group order).")
+           "host buffers are allocated in the background in alloc_order (default: group order) and, on CUDA with "
+           "pin_context, pinned from a second context of the device so that pinning never holds up other CUDA calls.")
       .def("host", &S::host, py::arg("gid"), release(),
            "CPU float32 view of a group's host buffer; allocates (and pins) it if the background thread has not yet.")
       .def("fetch", &S::fetch, py::arg("gid"), py::arg("slot"), release(),
@@ -54,5 +56,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           "Seconds spent on first touch and cudaHostRegister (summed over threads), and how long (and how often) "
           "callers waited for a host buffer that was not ready.")
-      .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).");
+      .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
+      .def_property_readonly("pin_context_active", &S::pin_context_active,
+                             "Whether host buffers are pinned from the device's pinning context.")
+      .def_property_readonly("pin_context_bytes", &S::pin_context_bytes,
+                             "Device memory the pinning context took when it was made (0 when not used).")
+      .def_property_readonly("pin_context_error", &S::pin_context_error,
+                             "Why the pinning context is not used although asked for (\"\" otherwise).");
 }

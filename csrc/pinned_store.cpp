@@ -121,7 +121,10 @@ HostBuffer::~HostBuffer() {
   }
   if (registered) {
     const size_t step = registration ? registration : kMaxRegistration;
-    for (size_t off = 0; off < reserved; off += step) cudaHostUnregister(static_cast<char*>(ptr) + off);
+    for (size_t off = 0; off < reserved; off += step) {
+      if (pinned_by) pinned_by->unpin(static_cast<char*>(ptr) + off);
+      else cudaHostUnregister(static_cast<char*>(ptr) + off);
+    }
   }
   cudaGetLastError();
 #endif
@@ -129,7 +132,7 @@ HostBuffer::~HostBuffer() {
 }
 
 PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes,
-                         std::vector<int64_t> alloc_order)
+                         std::vector<int64_t> alloc_order, bool pin_context)
     : numels_(std::move(numels)), slots_(std::move(slots)), tuning_(Tuning::from_env()), chunk_bytes_(chunk_bytes),
       alloc_order_(std::move(alloc_order)) {
   HIFT_CHECK(chunk_bytes_ >= 0, "PinnedStore: chunk_bytes must be >= 0 (0: one copy per group), got ", chunk_bytes_);
@@ -175,6 +178,9 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
       for (Mark* m : {&s.compute_done, &s.arrived, &s.written}) create(*m);
     group_sync_.resize(numels_.size());
     for (auto& g : group_sync_) create(g.host_written);
+    if (pin_context && tuning_.alloc_mode == "register" && !numels_.empty()) {
+      pin_ctx_ = PinContext::acquire(device_, &pin_context_error_);  // null (with the reason): the primary context
+    }
   }
 #else
   HIFT_CHECK(!device.is_cuda(), "PinnedStore: this build has no CUDA support but slots are on ", device,
@@ -227,9 +233,9 @@ void PinnedStore::prepare_in_stream(int64_t slot) {
 
 float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<float>(); }
 
-// cudaHostRegister holds a driver lock while it pins pages, which stalls the training thread's launches and
-// copies for as long (tens of ms for a GiB). Registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each
-// hold short. Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier
+// cudaHostRegister in the primary context holds a driver lock while it pins pages, which stalls the training
+// thread's launches and copies for as long (tens of ms for a GiB); the pinning context (pin_context.h) avoids that
+// altogether. Where it is not used, registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each hold short. Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier
 // cuts its copies, so no paced copy spans two registrations; unpaced stores register a group whole. Off by
 // default: CUDA refuses a copy of a range that spans two registrations (cudaErrorInvalidValue on the H200,
 // benchmarks/pin_probe.cu), so other code copying a view of host state across a seam would fail.
@@ -267,14 +273,25 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
     c10::cuda::CUDAGuard guard(device_);
     const size_t piece = registration_bytes();
     buf->registration = piece;
+    buf->pinned_by = pin_ctx_;
     for (size_t off = 0; off < buf->reserved; off += piece) {
       size_t len = std::min(piece, buf->reserved - off);
-      cudaError_t err = cudaHostRegister(static_cast<char*>(buf->ptr) + off, len, cudaHostRegisterDefault);
-      if (err != cudaSuccess) {
-        for (size_t undo = 0; undo < off; undo += piece) cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
+      char* at = static_cast<char*>(buf->ptr) + off;
+      std::string err;
+      if (pin_ctx_) {
+        err = pin_ctx_->pin(at, len);
+      } else if (cudaError_t e = cudaHostRegister(at, len, cudaHostRegisterDefault); e != cudaSuccess) {
+        err = hift::cat("cudaHostRegister: ", cudaGetErrorString(e));
         cudaGetLastError();
-        throw std::runtime_error(hift::cat("PinnedStore: cudaHostRegister of ", len, " bytes failed: ",
-                                          cudaGetErrorString(err), " (is the locked-memory limit too low? see `ulimit -l`)"));
+      }
+      if (!err.empty()) {
+        for (size_t undo = 0; undo < off; undo += piece) {
+          if (pin_ctx_) pin_ctx_->unpin(static_cast<char*>(buf->ptr) + undo);
+          else cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
+        }
+        cudaGetLastError();
+        throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
+                                          "); is the locked-memory limit too low? see `ulimit -l`"));
       }
     }
     buf->registered = true;
@@ -367,6 +384,22 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   host_[gid] = buf;
   alloc_cv_.notify_all();
   return buf;
+}
+
+bool PinnedStore::pin_context_active() const {
+#ifdef HIFT_WITH_CUDA
+  return pin_ctx_ != nullptr;
+#else
+  return false;
+#endif
+}
+
+int64_t PinnedStore::pin_context_bytes() const {
+#ifdef HIFT_WITH_CUDA
+  return pin_ctx_ ? pin_ctx_->device_bytes() : 0;
+#else
+  return 0;
+#endif
 }
 
 PinnedStore::AllocStats PinnedStore::alloc_stats() const {

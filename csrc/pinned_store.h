@@ -3,7 +3,9 @@
 // The Python side (hift_engine/store/offload.py) decides which group goes into which slot and when; this
 // class owns the memory and orders the copies:
 //   host buffers  exactly sized (4 KiB pages), page-locked by mmap (transparent huge pages) + multi-threaded
-//                 first touch + cudaHostRegister (<= 64 GiB per registration); allocated in group order by a
+//                 first touch + registration (<= 64 GiB per call) from a second context of the device, so the
+//                 training thread's CUDA calls never wait behind it (pin_context.h; the primary context's
+//                 cudaHostRegister where that context is refused or not wanted); allocated in group order by a
 //                 background thread from construction, so the first cycle's write-backs find them ready (a
 //                 group needed before the thread reached it is allocated by the caller instead)
 //   streams       host-to-device copies on one stream, device-to-host on another, so both run at once; each
@@ -28,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include "paced_copier.h"
+#include "pin_context.h"
 #endif
 
 namespace hift {
@@ -41,6 +44,9 @@ struct HostBuffer {
   bool registered = false;
   bool host_alloc = false;
   size_t registration = 0;  // bytes per cudaHostRegister call (the last may be shorter); unregistered alike
+#ifdef HIFT_WITH_CUDA
+  std::shared_ptr<PinContext> pinned_by;  // registered from the pinning context (kept alive until unregistered)
+#endif
   ~HostBuffer();
 };
 
@@ -83,9 +89,10 @@ class PinnedStore {
   // for the largest group. chunk_bytes > 0 paces each transfer in pieces of that size, so a small copy on
   // another stream waits for at most one piece instead of a whole group; 0 issues each transfer as one copy.
   // alloc_order: the order the background thread allocates the groups' buffers in (the first cycle's group
-  // order, so each write-back finds its buffer ready); empty: 0, 1, 2, ...
+  // order, so each write-back finds its buffer ready); empty: 0, 1, 2, ... pin_context: register host buffers from
+  // the device's pinning context (pin_context.h) instead of the primary one, when the driver allows it.
   PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> slots, int64_t chunk_bytes = 0,
-              std::vector<int64_t> alloc_order = {});
+              std::vector<int64_t> alloc_order = {}, bool pin_context = true);
   ~PinnedStore();
   PinnedStore(const PinnedStore&) = delete;
   PinnedStore& operator=(const PinnedStore&) = delete;
@@ -111,6 +118,11 @@ class PinnedStore {
   };
   AllocStats alloc_stats() const;
   int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
+  // Whether host buffers are registered from the pinning context; its device memory; why it is not used ("" if it
+  // is, or was not asked for).
+  bool pin_context_active() const;
+  int64_t pin_context_bytes() const;
+  const std::string& pin_context_error() const { return pin_context_error_; }
 
  private:
   void check_open(const char* fn) const;
@@ -146,8 +158,10 @@ class PinnedStore {
   std::thread allocator_;
   bool cuda_ = false;
   bool closed_ = false;
+  std::string pin_context_error_;
 #ifdef HIFT_WITH_CUDA
   int device_ = 0;
+  std::shared_ptr<PinContext> pin_ctx_;  // null: register in the primary context
   std::unique_ptr<PacedCopier> in_, out_;  // host-to-device, device-to-host
   std::vector<SlotSync> slot_sync_;
   std::vector<GroupSync> group_sync_;

@@ -6,7 +6,7 @@ import sys
 __all__ = ["CSRC_DIR", "SOURCES", "compile_flags", "LINK_FLAGS"]
 
 CSRC_DIR = "csrc"  # relative to the repository root
-SOURCES = ("pinned_store.cpp", "paced_copier.cpp", "bindings.cpp")
+SOURCES = ("pinned_store.cpp", "paced_copier.cpp", "pin_context.cpp", "bindings.cpp")
 # libstdc++ linked dynamically whatever the toolchain's default: a static copy beside torch's shared one
 # crashed the first error message (docs/design.md, "Building the extension").
 LINK_FLAGS = ["-Wl,--no-as-needed", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []

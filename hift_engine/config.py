@@ -92,6 +92,11 @@ class HiFTConfig:
                       (loss.item(), a check inside the model's forward) waits for one piece, not for a
                       whole group's state on the same copy engine. 0: one copy per transfer (the torch
                       store always does that).
+    pin_context:      the native store pins its host buffers from a second CUDA context of the device, so that
+                      pinning (seconds of it, in the background during the first cycle) never holds up the
+                      training thread's CUDA calls: the first cycle then runs at full speed. It costs that
+                      context's device memory (about 260 MiB on an H200) for the whole run. False pins in the
+                      process's own context (no extra memory; the first cycle runs slower while it pins).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's
                       process-wide TF32 switches), "bf16-mixed" (bf16 weights on the device, fp32 master
@@ -149,6 +154,7 @@ class HiFTConfig:
     state_store: str = "auto"
     slots: int = 2
     transfer_chunk_mib: int = 16
+    pin_context: bool = True
     kernels: str = "auto"
     precision: str = "fp32"
     state_dtype: str = "fp32"
@@ -231,7 +237,7 @@ class HiFTConfig:
             self.no_decay = _str_list("no_decay", self.no_decay) if self.no_decay else ()
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
             raise ConfigError(f"max_grad_norm must be a number > 0 or None (no clipping), got {self.max_grad_norm!r}")
-        for name in ("skip_nonfinite", "activation_offload", "checkpoint_active", "shard_state"):
+        for name in ("skip_nonfinite", "activation_offload", "checkpoint_active", "shard_state", "pin_context"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.max_consecutive_skips) or self.max_consecutive_skips < 0:

@@ -32,6 +32,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"max_consecutive_skips": -1}, "max_consecutive_skips must be an integer >= 0"),
         ({"optimizer_kwargs": [1]}, "optimizer_kwargs must be a mapping"),
         ({"transfer_chunk_mib": -1}, "transfer_chunk_mib must be an integer >= 0"),
+        ({"pin_context": "yes"}, "pin_context must be"),
         ({"checkpoint_active": True}, "checkpoint_active .* needs activation_checkpointing='always' or 'auto'"),
         ({"mlp_chunk_tokens": -4}, "mlp_chunk_tokens must be an integer >= 0"),
     ],

@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
                    help="> 0: every HiFT mode computes the LM head and loss in chunks of this many tokens")
     p.add_argument("--cap-gib", type=float, default=0.0,
                    help="> 0: cap the process's device memory (pynvml view, CUDA context included) as on a smaller card")
+    p.add_argument("--no-pin-context", action="store_true",
+                   help="offload mode: pin host buffers in the process's own CUDA context (pin_context=False), as "
+                        "before the pinning context: no extra device memory, a slower first cycle")
     p.add_argument("--prepin", action="store_true",
                    help="offload mode: wait until every host buffer is pinned before timing the first cycle (separates "
                         "the cost of pinning during training from the rest of the first cycle)")
@@ -150,7 +153,8 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_touch_s=alloc["touch_s"],
-                       alloc_register_s=alloc["register_s"])
+                       alloc_register_s=alloc["register_s"], pin_context=alloc["pin_context"],
+                       pin_context_mib=alloc["pin_context_bytes"] / 2**20)
         torch.cuda.reset_peak_memory_stats(dev)
         stats0 = _store_bytes(opt)
         n = k * cycles
@@ -244,6 +248,9 @@ def run(args) -> int:
                     extra = {"activation_checkpointing": ckpt or ckpts[0]} if mode != "standard" else {}
                     if sd == "bf16":
                         extra["state_dtype"] = "bf16"
+                    if args.no_pin_context and mode == "offload":
+                        extra["pin_context"] = False
+                        label += "-primary-context"
                     row = _measure(model, mode, args, dev, args.cycles_official if mode == "official" else cycles,
                                    k_hint=layers + 2, profile_dir=args.out if args.profile else None,
                                    chunk_mib=chunk, label=label, precision=precision, **extra)

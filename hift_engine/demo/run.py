@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -11,10 +10,12 @@ import torch
 
 from ..memory import memory_bytes
 from ..optimizer import HiFTOptimizer
+from ..errors import ConfigError
+from .base import DemoTask
 from .task import VOCAB_SIZE, ArithmeticTask
-from .text import TEXT_VOCAB_SIZE, TextTask
+from .text import TextTask
 
-__all__ = ["DemoResult", "run_demo", "tiny_llama", "nudge_weights", "TASKS", "TASK_DEFAULTS"]
+__all__ = ["DemoResult", "run_demo", "make_task", "tiny_llama", "nudge_weights", "TASKS", "TASK_DEFAULTS"]
 
 
 def tiny_llama(hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0, device="cpu",
@@ -48,31 +49,29 @@ def nudge_weights(model, noise: float) -> None:
 class DemoResult:
     losses: list[float] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
-    accuracy_before: float = 0.0  # arithmetic: exact-match answers; text: held-out next-byte accuracy
+    # The task's accuracy before and after training: exact-match answers (arithmetic), held-out next-byte
+    # predictions (text).
+    accuracy_before: float = 0.0
     accuracy: float = 0.0
-    eval_loss_before: float | None = None  # text only: held-out loss before and after training
+    eval_loss_before: float | None = None  # held-out loss before and after training (text; None for arithmetic)
     eval_loss: float | None = None
     seconds: float = 0.0
     num_groups: int = 0
     task: str = "arithmetic"
 
 
-@dataclass(frozen=True)
-class TaskDefaults:
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_fraction: float  # of the steps, rounded
-    max_grad_norm: float | None
+TASK_TYPES = {task.name: task for task in (ArithmeticTask, TextTask)}
+TASKS = tuple(TASK_TYPES)
+TASK_DEFAULTS = {name: task.defaults for name, task in TASK_TYPES.items()}
 
 
-# Each task's defaults, used for any of steps/batch_size/lr not given. The arithmetic task keeps the settings the demo
-# always had; the text task's are ordinary small-LM fine-tuning settings (short warmup, clipping at 1).
-TASK_DEFAULTS = {
-    "arithmetic": TaskDefaults(steps=1500, batch_size=64, lr=3e-3, warmup_fraction=0.0, max_grad_norm=None),
-    "text": TaskDefaults(steps=800, batch_size=16, lr=1e-3, warmup_fraction=0.05, max_grad_norm=1.0),
-}
-TASKS = tuple(TASK_DEFAULTS)
+def make_task(name: str, eval_problems: int = 200, seed: int = 0) -> DemoTask:
+    """The task called ``name``; the arithmetic task scores ``eval_problems`` fresh problems drawn with seed + 1."""
+    if name not in TASK_TYPES:
+        raise ConfigError(f"run_demo: task must be one of {TASKS}, got {name!r}")
+    if name == "arithmetic":
+        return ArithmeticTask(eval_problems=eval_problems, eval_seed=seed + 1)
+    return TASK_TYPES[name]()
 
 
 def run_demo(
@@ -91,28 +90,25 @@ def run_demo(
     init_noise: float = 0.0,
     task: str = "arithmetic",
 ) -> DemoResult:
-    """Train the tiny model on ``task`` ("arithmetic": the "a+b=" problems, scored by exact-match accuracy on
-    ``eval_problems`` fresh ones; "text": next-byte prediction on Python's email package source, scored by held-out
-    loss and next-byte accuracy). ``steps``, ``batch_size`` and ``lr`` default to the task's (``TASK_DEFAULTS``).
+    """Train the tiny model on ``task`` and score it before and after.
+
+    Tasks: "arithmetic" ("a+b=" problems, scored by exact-match accuracy on ``eval_problems`` fresh ones) and "text"
+    (next-byte prediction on Python's email package source, scored by held-out loss and next-byte accuracy;
+    ``eval_problems`` does not apply). ``steps``, ``batch_size`` and ``lr`` default to the task's
+    (``TASK_DEFAULTS``); its warm-up fraction and gradient clipping are always the task's.
 
     ``init_noise`` > 0 multiplies every initial weight by ``1 + init_noise * N(0, 1)`` (noise of a fixed seed):
     a control for how sensitive the run is to tiny changes, against which a precision's effect can be judged."""
-    if task not in TASK_DEFAULTS:
-        raise ValueError(f"run_demo: task must be one of {TASKS}, got {task!r}")
-    defaults = TASK_DEFAULTS[task]
+    data = make_task(task, eval_problems, seed)
+    defaults = data.defaults
     steps = defaults.steps if steps is None else steps
     batch_size = defaults.batch_size if batch_size is None else batch_size
     lr = defaults.lr if lr is None else lr
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"run_demo: steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+        raise ConfigError(f"run_demo: steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
     dev = torch.device(device)
     torch.manual_seed(seed)
-    if task == "text":
-        data = TextTask()
-        model = tiny_llama(seed=seed, device=dev, vocab_size=TEXT_VOCAB_SIZE)
-    else:
-        data = ArithmeticTask()
-        model = tiny_llama(seed=seed, device=dev)
+    model = tiny_llama(seed=seed, device=dev, vocab_size=data.vocab_size)
     if init_noise:
         nudge_weights(model, init_noise)
     # Under bf16-mixed/fp16-mixed the optimizer casts the fp32 model and keeps its fp32 weights as the masters,
@@ -126,17 +122,15 @@ def run_demo(
     say = printer or (lambda s: None)
     say(opt.describe())
 
-    def evaluate() -> None:
+    def evaluate() -> tuple[float | None, float]:
         model.eval()
-        if task == "text":
-            out.eval_loss, out.accuracy = data.evaluate(model, dev)
-        else:
-            out.accuracy = data.accuracy(model, random.Random(seed + 1), eval_problems, dev)
-        model.train()
+        try:
+            return data.evaluate(model, dev)
+        finally:
+            model.train()
 
-    evaluate()
-    out.eval_loss_before, out.accuracy_before = out.eval_loss, out.accuracy
-    rng = torch.Generator().manual_seed(seed) if task == "text" else random.Random(seed)
+    out.eval_loss_before, out.accuracy_before = evaluate()
+    rng = data.make_rng(seed)
     start = time.perf_counter()
     for step in range(steps):
         batch = data.batch(rng, batch_size, dev)
@@ -154,14 +148,10 @@ def run_demo(
                 f"mem {memory_bytes(dev) / 2**20:.0f} MiB"
             )
     out.seconds = time.perf_counter() - start
-    evaluate()
+    out.eval_loss, out.accuracy = evaluate()
     first = sum(out.losses[:20]) / min(20, len(out.losses))
     last = sum(out.losses[-20:]) / min(20, len(out.losses))
-    if task == "text":
-        scored = (f"held-out loss {out.eval_loss_before:.3f} -> {out.eval_loss:.3f}, next-byte accuracy "
-                  f"{out.accuracy_before:.1%} -> {out.accuracy:.1%}")
-    else:
-        scored = f"accuracy {out.accuracy_before:.1%} -> {out.accuracy:.1%} on {eval_problems} fresh problems"
+    scored = data.summary((out.eval_loss_before, out.accuracy_before), (out.eval_loss, out.accuracy))
     say(
         f"summary: loss {first:.3f} -> {last:.3f} (mean of first/last 20 steps), {scored}, {steps} steps over "
         f"{opt.num_groups} groups in {out.seconds:.1f} s on {dev}"

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from .base import TaskDefaults
 
 __all__ = ["ArithmeticTask", "VOCAB_SIZE", "PAD", "EOS"]
 
@@ -25,6 +28,17 @@ class ArithmeticTask:
     max_operand: int = 9
     ops: str = "+"
     seq_len: int = 8
+    eval_problems: int = 200  # evaluate(): this many fresh problems, drawn from Random(eval_seed) every time
+    eval_seed: int = 1
+
+    name: ClassVar[str] = "arithmetic"
+    vocab_size: ClassVar[int] = VOCAB_SIZE
+    # The settings the demo has always had (no warm-up, no clipping).
+    defaults: ClassVar[TaskDefaults] = TaskDefaults(steps=1500, batch_size=64, lr=3e-3, warmup_fraction=0.0,
+                                                    max_grad_norm=None)
+
+    def make_rng(self, seed: int) -> random.Random:
+        return random.Random(seed)
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         a, b, op = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand), rng.choice(self.ops)
@@ -61,3 +75,10 @@ class ArithmeticTask:
                     break
             correct += bytes(ids[len(prompt):]).decode("ascii", "replace") == answer
         return correct / n
+
+    def evaluate(self, model, device: torch.device | str = "cpu") -> tuple[float | None, float]:
+        """(None, exact-match accuracy on ``eval_problems`` fresh problems): no loss, the same problems every call."""
+        return None, self.accuracy(model, random.Random(self.eval_seed), self.eval_problems, device)
+
+    def summary(self, before: tuple[float | None, float], after: tuple[float | None, float]) -> str:
+        return f"accuracy {before[1]:.1%} -> {after[1]:.1%} on {self.eval_problems} fresh problems"

@@ -51,7 +51,8 @@ def make_path(
     if store is None and layouts[0].num_state:
         first_cycle = GroupOrder(len(layouts), cfg.strategy, cfg.seed).cycle_order(0)  # host buffers in this order
         store = make_store(cfg.state_store, [lay.state_numel for lay in layouts], device, cfg.slots,
-                           chunk_bytes=cfg.transfer_chunk_mib << 20, alloc_order=first_cycle)
+                           chunk_bytes=cfg.transfer_chunk_mib << 20, alloc_order=first_cycle,
+                           pin_context=cfg.pin_context)
     elif callable(store) and not isinstance(store, StateStore):
         store = store(layouts, device)
     backend = resolve_kernels(cfg.kernels, device)

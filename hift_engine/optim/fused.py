@@ -323,6 +323,11 @@ class FusedPath(UpdatePath):
         out += " moments=bf16 (stochastic rounding)" if self.moment_bf16 else ""
         if self.store is not None and self.store.kind.startswith("offload"):  # said before it is taken
             out += f" pinned host state={sum(self.store.numels) * 4 / 2**30:.2f} GiB"
+            alloc = self.store.alloc_stats()
+            if alloc is not None and alloc["pin_context"]:
+                out += f" (pinned from a second CUDA context: {alloc['pin_context_bytes'] / 2**20:.0f} MiB of device memory)"
+            elif alloc is not None and alloc["pin_context_error"]:
+                out += f" (no pinning context: {alloc['pin_context_error']})"
         return out
 
     def synchronize(self) -> None:

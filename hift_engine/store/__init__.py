@@ -46,9 +46,10 @@ def check_host_memory(numels: list[int]) -> None:
 
 
 def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 2, chunk_bytes: int = 0,
-               alloc_order: list[int] | None = None) -> StateStore:
+               alloc_order: list[int] | None = None, pin_context: bool = True) -> StateStore:
     """``kind``: "auto" | "resident" | "torch" | "native" (see HiFTConfig.state_store); ``chunk_bytes`` > 0
-    makes the native store pace each transfer in pieces of that size (HiFTConfig.transfer_chunk_mib)."""
+    makes the native store pace each transfer in pieces of that size (HiFTConfig.transfer_chunk_mib);
+    ``pin_context``: the native store pins from a second context of the device (HiFTConfig.pin_context)."""
     device = torch.device(device)
     if kind == "auto":
         if device.type != "cuda":
@@ -61,5 +62,5 @@ def make_store(kind: str, numels: list[int], device: torch.device, slots: int = 
         return ResidentStore(numels, device)
     if kind in TRANSPORTS:
         check_host_memory(numels)
-        return OffloadStore(numels, device, kind, slots, chunk_bytes, alloc_order)
+        return OffloadStore(numels, device, kind, slots, chunk_bytes, alloc_order, pin_context)
     raise ConfigError(f"unknown state_store {kind!r}; use auto, resident, torch or native")

@@ -23,13 +23,15 @@ def _close_all() -> None:  # free pinned memory before CUDA tears down
         store.close()
 
 
-def native_transport(slots: list[Tensor], numels: list[int], chunk_bytes: int = 0, alloc_order: list[int] | None = None):
+def native_transport(slots: list[Tensor], numels: list[int], chunk_bytes: int = 0, alloc_order: list[int] | None = None,
+                     pin_context: bool = True):
     """A ``PinnedStore`` over ``slots``; ``chunk_bytes`` > 0 paces each transfer in pieces of that size; host
-    buffers are allocated in the background in ``alloc_order`` (the first cycle's group order).
+    buffers are allocated in the background in ``alloc_order`` (the first cycle's group order) and pinned from a
+    second context of the device when ``pin_context`` (and the driver allows one).
     Raises NativeUnavailableError (with the original build/load error) if the extension cannot serve them."""
     module = _native.load()
     if slots[0].is_cuda and not module.with_cuda:
         raise NativeUnavailableError("the native extension was built without CUDA; it cannot serve a CUDA device")
-    store = module.PinnedStore(list(numels), list(slots), chunk_bytes, list(alloc_order or []))
+    store = module.PinnedStore(list(numels), list(slots), chunk_bytes, list(alloc_order or []), pin_context)
     _live.add(store)
     return store

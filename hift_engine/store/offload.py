@@ -32,23 +32,25 @@ TRANSPORTS = ("torch", "native")
 _SLICE = 16 << 20  # elements per slice of a device-to-host load_state (64 MiB)
 
 
-def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int, alloc_order=None):
+def _open_transport(kind: str, slots: list[Tensor], numels: list[int], chunk_bytes: int, alloc_order=None,
+                    pin_context: bool = True):
     if kind == "native":
         from .native_transport import native_transport  # loads (or JIT-builds) the extension
 
-        return native_transport(slots, numels, chunk_bytes, alloc_order)
+        return native_transport(slots, numels, chunk_bytes, alloc_order, pin_context)
     return TorchTransport(slots, numels)  # issues each transfer whole: it cannot pace
 
 
 class OffloadStore(StateStore):
     def __init__(
         self, numels: list[int], device: torch.device, transport: str = "torch", num_slots: int = 2,
-        chunk_bytes: int = 0, alloc_order: list[int] | None = None,
+        chunk_bytes: int = 0, alloc_order: list[int] | None = None, pin_context: bool = True,
     ) -> None:
         """``transport``: "torch" or "native" (``chunk_bytes`` > 0: the native store paces each transfer in
         pieces of that size). ``num_slots`` device buffers, each the size of the largest group, are allocated
         here once and handed to the transport. ``alloc_order``: the first cycle's group order (the native
-        store allocates host buffers in the background in that order)."""
+        store allocates host buffers in the background in that order). ``pin_context``: the native store pins
+        them from a second CUDA context of the device (HiFTConfig.pin_context)."""
         super().__init__(numels)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -58,7 +60,7 @@ class OffloadStore(StateStore):
         self.kind = f"offload-{transport}"
         slot_numel = max(self.numels) if self.numels else 0
         self.slots = [torch.empty(slot_numel, dtype=torch.float32, device=self.device) for _ in range(num_slots)]
-        self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes, alloc_order)
+        self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes, alloc_order, pin_context)
         self.stats.device_bytes = slot_numel * 4 * num_slots
         self._slot_gid: list[int | None] = [None] * num_slots
         self._dirty = [False] * num_slots  # device copy newer than host copy
@@ -170,9 +172,14 @@ class OffloadStore(StateStore):
 
     def alloc_stats(self) -> dict | None:
         """The native store's allocation times (first touch, pinning, and how long write-backs waited for a
-        buffer that was not ready: the first cycle's extra cost); None for the torch transport."""
+        buffer that was not ready: the first cycle's extra cost) and its pinning context (whether used, its device
+        bytes, why not); None for the torch transport."""
         stats = getattr(self.transport, "alloc_stats", None)
-        return stats() if stats is not None else None
+        if stats is None:
+            return None
+        t = self.transport
+        return {**stats(), "pin_context": t.pin_context_active, "pin_context_bytes": t.pin_context_bytes,
+                "pin_context_error": t.pin_context_error}
 
     def wait_allocated(self) -> None:
         """Block until every group's host buffer is allocated and pinned (the native store pins them in the

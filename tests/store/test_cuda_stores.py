@@ -18,14 +18,16 @@ from hift_engine.store import OffloadStore
 pytestmark = pytest.mark.cuda
 
 
-KINDS = ["torch", "native", "native-paced"]
+KINDS = ["torch", "native", "native-paced", "native-primary-context"]
 
 
 def _store(kind, numels, num_slots=2, paced_chunk=(1 << 18) + 4):
     """``native-paced``: copies issued by the store's worker threads in pieces (odd-sized on purpose, so
-    pieces straddle element boundaries), one in flight: the ordering must survive that too."""
+    pieces straddle element boundaries), one in flight: the ordering must survive that too.
+    ``native-primary-context``: host buffers pinned in the process's own context (pin_context=False)."""
     transport = "torch" if kind == "torch" else "native"
-    store = OffloadStore(numels, "cuda", transport, num_slots, paced_chunk if kind == "native-paced" else 0)
+    store = OffloadStore(numels, "cuda", transport, num_slots, paced_chunk if kind == "native-paced" else 0,
+                         pin_context=kind != "native-primary-context")
     sabotage = os.environ.get("HIFT_TEST_SABOTAGE")
     if sabotage:
         store.transport = _Sabotaged(store.transport, sabotage)
@@ -151,3 +153,50 @@ def test_native_registration_in_pieces_round_trips_bit_exact(monkeypatch):
     state, _ = store.activate(0)
     assert torch.equal(state, fresh)
     store.close()
+
+
+@pytest.mark.parametrize("pin_context", [True, False])
+def test_native_pin_context_pins_and_round_trips(pin_context):
+    """Host buffers pinned from the device's pinning context (pin_context.h) are pinned memory for this process's
+    own copies; state round-trips bit for bit through them; with pin_context=False nothing of it is made."""
+    numels = [(3 << 20) + 7, 1 << 20]
+    store = OffloadStore(numels, "cuda", "native", 2, 1 << 20, pin_context=pin_context)
+    stats = store.alloc_stats()
+    assert stats["pin_context"] is pin_context, stats["pin_context_error"]
+    assert (stats["pin_context_bytes"] > 0) is pin_context and stats["pin_context_error"] == ""
+    store.wait_allocated()
+    assert all(store.transport.host(g).is_pinned() for g in range(2))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ref = [torch.zeros(n, device="cuda") for n in numels]
+    for t in range(8):
+        gid = t % 2
+        state, _ = store.activate(gid)
+        delta = torch.randn(numels[gid], generator=g, device="cuda")
+        state.add_(delta)
+        ref[gid] += delta
+        store.release(gid, keep=False)
+        store.prefetch(1 - gid)
+    for gid in range(2):
+        assert torch.equal(store.host_state(gid), ref[gid].cpu())
+    store.close()
+
+
+def test_native_pin_context_is_shared_and_outlives_its_store():
+    """One pinning context per device, shared by every store (its device memory is paid once), and kept while any
+    buffer pinned in it is alive: a host view taken before close() stays pinned memory after it."""
+    from hift_engine import _native
+
+    mod = _native.load()
+    slots = [torch.empty(1 << 20, device="cuda")]
+    a, b = mod.PinnedStore([1 << 20], slots), mod.PinnedStore([1 << 20], slots)
+    assert a.pin_context_active and b.pin_context_active
+    assert a.pin_context_bytes == b.pin_context_bytes  # the same context, measured once
+    host = a.host(0)
+    host.fill_(3.0)
+    a.close()
+    b.close()
+    assert host.is_pinned()
+    dev = torch.full((1 << 20,), 5.0, device="cuda")
+    host.copy_(dev, non_blocking=True)  # a pinned destination: an asynchronous copy, finished by the sync
+    torch.cuda.synchronize()
+    assert torch.equal(host, torch.full_like(host, 5.0))
