@@ -274,9 +274,9 @@ elif [ "$stage" = pinctx2 ]; then
   ensure_installed
   step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
   run timeout 150 $step --batch 4 --precision bf16-mixed --no-pin-context --out "$OUT"
-  run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
   run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
     --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
+  run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
 elif [ "$stage" = stallprobe ]; then
   # is the first cycle's pinning cost the driver holding other threads' calls, the GPU slowing, or the copies?
   run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 16 stall
