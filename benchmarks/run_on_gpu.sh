@@ -34,6 +34,7 @@
 #             calls, queued kernels and copies (pin_probe.cu stall)
 #   pinctx1   the pinning context: CUDA store/engine tests, then the first cycle of 7B bf16-mixed batch 4 with the
 #             defaults (pinned from a second context) on a warmed machine after one uncounted run, twice
+#   pinctx3   the pinning context on and off in turn (twice each), same warmed machine, serial allocator
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -277,6 +278,16 @@ elif [ "$stage" = pinctx2 ]; then
   run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
     --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = pinctx3 ]; then
+  # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
+  ensure_installed
+  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  run timeout 150 $step --out /tmp/warmup
+  for i in 1 2; do
+    run timeout 150 $step --out "$OUT"
+    run timeout 150 $step --no-pin-context --out "$OUT"
+  done
 elif [ "$stage" = stallprobe ]; then
   # is the first cycle's pinning cost the driver holding other threads' calls, the GPU slowing, or the copies?
   run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 16 stall

@@ -8,7 +8,6 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <thread>
 
 #include <sys/mman.h>
@@ -248,12 +247,6 @@ size_t PinnedStore::registration_bytes() const {
 }
 
 std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background) {
-  auto buf = touched(bytes, background);
-  pin(*buf);
-  return buf;
-}
-
-std::shared_ptr<HostBuffer> PinnedStore::touched(size_t bytes, bool background) {
   auto buf = std::make_shared<HostBuffer>();
   buf->bytes = bytes;
   buf->reserved = round_up(std::max<size_t>(bytes, 1), kPage);
@@ -274,87 +267,45 @@ std::shared_ptr<HostBuffer> PinnedStore::touched(size_t bytes, bool background) 
   const auto t0 = Clock::now();
   parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
   touch_ns_ += nanoseconds_since(t0);
-  return buf;
-}
-
-void PinnedStore::pin(HostBuffer& buf) {
 #ifdef HIFT_WITH_CUDA
-  if (!cuda_ || buf.host_alloc) return;
-  const auto t1 = Clock::now();
-  c10::cuda::CUDAGuard guard(device_);
-  const size_t piece = registration_bytes();
-  buf.registration = piece;
-  buf.pinned_by = pin_ctx_;
-  for (size_t off = 0; off < buf.reserved; off += piece) {
-    size_t len = std::min(piece, buf.reserved - off);
-    char* at = static_cast<char*>(buf.ptr) + off;
-    std::string err;
-    if (pin_ctx_) {
-      err = pin_ctx_->pin(at, len);
-    } else if (cudaError_t e = cudaHostRegister(at, len, cudaHostRegisterDefault); e != cudaSuccess) {
-      err = hift::cat("cudaHostRegister: ", cudaGetErrorString(e));
-      cudaGetLastError();
-    }
-    if (!err.empty()) {
-      for (size_t undo = 0; undo < off; undo += piece) {
-        if (pin_ctx_) pin_ctx_->unpin(static_cast<char*>(buf.ptr) + undo);
-        else cudaHostUnregister(static_cast<char*>(buf.ptr) + undo);
+  if (cuda_) {
+    const auto t1 = Clock::now();
+    c10::cuda::CUDAGuard guard(device_);
+    const size_t piece = registration_bytes();
+    buf->registration = piece;
+    buf->pinned_by = pin_ctx_;
+    for (size_t off = 0; off < buf->reserved; off += piece) {
+      size_t len = std::min(piece, buf->reserved - off);
+      char* at = static_cast<char*>(buf->ptr) + off;
+      std::string err;
+      if (pin_ctx_) {
+        err = pin_ctx_->pin(at, len);
+      } else if (cudaError_t e = cudaHostRegister(at, len, cudaHostRegisterDefault); e != cudaSuccess) {
+        err = hift::cat("cudaHostRegister: ", cudaGetErrorString(e));
+        cudaGetLastError();
       }
-      cudaGetLastError();
-      throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
-                                        "); is the locked-memory limit too low? see `ulimit -l`"));
+      if (!err.empty()) {
+        for (size_t undo = 0; undo < off; undo += piece) {
+          if (pin_ctx_) pin_ctx_->unpin(static_cast<char*>(buf->ptr) + undo);
+          else cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
+        }
+        cudaGetLastError();
+        throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
+                                          "); is the locked-memory limit too low? see `ulimit -l`"));
+      }
     }
+    buf->registered = true;
+    register_ns_ += nanoseconds_since(t1);
   }
-  buf.registered = true;
-  register_ns_ += nanoseconds_since(t1);
-#else
-  (void)buf;
 #endif
+  return buf;
 }
 
 // The first cycle writes every group back once; allocating (and pinning) its buffer then, on the host thread,
 // made the first cycle 1.5x slower than the next at 7B. This thread allocates them from construction instead,
-// in the first cycle's order; the CUDA runtime is thread-safe, and no lock is held while memory is touched or pinned.
-// Two stages, so that they overlap: this thread maps and first-touches the buffers (CPU work, on its touch threads),
-// a second one pins each as it comes (the driver's work) and publishes it. One after the other, both took longer
-// than a 7B bf16-mixed batch-4 cycle (2.4 s + 2.2 s for 75 GiB against 3.6 s), so write-backs caught up and waited.
+// in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
-  std::mutex queue_mu;
-  std::condition_variable queue_cv;
-  std::deque<std::pair<int64_t, std::shared_ptr<HostBuffer>>> queue;  // touched, not yet pinned (at most 2)
-  bool touching_done = false;
-  std::thread pinner([&] {
-    lower_thread_priority(tuning_.alloc_nice);
-    bool failed = false;
-    for (;;) {
-      std::pair<int64_t, std::shared_ptr<HostBuffer>> item;
-      {
-        std::unique_lock<std::mutex> lock(queue_mu);
-        queue_cv.wait(lock, [&] { return !queue.empty() || touching_done; });
-        if (queue.empty()) return;
-        item = std::move(queue.front());
-        queue.pop_front();
-        queue_cv.notify_all();
-      }
-      if (!failed) {
-        try {
-          pin(*item.second);
-        } catch (const std::exception&) {
-          failed = true;  // pinning refused: the caller who needs a buffer raises the error (as below)
-        }
-      }
-      std::lock_guard<std::mutex> lock(alloc_mu_);
-      if (!failed) {
-        host_bytes_ += static_cast<int64_t>(item.second->reserved);
-        host_[item.first] = std::move(item.second);
-      } else {
-        claimed_[item.first] = 0;
-        stop_alloc_ = true;
-      }
-      alloc_cv_.notify_all();
-    }
-  });
   for (int64_t g : alloc_order_) {
     {
       std::lock_guard<std::mutex> lock(alloc_mu_);
@@ -364,29 +315,21 @@ void PinnedStore::allocate_in_background() {
     }
     std::shared_ptr<HostBuffer> buf;
     try {
-      buf = touched(static_cast<size_t>(numels_[g]) * sizeof(float), /*background=*/true);
+      buf = allocate(static_cast<size_t>(numels_[g]) * sizeof(float), /*background=*/true);
     } catch (const std::exception&) {
-      // Out of host memory: leave it to the caller who needs this buffer, whose own attempt raises the error
-      // with its message where it can be handled.
+      // Out of host memory (or pinning refused): leave it to the caller who needs this buffer, whose
+      // own attempt raises the error with its message where it can be handled.
     }
-    if (!buf) {
-      std::lock_guard<std::mutex> lock(alloc_mu_);
+    std::lock_guard<std::mutex> lock(alloc_mu_);
+    if (buf) {
+      host_bytes_ += static_cast<int64_t>(buf->reserved);
+      host_[g] = std::move(buf);
+    } else {
       claimed_[g] = 0;
       stop_alloc_ = true;  // stop taking more
-      alloc_cv_.notify_all();
-      break;
     }
-    std::unique_lock<std::mutex> lock(queue_mu);
-    queue_cv.wait(lock, [&] { return queue.size() < 2; });
-    queue.emplace_back(g, std::move(buf));
-    queue_cv.notify_all();
+    alloc_cv_.notify_all();
   }
-  {
-    std::lock_guard<std::mutex> lock(queue_mu);
-    touching_done = true;
-    queue_cv.notify_all();
-  }
-  pinner.join();
   std::lock_guard<std::mutex> lock(alloc_mu_);
   allocator_done_ = true;
   alloc_cv_.notify_all();

@@ -128,9 +128,7 @@ class PinnedStore {
   void check_open(const char* fn) const;
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
-  std::shared_ptr<HostBuffer> allocate(size_t bytes, bool background = false);  // touched() + pin()
-  std::shared_ptr<HostBuffer> touched(size_t bytes, bool background);  // mapped and first-touched (hostalloc: pinned)
-  void pin(HostBuffer& buf);  // page-lock a touched buffer for the device (no-op without CUDA or after hostalloc)
+  std::shared_ptr<HostBuffer> allocate(size_t bytes, bool background = false);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
