@@ -26,26 +26,30 @@ struct Driver {
   std::string missing;                                                  // "" when every entry point was found
 };
 
+// Entry points by explicit ABI version need a CUDA 12.5 runtime (cudaGetDriverEntryPointByVersion). Older runtimes
+// hand out their own release's newest variant (cuCtxCreate_v3 under 12.0-12.4, with other arguments), so there the
+// pinning context is simply not offered.
 template <class Fn>
 void load(Fn& fn, const char* symbol, unsigned int version, std::string& missing) {
+#if CUDART_VERSION >= 12050
   void* p = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
   cudaError_t err = cudaGetDriverEntryPointByVersion(symbol, &p, version, cudaEnableDefault, &found);
-#else
-  (void)version;  // before 12.5 the runtime hands out the version of its own release, the ones written above
-  cudaError_t err = cudaGetDriverEntryPoint(symbol, &p, cudaEnableDefault, &found);
-#endif
-  if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || p == nullptr) {
-    cudaGetLastError();
-    missing += missing.empty() ? symbol : std::string(", ") + symbol;
+  if (err == cudaSuccess && found == cudaDriverEntryPointSuccess && p != nullptr) {
+    fn = reinterpret_cast<Fn>(p);
     return;
   }
-  fn = reinterpret_cast<Fn>(p);
+  cudaGetLastError();
+#else
+  (void)fn;
+  (void)version;
+#endif
+  missing += missing.empty() ? symbol : std::string(", ") + symbol;
 }
 
 const Driver& driver() {
-  static const Driver d = [] {
+  // Never destroyed: a context can be released during static destruction, after a static Driver would be gone.
+  static const Driver& d = *new Driver([] {
     Driver x;
     load(x.device_get, "cuDeviceGet", 2000, x.missing);
     load(x.ctx_create, "cuCtxCreate", 3020, x.missing);
@@ -56,8 +60,11 @@ const Driver& driver() {
     load(x.host_register, "cuMemHostRegister", 6050, x.missing);
     load(x.host_unregister, "cuMemHostUnregister", 4000, x.missing);
     load(x.error_string, "cuGetErrorString", 6000, x.missing);
+#if CUDART_VERSION < 12050
+    x.missing += " (the extension was built with a CUDA runtime older than 12.5)";
+#endif
     return x;
-  }();
+  }());
   return d;
 }
 
@@ -86,7 +93,7 @@ std::shared_ptr<PinContext> PinContext::acquire(int device, std::string* why) {
     return nullptr;
   }
   size_t free_before = 0, free_after = 0, total = 0;
-  cudaMemGetInfo(&free_before, &total);
+  if (cudaMemGetInfo(&free_before, &total) != cudaSuccess) cudaGetLastError();  // the size is informative only
   std::shared_ptr<PinContext> ctx(new PinContext());
   r = d.ctx_create(&ctx->ctx_, 0, dev);  // made current on this thread: limits below, then popped
   if (r != CUDA_SUCCESS) {
@@ -100,7 +107,7 @@ std::shared_ptr<PinContext> PinContext::acquire(int device, std::string* why) {
   CUcontext popped = nullptr;
   d.ctx_pop(&popped);
   cudaGetLastError();
-  cudaMemGetInfo(&free_after, &total);  // the runtime's context again
+  if (cudaMemGetInfo(&free_after, &total) != cudaSuccess) cudaGetLastError();  // the runtime's context again
   ctx->device_bytes_ = free_before > free_after ? static_cast<int64_t>(free_before - free_after) : 0;
   cache[device] = ctx;
   return ctx;

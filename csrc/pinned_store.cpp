@@ -178,7 +178,9 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
       for (Mark* m : {&s.compute_done, &s.arrived, &s.written}) create(*m);
     group_sync_.resize(numels_.size());
     for (auto& g : group_sync_) create(g.host_written);
-    if (pin_context && tuning_.alloc_mode == "register" && !numels_.empty()) {
+    if (pin_context && tuning_.alloc_mode != "register") {
+      pin_context_error_ = "HIFT_ALLOC_MODE=hostalloc pins with cudaHostAlloc in the process's own context";
+    } else if (pin_context && !numels_.empty()) {
       pin_ctx_ = PinContext::acquire(device_, &pin_context_error_);  // null (with the reason): the primary context
     }
   }
@@ -388,7 +390,7 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
 
 bool PinnedStore::pin_context_active() const {
 #ifdef HIFT_WITH_CUDA
-  return pin_ctx_ != nullptr;
+  return pin_ctx_ != nullptr || pin_context_bytes_ > 0;  // (after close: whether it was used)
 #else
   return false;
 #endif
@@ -396,7 +398,7 @@ bool PinnedStore::pin_context_active() const {
 
 int64_t PinnedStore::pin_context_bytes() const {
 #ifdef HIFT_WITH_CUDA
-  return pin_ctx_ ? pin_ctx_->device_bytes() : 0;
+  return pin_ctx_ ? pin_ctx_->device_bytes() : pin_context_bytes_;
 #else
   return 0;
 #endif
@@ -547,6 +549,12 @@ void PinnedStore::close() {
 #endif
   host_.clear();  // buffers are freed once no host() tensor refers to them
   slots_.clear();
+#ifdef HIFT_WITH_CUDA
+  // The pinning context goes with the last buffer pinned in it (each holds it); the store's own hold ends here, so a
+  // closed store kept referenced does not keep its device memory. Its size stays reported.
+  if (pin_ctx_) pin_context_bytes_ = pin_ctx_->device_bytes();
+  pin_ctx_.reset();
+#endif
   host_bytes_ = 0;
   closed_ = true;
 }

@@ -161,7 +161,8 @@ class PinnedStore {
   std::string pin_context_error_;
 #ifdef HIFT_WITH_CUDA
   int device_ = 0;
-  std::shared_ptr<PinContext> pin_ctx_;  // null: register in the primary context
+  std::shared_ptr<PinContext> pin_ctx_;  // null: register in the primary context (or closed)
+  int64_t pin_context_bytes_ = 0;        // the context's size, kept after close()
   std::unique_ptr<PacedCopier> in_, out_;  // host-to-device, device-to-host
   std::vector<SlotSync> slot_sync_;
   std::vector<GroupSync> group_sync_;

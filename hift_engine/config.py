@@ -94,9 +94,10 @@ class HiFTConfig:
                       store always does that).
     pin_context:      the native store pins its host buffers from a second CUDA context of the device, so that
                       pinning (seconds of it, in the background during the first cycle) never holds up the
-                      training thread's CUDA calls: the first cycle then runs at full speed. It costs that
-                      context's device memory (about 260 MiB on an H200) for the whole run. False pins in the
-                      process's own context (no extra memory; the first cycle runs slower while it pins).
+                      training thread's CUDA calls: 7B bf16-mixed batch 4's first cycle ran at 1.05-1.32x later
+                      ones instead of 1.46-1.73x. It costs that context's device memory for the whole run, outside
+                      torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while it is made). False
+                      pins in the process's own context (no extra memory; a slower first cycle).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's
                       process-wide TF32 switches), "bf16-mixed" (bf16 weights on the device, fp32 master

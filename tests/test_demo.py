@@ -67,6 +67,8 @@ def test_text_task_scores_held_out_bytes_and_learns():
     result = run_demo(task="text", steps=40, printer=None)
     assert result.task == "text" and result.eval_loss_before is not None
     assert result.eval_loss < 0.85 * result.eval_loss_before  # ln(256) = 5.5 at the start
+    # 40 steps learn little more than the commonest byte (a space: 30% of the held-out bytes); the 800-step runs of
+    # tests/test_demo_precision.py check that it learns past what byte frequencies alone give
     assert result.accuracy > result.accuracy_before + 0.1
     assert sorted(set(result.groups)) == list(range(result.num_groups))
 

@@ -155,17 +155,32 @@ def test_native_registration_in_pieces_round_trips_bit_exact(monkeypatch):
     store.close()
 
 
+def _is_really_pinned(host):
+    """A device-to-host copy into pinned memory is asynchronous: queued behind a 50 ms GPU sleep, it has not run when
+    copy_ returns. Into pageable memory CUDA copies synchronously, so the stream would already be idle."""
+    dev = torch.full((host.numel(),), 5.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)
+    host.copy_(dev, non_blocking=True)
+    pending = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    return pending and torch.equal(host, torch.full_like(host, 5.0))
+
+
+@pytest.mark.parametrize("background", ["1", "0"])
 @pytest.mark.parametrize("pin_context", [True, False])
-def test_native_pin_context_pins_and_round_trips(pin_context):
+def test_native_pin_context_pins_and_round_trips(pin_context, background, monkeypatch):
     """Host buffers pinned from the device's pinning context (pin_context.h) are pinned memory for this process's
-    own copies; state round-trips bit for bit through them; with pin_context=False nothing of it is made."""
+    own copies; state round-trips bit for bit through them; with pin_context=False nothing of it is made. With the
+    background allocator off, every buffer is pinned on this (the caller's) thread between its CUDA work, which
+    would go to the wrong context if the pinning context were left current."""
+    monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", background)
     numels = [(3 << 20) + 7, 1 << 20]
     store = OffloadStore(numels, "cuda", "native", 2, 1 << 20, pin_context=pin_context)
     stats = store.alloc_stats()
     assert stats["pin_context"] is pin_context, stats["pin_context_error"]
     assert (stats["pin_context_bytes"] > 0) is pin_context and stats["pin_context_error"] == ""
     store.wait_allocated()
-    assert all(store.transport.host(g).is_pinned() for g in range(2))
     g = torch.Generator(device="cuda").manual_seed(1)
     ref = [torch.zeros(n, device="cuda") for n in numels]
     for t in range(8):
@@ -178,25 +193,30 @@ def test_native_pin_context_pins_and_round_trips(pin_context):
         store.prefetch(1 - gid)
     for gid in range(2):
         assert torch.equal(store.host_state(gid), ref[gid].cpu())
+    assert all(_is_really_pinned(store.transport.host(gid)) for gid in range(2))
     store.close()
 
 
 def test_native_pin_context_is_shared_and_outlives_its_store():
     """One pinning context per device, shared by every store (its device memory is paid once), and kept while any
-    buffer pinned in it is alive: a host view taken before close() stays pinned memory after it."""
+    buffer pinned in it is alive: a host view taken before close() stays pinned memory after its store is gone."""
+    import gc
+
     from hift_engine import _native
 
     mod = _native.load()
     slots = [torch.empty(1 << 20, device="cuda")]
-    a, b = mod.PinnedStore([1 << 20], slots), mod.PinnedStore([1 << 20], slots)
+    a = mod.PinnedStore([1 << 20], slots)
+    torch.cuda.synchronize()
+    free_before, _ = torch.cuda.mem_get_info()
+    b = mod.PinnedStore([1 << 20], slots)
+    free_after, _ = torch.cuda.mem_get_info()
     assert a.pin_context_active and b.pin_context_active
-    assert a.pin_context_bytes == b.pin_context_bytes  # the same context, measured once
+    assert a.pin_context_bytes > 100 << 20  # a context's worth (about 260 MiB on an H200)
+    assert free_before - free_after < 32 << 20  # b made no context of its own
     host = a.host(0)
-    host.fill_(3.0)
     a.close()
     b.close()
-    assert host.is_pinned()
-    dev = torch.full((1 << 20,), 5.0, device="cuda")
-    host.copy_(dev, non_blocking=True)  # a pinned destination: an asynchronous copy, finished by the sync
-    torch.cuda.synchronize()
-    assert torch.equal(host, torch.full_like(host, 5.0))
+    del a, b
+    gc.collect()
+    assert host.is_pinned() and _is_really_pinned(host)
