@@ -69,6 +69,10 @@ install() {
   fi
 }
 
+# A freshly started VM backs its memory on first touch, which slowed the first pinning runs: touch 96 GiB once first.
+warm_host() { run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"; }
+first_cycle_b4="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+
 installed=0
 # a warm machine keeps the previous call's install (and its native build); a fresh one installs
 already_installed() { $py -c "import hift_engine, glob, os; assert glob.glob(os.path.join(os.path.dirname(hift_engine.__file__), '_C*.so'))" 2>/dev/null; }
@@ -229,7 +233,7 @@ elif [ "$stage" = firstcycle2 ]; then
   # touch at about 8 GiB/s, which the first run after boot would otherwise pay); then bf16-mixed batch 4 with the
   # defaults, with every buffer pinned before the first cycle (--prepin: what is left is not pinning), with
   # 256 MiB registration pieces, and with bf16 moments; and whether a copy across two registrations works
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  warm_host
   run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 60 /tmp/pin_probe 1 seam
   ensure_installed
   step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
@@ -241,9 +245,9 @@ elif [ "$stage" = firstcycle3 ]; then
   # what the first cycle's pinning cost depends on (bf16-mixed batch 4, warmed host): the defaults; unpaced
   # transfers (one copy per group: the training thread never waits for a pacer); registration pieces of
   # 16 and 64 MiB; 4 first-touch threads instead of 16
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  warm_host
   ensure_installed
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  step=$first_cycle_b4
   run timeout 150 $step --out "$OUT"
   run timeout 150 $step --chunk-mib 0 --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=16 run timeout 150 $step --out "$OUT"
@@ -252,9 +256,9 @@ elif [ "$stage" = firstcycle3 ]; then
 elif [ "$stage" = firstcycle5 ]; then
   # the default allocator on a warmed machine: 96 GiB touched, then one full bf16-mixed batch-4 run that is not
   # counted (the first registration of a fresh machine's memory is slower), then the defaults twice
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
+  warm_host
   ensure_installed
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  step=$first_cycle_b4
   run timeout 150 $step --out /tmp/warmup
   run timeout 150 $step --out "$OUT"
   run timeout 150 $step --out "$OUT"
@@ -266,8 +270,8 @@ elif [ "$stage" = demoprecision ]; then
 elif [ "$stage" = pinctx1 ]; then
   ensure_installed
   run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  warm_host
+  step=$first_cycle_b4
   run timeout 150 $step --out /tmp/warmup
   run timeout 150 $step --out "$OUT"
   run timeout 150 $step --out "$OUT"
@@ -281,8 +285,8 @@ elif [ "$stage" = pinctx2 ]; then
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   ensure_installed
-  run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+  warm_host
+  step=$first_cycle_b4
   run timeout 150 $step --out /tmp/warmup
   for i in 1 2; do
     run timeout 150 $step --out "$OUT"

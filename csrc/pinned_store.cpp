@@ -111,6 +111,16 @@ Tuning Tuning::from_env() {
   return t;
 }
 
+#ifdef HIFT_WITH_CUDA
+namespace {
+// Unregister one registration, in the context that made it (the pinning context, or the process's own).
+void unregister(const std::shared_ptr<PinContext>& pinned_by, char* p) {
+  if (pinned_by) pinned_by->unpin(p);
+  else cudaHostUnregister(p);
+}
+}  // namespace
+#endif
+
 HostBuffer::~HostBuffer() {
   if (!ptr) return;
 #ifdef HIFT_WITH_CUDA
@@ -121,10 +131,7 @@ HostBuffer::~HostBuffer() {
   }
   if (registered) {
     const size_t step = registration ? registration : kMaxRegistration;
-    for (size_t off = 0; off < reserved; off += step) {
-      if (pinned_by) pinned_by->unpin(static_cast<char*>(ptr) + off);
-      else cudaHostUnregister(static_cast<char*>(ptr) + off);
-    }
+    for (size_t off = 0; off < reserved; off += step) unregister(pinned_by, static_cast<char*>(ptr) + off);
   }
   cudaGetLastError();
 #endif
@@ -237,10 +244,11 @@ float* PinnedStore::slot_ptr(int64_t slot) const { return slots_[slot].data_ptr<
 
 // cudaHostRegister in the primary context holds a driver lock while it pins pages, which stalls the training
 // thread's launches and copies for as long (tens of ms for a GiB); the pinning context (pin_context.h) avoids that
-// altogether. Where it is not used, registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each hold short. Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier
-// cuts its copies, so no paced copy spans two registrations; unpaced stores register a group whole. Off by
-// default: CUDA refuses a copy of a range that spans two registrations (cudaErrorInvalidValue on the H200,
-// benchmarks/pin_probe.cu), so other code copying a view of host state across a seam would fail.
+// altogether. Where it is not used, registering in pieces (HIFT_REGISTER_PIECE_MIB > 0) keeps each hold short.
+// Pieces are a multiple of the paced transfer piece, counted from the buffer's start as the copier cuts its copies,
+// so no paced copy spans two registrations; unpaced stores register a group whole. Off by default: CUDA refuses a
+// copy of a range that spans two registrations (cudaErrorInvalidValue on the H200, benchmarks/pin_probe.cu), so
+// other code copying a view of host state across a seam would fail.
 size_t PinnedStore::registration_bytes() const {
   const size_t chunk = static_cast<size_t>(chunk_bytes_);
   const size_t want = static_cast<size_t>(tuning_.register_piece_mib) << 20;
@@ -287,10 +295,7 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
         cudaGetLastError();
       }
       if (!err.empty()) {
-        for (size_t undo = 0; undo < off; undo += piece) {
-          if (pin_ctx_) pin_ctx_->unpin(static_cast<char*>(buf->ptr) + undo);
-          else cudaHostUnregister(static_cast<char*>(buf->ptr) + undo);
-        }
+        for (size_t undo = 0; undo < off; undo += piece) unregister(pin_ctx_, static_cast<char*>(buf->ptr) + undo);
         cudaGetLastError();
         throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
                                           "); is the locked-memory limit too low? see `ulimit -l`"));

@@ -124,6 +124,21 @@ def test_native_register_allocation_is_exact_and_pinned():
     store.close()
 
 
+def _alternate(store, numels, steps, g):
+    """Groups 0 and 1 in turn for ``steps`` steps, each adding random numbers to its state, written back at once
+    while the other is prefetched; returns what each group's state must now be."""
+    ref = [torch.zeros(n, device="cuda") for n in numels]
+    for t in range(steps):
+        gid = t % 2
+        state, _ = store.activate(gid)
+        delta = torch.randn(numels[gid], generator=g, device="cuda")
+        state.add_(delta)
+        ref[gid] += delta
+        store.release(gid, keep=False)
+        store.prefetch(1 - gid)
+    return ref
+
+
 def test_native_registration_in_pieces_round_trips_bit_exact(monkeypatch):
     """Host buffers are registered in pieces (HIFT_REGISTER_PIECE_MIB, a multiple of the paced transfer piece)
     so that pinning never holds the driver's lock for long. Every piece must be pinned, and paced copies, cut at
@@ -135,15 +150,7 @@ def test_native_registration_in_pieces_round_trips_bit_exact(monkeypatch):
     host = store.transport.host(0)
     assert all(host[i:].is_pinned() for i in (0, (2 << 20) // 4, (4 << 20) // 4, numels[0] - 1))
     g = torch.Generator(device="cuda").manual_seed(0)
-    ref = [torch.zeros(n, device="cuda") for n in numels]
-    for t in range(12):
-        gid = t % 2
-        state, _ = store.activate(gid)
-        delta = torch.randn(numels[gid], generator=g, device="cuda")
-        state.add_(delta)
-        ref[gid] += delta
-        store.release(gid, keep=False)
-        store.prefetch(1 - gid)
+    ref = _alternate(store, numels, 12, g)
     for gid in range(2):
         assert torch.equal(store.host_state(gid), ref[gid].cpu())
     # load_state from the device (seeding masters from fp32 weights) crosses the registrations too
@@ -181,16 +188,7 @@ def test_native_pin_context_pins_and_round_trips(pin_context, background, monkey
     assert stats["pin_context"] is pin_context, stats["pin_context_error"]
     assert (stats["pin_context_bytes"] > 0) is pin_context and stats["pin_context_error"] == ""
     store.wait_allocated()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ref = [torch.zeros(n, device="cuda") for n in numels]
-    for t in range(8):
-        gid = t % 2
-        state, _ = store.activate(gid)
-        delta = torch.randn(numels[gid], generator=g, device="cuda")
-        state.add_(delta)
-        ref[gid] += delta
-        store.release(gid, keep=False)
-        store.prefetch(1 - gid)
+    ref = _alternate(store, numels, 8, torch.Generator(device="cuda").manual_seed(1))
     for gid in range(2):
         assert torch.equal(store.host_state(gid), ref[gid].cpu())
     assert all(_is_really_pinned(store.transport.host(gid)) for gid in range(2))
