@@ -83,3 +83,19 @@ def test_unknown_demo_task_is_refused():
 def test_hift_demo_cli_runs_the_text_task(capsys):
     assert main(["demo", "--task", "text", "--steps", "4", "--batch-size", "2", "--log-every", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_text_task_without_stdlib_sources_says_what_to_do(monkeypatch):
+    """A Python install shipped without its .py files cannot give the text task its corpus: a ConfigError (one line
+    from the CLI) naming the arithmetic task instead, not a traceback about a benchmark."""
+    import pytest
+
+    from hift_engine.demo import text
+    from hift_engine.errors import ConfigError
+
+    def no_sources(**_):
+        raise RuntimeError("found no Python source of the standard library in /nowhere")
+
+    monkeypatch.setattr(text, "load_corpus", no_sources)
+    with pytest.raises(ConfigError, match="--task arithmetic"):
+        run_demo(task="text", steps=1, printer=None)
