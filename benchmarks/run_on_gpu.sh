@@ -35,6 +35,10 @@
 #   pinctx1   the pinning context: CUDA store/engine tests, then the first cycle of 7B bf16-mixed batch 4 with the
 #             defaults (pinned from a second context) on a warmed machine after one uncounted run, twice
 #   pinctx3   the pinning context on and off in turn (twice each), same warmed machine, serial allocator
+#   stagetests the CUDA store/engine tests (every allocator shape)
+#   stages    the CUDA store/engine tests under each background allocator shape, then 7B bf16-mixed batch 4 first
+#             cycles on a warmed machine (one uncounted run), in turn: serial (default), two stages, two stages
+#             without reserving address space first (twice each); fp32 batch 1 with the defaults
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -282,6 +286,22 @@ elif [ "$stage" = pinctx2 ]; then
   run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
     --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = stagetests ]; then
+  ensure_installed
+  run timeout 240 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
+  HIFT_ALLOC_STAGES=2 run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
+elif [ "$stage" = stages ]; then
+  ensure_installed
+  warm_host
+  step=$first_cycle_b4
+  run timeout 150 $step --out /tmp/warmup
+  for i in 1 2; do
+    run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_STAGES=2 run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_STAGES=2 HIFT_ALLOC_PREMAP=0 run timeout 150 $step --out "$OUT"
+  done
+  run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 \
+    --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   ensure_installed

@@ -48,13 +48,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           [](const S& s) {
             auto a = s.alloc_stats();
             py::dict d;
+            d["map_s"] = a.map_s;
             d["touch_s"] = a.touch_s;
             d["register_s"] = a.register_s;
             d["wait_s"] = a.wait_s;
             d["waits"] = a.waits;
             return d;
           },
-          "Seconds spent on first touch and cudaHostRegister (summed over threads), and how long (and how often) "
+          "Seconds spent reserving address space, on first touch and on pinning (summed over threads), and how long (and how often) "
           "callers waited for a host buffer that was not ready.")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
       .def_property_readonly("pin_context_active", &S::pin_context_active,

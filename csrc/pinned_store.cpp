@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <thread>
 
 #include <sys/mman.h>
@@ -102,6 +103,11 @@ Tuning Tuning::from_env() {
   t.background_alloc = background == 1;
   t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
+  t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
+  const int64_t premap = env_int("HIFT_ALLOC_PREMAP", 1);
+  HIFT_CHECK(premap == 0 || premap == 1, "HIFT_ALLOC_PREMAP must be 0 or 1, got ", premap);
+  t.premap = premap == 1;
+  HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
   HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
@@ -170,6 +176,7 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   }
   host_.resize(numels_.size());
   claimed_.assign(numels_.size(), 0);
+  reserved_.resize(numels_.size());
   handed_out_.assign(numels_.size(), 0);
   cuda_ = device.is_cuda();
 #ifdef HIFT_WITH_CUDA
@@ -256,10 +263,14 @@ size_t PinnedStore::registration_bytes() const {
   return std::min(kMaxRegistration, std::max<size_t>(1, want / chunk) * chunk);
 }
 
-std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background) {
+std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
+  {
+    std::lock_guard<std::mutex> lock(alloc_mu_);
+    if (reserved_[gid]) return std::move(reserved_[gid]);  // mapped ahead by the background thread
+  }
   auto buf = std::make_shared<HostBuffer>();
-  buf->bytes = bytes;
-  buf->reserved = round_up(std::max<size_t>(bytes, 1), kPage);
+  buf->bytes = static_cast<size_t>(numels_[gid]) * sizeof(float);
+  buf->reserved = round_up(std::max<size_t>(buf->bytes, 1), kPage);
 #ifdef HIFT_WITH_CUDA
   if (cuda_ && tuning_.alloc_mode == "hostalloc") {
     c10::cuda::CUDAGuard guard(device_);
@@ -270,42 +281,109 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
     return buf;
   }
 #endif
+  const auto t0 = Clock::now();
   buf->ptr = map_pages(buf->reserved);
+  map_ns_ += nanoseconds_since(t0);
   if (buf->ptr == nullptr)
     throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,
                                       " bytes of host memory for optimizer state; free host memory or train fewer groups"));
-  const auto t0 = Clock::now();
-  parallel_touch(static_cast<char*>(buf->ptr), buf->reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
-  touch_ns_ += nanoseconds_since(t0);
-#ifdef HIFT_WITH_CUDA
-  if (cuda_) {
-    const auto t1 = Clock::now();
-    c10::cuda::CUDAGuard guard(device_);
-    const size_t piece = registration_bytes();
-    buf->registration = piece;
-    buf->pinned_by = pin_ctx_;
-    for (size_t off = 0; off < buf->reserved; off += piece) {
-      size_t len = std::min(piece, buf->reserved - off);
-      char* at = static_cast<char*>(buf->ptr) + off;
-      std::string err;
-      if (pin_ctx_) {
-        err = pin_ctx_->pin(at, len);
-      } else if (cudaError_t e = cudaHostRegister(at, len, cudaHostRegisterDefault); e != cudaSuccess) {
-        err = hift::cat("cudaHostRegister: ", cudaGetErrorString(e));
-        cudaGetLastError();
-      }
-      if (!err.empty()) {
-        for (size_t undo = 0; undo < off; undo += piece) unregister(pin_ctx_, static_cast<char*>(buf->ptr) + undo);
-        cudaGetLastError();
-        throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
-                                          "); is the locked-memory limit too low? see `ulimit -l`"));
-      }
-    }
-    buf->registered = true;
-    register_ns_ += nanoseconds_since(t1);
-  }
-#endif
   return buf;
+}
+
+void PinnedStore::touch(HostBuffer& buf, bool background) {
+  if (buf.host_alloc) return;
+  const auto t0 = Clock::now();
+  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
+  touch_ns_ += nanoseconds_since(t0);
+}
+
+void PinnedStore::pin(HostBuffer& buf) {
+#ifdef HIFT_WITH_CUDA
+  if (!cuda_ || buf.host_alloc) return;
+  const auto t1 = Clock::now();
+  c10::cuda::CUDAGuard guard(device_);
+  const size_t piece = registration_bytes();
+  buf.registration = piece;
+  buf.pinned_by = pin_ctx_;
+  for (size_t off = 0; off < buf.reserved; off += piece) {
+    size_t len = std::min(piece, buf.reserved - off);
+    char* at = static_cast<char*>(buf.ptr) + off;
+    std::string err;
+    if (pin_ctx_) {
+      err = pin_ctx_->pin(at, len);
+    } else if (cudaError_t e = cudaHostRegister(at, len, cudaHostRegisterDefault); e != cudaSuccess) {
+      err = hift::cat("cudaHostRegister: ", cudaGetErrorString(e));
+      cudaGetLastError();
+    }
+    if (!err.empty()) {
+      for (size_t undo = 0; undo < off; undo += piece) unregister(pin_ctx_, static_cast<char*>(buf.ptr) + undo);
+      cudaGetLastError();
+      throw std::runtime_error(hift::cat("PinnedStore: pinning ", len, " bytes of host memory failed (", err,
+                                        "); is the locked-memory limit too low? see `ulimit -l`"));
+    }
+  }
+  buf.registered = true;
+  register_ns_ += nanoseconds_since(t1);
+#else
+  (void)buf;
+#endif
+}
+
+std::shared_ptr<HostBuffer> PinnedStore::allocate(int64_t gid, bool background) {
+  auto buf = reserve(gid);
+  touch(*buf, background);
+  pin(*buf);
+  return buf;
+}
+
+// Address space for every buffer the thread will allocate, before it touches or pins any. mmap and madvise take
+// the process's address-space lock for writing, and a writer waits for every reader to leave: pinning holds the
+// lock for reading while it walks a buffer's pages (tens of ms per GiB), and while a writer waits behind it every
+// page fault of every thread waits too. Mapping everything first keeps writers out of the pinning phase. Only
+// address space is taken here (nothing is touched); a group a caller claims in the meantime maps its own.
+void PinnedStore::reserve_ahead() {
+  for (int64_t g : alloc_order_) {
+    {
+      std::lock_guard<std::mutex> lock(alloc_mu_);
+      if (stop_alloc_) return;
+      if (claimed_[g] || reserved_[g]) continue;
+    }
+    auto buf = std::make_shared<HostBuffer>();
+    buf->bytes = static_cast<size_t>(numels_[g]) * sizeof(float);
+    buf->reserved = round_up(std::max<size_t>(buf->bytes, 1), kPage);
+    const auto t0 = Clock::now();
+    buf->ptr = map_pages(buf->reserved);
+    map_ns_ += nanoseconds_since(t0);
+    if (buf->ptr == nullptr) return;  // out of address space: the rest are mapped as they come
+    std::lock_guard<std::mutex> lock(alloc_mu_);
+    if (!claimed_[g]) reserved_[g] = std::move(buf);  // else a caller mapped its own; this one is dropped
+  }
+}
+
+bool PinnedStore::claim_next(size_t& pos, int64_t& gid) {
+  std::lock_guard<std::mutex> lock(alloc_mu_);
+  while (pos < alloc_order_.size() && !stop_alloc_) {
+    const int64_t g = alloc_order_[pos++];
+    if (claimed_[g]) continue;  // a caller needed it first
+    claimed_[g] = 1;
+    gid = g;
+    return true;
+  }
+  return false;
+}
+
+void PinnedStore::publish(int64_t gid, std::shared_ptr<HostBuffer> buf) {
+  std::lock_guard<std::mutex> lock(alloc_mu_);
+  if (buf) {
+    host_bytes_ += static_cast<int64_t>(buf->reserved);
+    host_[gid] = std::move(buf);
+  } else {
+    // Out of host memory, pinning refused, or stopping: leave the group to the caller who needs it, whose own
+    // attempt raises the error with its message where it can be handled; take no more.
+    claimed_[gid] = 0;
+    stop_alloc_ = true;
+  }
+  alloc_cv_.notify_all();
 }
 
 // The first cycle writes every group back once; allocating (and pinning) its buffer then, on the host thread,
@@ -313,33 +391,83 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(size_t bytes, bool background)
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
-  for (int64_t g : alloc_order_) {
-    {
-      std::lock_guard<std::mutex> lock(alloc_mu_);
-      if (stop_alloc_) break;
-      if (claimed_[g]) continue;  // a caller needed it first
-      claimed_[g] = 1;
+  if (tuning_.premap && tuning_.alloc_mode == "register") reserve_ahead();
+  if (tuning_.alloc_stages == 2) {
+    allocate_in_two_stages();
+  } else {
+    size_t pos = 0;
+    int64_t g = 0;
+    while (claim_next(pos, g)) {
+      std::shared_ptr<HostBuffer> buf;
+      try {
+        buf = allocate(g, /*background=*/true);
+      } catch (const std::exception&) {
+      }
+      publish(g, std::move(buf));
     }
-    std::shared_ptr<HostBuffer> buf;
-    try {
-      buf = allocate(static_cast<size_t>(numels_[g]) * sizeof(float), /*background=*/true);
-    } catch (const std::exception&) {
-      // Out of host memory (or pinning refused): leave it to the caller who needs this buffer, whose
-      // own attempt raises the error with its message where it can be handled.
-    }
-    std::lock_guard<std::mutex> lock(alloc_mu_);
-    if (buf) {
-      host_bytes_ += static_cast<int64_t>(buf->reserved);
-      host_[g] = std::move(buf);
-    } else {
-      claimed_[g] = 0;
-      stop_alloc_ = true;  // stop taking more
-    }
-    alloc_cv_.notify_all();
   }
   std::lock_guard<std::mutex> lock(alloc_mu_);
   allocator_done_ = true;
   alloc_cv_.notify_all();
+}
+
+// One after the other, touching and pinning 75 GiB (7B bf16-mixed) take longer than a batch-4 cycle, so the last
+// write-backs wait. Here this thread touches buffers while a second pins the ones already touched (at most two
+// wait between them), so the allocator's pace is the slower stage's, not their sum.
+void PinnedStore::allocate_in_two_stages() {
+  std::mutex queue_mu;
+  std::condition_variable queue_cv;
+  std::deque<std::pair<int64_t, std::shared_ptr<HostBuffer>>> queue;  // touched, not yet pinned
+  bool touching_done = false;
+  std::thread pinner([&] {
+    lower_thread_priority(tuning_.alloc_nice);
+    for (;;) {
+      std::pair<int64_t, std::shared_ptr<HostBuffer>> item;
+      {
+        std::unique_lock<std::mutex> lock(queue_mu);
+        queue_cv.wait(lock, [&] { return !queue.empty() || touching_done; });
+        if (queue.empty()) return;
+        item = std::move(queue.front());
+        queue.pop_front();
+      }
+      queue_cv.notify_all();
+      bool stopping;
+      {
+        std::lock_guard<std::mutex> lock(alloc_mu_);
+        stopping = stop_alloc_;
+      }
+      try {
+        if (!stopping) pin(*item.second);
+        else item.second.reset();
+      } catch (const std::exception&) {
+        item.second.reset();
+      }
+      publish(item.first, std::move(item.second));
+    }
+  });
+  size_t pos = 0;
+  int64_t g = 0;
+  while (claim_next(pos, g)) {
+    std::shared_ptr<HostBuffer> buf;
+    try {
+      buf = reserve(g);
+      touch(*buf, /*background=*/true);
+    } catch (const std::exception&) {
+      publish(g, nullptr);
+      break;
+    }
+    std::unique_lock<std::mutex> lock(queue_mu);
+    queue_cv.wait(lock, [&] { return queue.size() < 2; });
+    queue.emplace_back(g, std::move(buf));
+    lock.unlock();
+    queue_cv.notify_all();
+  }
+  {
+    std::lock_guard<std::mutex> lock(queue_mu);
+    touching_done = true;
+  }
+  queue_cv.notify_all();
+  pinner.join();
 }
 
 void PinnedStore::stop_allocator() {
@@ -379,7 +507,7 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   }
   std::shared_ptr<HostBuffer> buf;
   try {
-    buf = allocate(static_cast<size_t>(numels_[gid]) * sizeof(float));
+    buf = allocate(gid);
   } catch (...) {
     std::lock_guard<std::mutex> lock(alloc_mu_);
     claimed_[gid] = 0;
@@ -410,7 +538,8 @@ int64_t PinnedStore::pin_context_bytes() const {
 }
 
 PinnedStore::AllocStats PinnedStore::alloc_stats() const {
-  return {touch_ns_.load() * 1e-9, register_ns_.load() * 1e-9, wait_ns_.load() * 1e-9, waits_.load()};
+  return {map_ns_.load() * 1e-9, touch_ns_.load() * 1e-9, register_ns_.load() * 1e-9, wait_ns_.load() * 1e-9,
+          waits_.load()};
 }
 
 at::Tensor PinnedStore::host(int64_t gid) {
@@ -553,6 +682,7 @@ void PinnedStore::close() {
   }
 #endif
   host_.clear();  // buffers are freed once no host() tensor refers to them
+  reserved_.clear();
   slots_.clear();
 #ifdef HIFT_WITH_CUDA
   // The pinning context goes with the last buffer pinned in it (each holds it); the store's own hold ends here, so a

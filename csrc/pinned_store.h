@@ -61,6 +61,10 @@ struct Tuning {
                                         // call when paced (whole transfer pieces, so no paced copy spans two);
                                         // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
+  int64_t alloc_stages = 1;             // HIFT_ALLOC_STAGES: 1 touches then pins each buffer in turn; 2 touches the
+                                        // next buffer while a second thread pins the last one
+  bool premap = true;                   // HIFT_ALLOC_PREMAP: 1 reserves every buffer's address space before the
+                                        // background thread touches or pins anything; 0 maps each as it comes
   static Tuning from_env();
 };
 
@@ -109,11 +113,12 @@ class PinnedStore {
   void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
 
   int64_t host_bytes() const { return host_bytes_.load(); }
-  // Where allocation time went, in seconds: first touch and pinning (cudaHostRegister, or cudaHostAlloc under
-  // HIFT_ALLOC_MODE=hostalloc) summed over the threads that did them, and how long callers (write-backs, loads)
-  // waited for a buffer that was not ready; waits counts those calls (a failed allocation is one too).
+  // Where allocation time went, in seconds: reserving address space (mmap), first touch and pinning
+  // (cudaHostRegister, or cudaHostAlloc under HIFT_ALLOC_MODE=hostalloc) summed over the threads that did them, and
+  // how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts those calls (a
+  // failed allocation is one too).
   struct AllocStats {
-    double touch_s, register_s, wait_s;
+    double map_s, touch_s, register_s, wait_s;
     int64_t waits;
   };
   AllocStats alloc_stats() const;
@@ -128,11 +133,20 @@ class PinnedStore {
   void check_open(const char* fn) const;
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
-  std::shared_ptr<HostBuffer> allocate(size_t bytes, bool background = false);
+  // A buffer for group gid in three steps: address space (mapped, or taken from the ones reserved ahead), first
+  // touch, pinning. allocate() does all three; under hostalloc, reserve() returns the buffer already pinned.
+  std::shared_ptr<HostBuffer> allocate(int64_t gid, bool background = false);
+  std::shared_ptr<HostBuffer> reserve(int64_t gid);
+  void touch(HostBuffer& buf, bool background);
+  void pin(HostBuffer& buf);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
   void allocate_in_background();
+  void reserve_ahead();                  // the background thread's first job when premap is on
+  bool claim_next(size_t& pos, int64_t& gid);  // next unclaimed group in alloc_order_ from pos, claimed; false: stop
+  void publish(int64_t gid, std::shared_ptr<HostBuffer> buf);  // buf null: allocation failed, stop the thread
+  void allocate_in_two_stages();
   void stop_allocator();
   float* slot_ptr(int64_t slot) const;
 #ifdef HIFT_WITH_CUDA
@@ -145,13 +159,14 @@ class PinnedStore {
   Tuning tuning_;
   int64_t chunk_bytes_;
   std::atomic<int64_t> host_bytes_{0};
-  std::atomic<int64_t> touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0};
+  std::atomic<int64_t> map_ns_{0}, touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0};
   // Allocation state per group, guarded by alloc_mu_: host_[g] set = ready; claimed_[g] = someone is
   // allocating it (the background thread or a caller).
   std::mutex alloc_mu_;
   std::condition_variable alloc_cv_;
   std::vector<int64_t> alloc_order_;
   std::vector<char> claimed_;
+  std::vector<std::shared_ptr<HostBuffer>> reserved_;  // address space mapped ahead (premap), not yet touched
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
   bool stop_alloc_ = false;
   bool allocator_done_ = true;

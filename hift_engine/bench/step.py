@@ -134,6 +134,9 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         k = opt.num_groups
     label = label or mode
     row = {"precision": precision, "mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
+    tuning = {name: v for name, v in sorted(os.environ.items()) if name.startswith("HIFT_") and name != "HIFT_COMMIT"}
+    if tuning:  # diagnostic settings (docs/design.md) change what a row measures: say which were set
+        row["hift_env"] = " ".join(f"{name}={v}" for name, v in tuning.items())
     if mode == "offload":
         row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib, construct_s=built)
     if getattr(args, "prepin", False) and mode == "offload":
@@ -152,7 +155,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         first_ms = 1e3 * (time.perf_counter() - t0) / k
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
-            row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_touch_s=alloc["touch_s"],
+            row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
                        alloc_register_s=alloc["register_s"], pin_context=alloc["pin_context"],
                        pin_context_mib=alloc["pin_context_bytes"] / 2**20)
         torch.cuda.reset_peak_memory_stats(dev)
