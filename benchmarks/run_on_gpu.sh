@@ -38,7 +38,7 @@
 #   stagetests the CUDA store/engine tests (every allocator shape)
 #   stages    the CUDA store/engine tests under each background allocator shape, then 7B bf16-mixed batch 4 first
 #             cycles on a warmed machine (one uncounted run), in turn: serial (default), two stages, two stages
-#             without reserving address space first (twice each); fp32 batch 1 with the defaults
+#             without reserving address space first, serial without it (REPS times, default 2); fp32 batch 1, defaults
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -295,10 +295,11 @@ elif [ "$stage" = stages ]; then
   warm_host
   step=$first_cycle_b4
   run timeout 150 $step --out /tmp/warmup
-  for i in 1 2; do
+  for i in $(seq "${REPS:-2}"); do
     run timeout 150 $step --out "$OUT"
     HIFT_ALLOC_STAGES=2 run timeout 150 $step --out "$OUT"
     HIFT_ALLOC_STAGES=2 HIFT_ALLOC_PREMAP=0 run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_PREMAP=0 run timeout 150 $step --out "$OUT"
   done
   run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 \
     --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
