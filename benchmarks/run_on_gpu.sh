@@ -39,6 +39,7 @@
 #   stages    the CUDA store/engine tests under each background allocator shape, then 7B bf16-mixed batch 4 first
 #             cycles on a warmed machine (one uncounted run), in turn: serial (default), two stages, two stages
 #             without reserving address space first, serial without it (REPS times, default 2); fp32 batch 1, defaults
+#   touchthreads the two-stage allocator with 8 and 12 touch threads against the serial default (bf16-mixed batch 4)
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -303,6 +304,18 @@ elif [ "$stage" = stages ]; then
   done
   run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 \
     --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
+elif [ "$stage" = touchthreads ]; then
+  # is the two-stage allocator's cost to training the cores its 16 touch threads take? 8 and 12 touch threads
+  # (enough to keep pace) against the serial default, in turn on one warmed machine after one uncounted run
+  ensure_installed
+  warm_host
+  step=$first_cycle_b4
+  run timeout 150 $step --out /tmp/warmup
+  for i in 1 2; do
+    HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=8 run timeout 150 $step --out "$OUT"
+    run timeout 150 $step --out "$OUT"
+  done
+  HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=12 run timeout 150 $step --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   ensure_installed
