@@ -38,8 +38,9 @@
 #   stagetests the CUDA store/engine tests (every allocator shape)
 #   stages    the CUDA store/engine tests under each background allocator shape, then 7B bf16-mixed batch 4 first
 #             cycles on a warmed machine (one uncounted run), in turn: serial (default), two stages, two stages
-#             without reserving address space first, serial without it (REPS times, default 2); fp32 batch 1, defaults
+#             without reserving address space first, serial without it (REPS times, default 2; HIFT_ALLOC_PREMAP was removed after this, it changed nothing); fp32 batch 1, defaults
 #   touchthreads the two-stage allocator with 8 and 12 touch threads against the serial default (bf16-mixed batch 4)
+#   touch6    two stages with 6 touch threads against the serial default, three rounds; fp32 batch 1 with it
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -316,6 +317,19 @@ elif [ "$stage" = touchthreads ]; then
     run timeout 150 $step --out "$OUT"
   done
   HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=12 run timeout 150 $step --out "$OUT"
+elif [ "$stage" = touch6 ]; then
+  # two stages with 6 touch threads (the best single run of touchthreads) against the serial default, three rounds
+  # in turn on one warmed machine after one uncounted run; then fp32 batch 1 with that setting
+  ensure_installed
+  warm_host
+  step=$first_cycle_b4
+  run timeout 150 $step --out /tmp/warmup
+  for i in 1 2 3; do
+    HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $step --out "$OUT"
+    run timeout 150 $step --out "$OUT"
+  done
+  HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 \
+    --layers-full 32 --cycles-full 1 --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   ensure_installed

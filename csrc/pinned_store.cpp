@@ -104,9 +104,6 @@ Tuning Tuning::from_env() {
   t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
-  const int64_t premap = env_int("HIFT_ALLOC_PREMAP", 1);
-  HIFT_CHECK(premap == 0 || premap == 1, "HIFT_ALLOC_PREMAP must be 0 or 1, got ", premap);
-  t.premap = premap == 1;
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
@@ -176,7 +173,6 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   }
   host_.resize(numels_.size());
   claimed_.assign(numels_.size(), 0);
-  reserved_.resize(numels_.size());
   handed_out_.assign(numels_.size(), 0);
   cuda_ = device.is_cuda();
 #ifdef HIFT_WITH_CUDA
@@ -264,10 +260,6 @@ size_t PinnedStore::registration_bytes() const {
 }
 
 std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
-  {
-    std::lock_guard<std::mutex> lock(alloc_mu_);
-    if (reserved_[gid]) return std::move(reserved_[gid]);  // mapped ahead by the background thread
-  }
   auto buf = std::make_shared<HostBuffer>();
   buf->bytes = static_cast<size_t>(numels_[gid]) * sizeof(float);
   buf->reserved = round_up(std::max<size_t>(buf->bytes, 1), kPage);
@@ -336,30 +328,6 @@ std::shared_ptr<HostBuffer> PinnedStore::allocate(int64_t gid, bool background) 
   return buf;
 }
 
-// Address space for every buffer the thread will allocate, before it touches or pins any. mmap and madvise take
-// the process's address-space lock for writing, and a writer waits for every reader to leave: pinning holds the
-// lock for reading while it walks a buffer's pages (tens of ms per GiB), and while a writer waits behind it every
-// page fault of every thread waits too. Mapping everything first keeps writers out of the pinning phase. Only
-// address space is taken here (nothing is touched); a group a caller claims in the meantime maps its own.
-void PinnedStore::reserve_ahead() {
-  for (int64_t g : alloc_order_) {
-    {
-      std::lock_guard<std::mutex> lock(alloc_mu_);
-      if (stop_alloc_) return;
-      if (claimed_[g] || reserved_[g]) continue;
-    }
-    auto buf = std::make_shared<HostBuffer>();
-    buf->bytes = static_cast<size_t>(numels_[g]) * sizeof(float);
-    buf->reserved = round_up(std::max<size_t>(buf->bytes, 1), kPage);
-    const auto t0 = Clock::now();
-    buf->ptr = map_pages(buf->reserved);
-    map_ns_ += nanoseconds_since(t0);
-    if (buf->ptr == nullptr) return;  // out of address space: the rest are mapped as they come
-    std::lock_guard<std::mutex> lock(alloc_mu_);
-    if (!claimed_[g]) reserved_[g] = std::move(buf);  // else a caller mapped its own; this one is dropped
-  }
-}
-
 bool PinnedStore::claim_next(size_t& pos, int64_t& gid) {
   std::lock_guard<std::mutex> lock(alloc_mu_);
   while (pos < alloc_order_.size() && !stop_alloc_) {
@@ -391,7 +359,6 @@ void PinnedStore::publish(int64_t gid, std::shared_ptr<HostBuffer> buf) {
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
-  if (tuning_.premap && tuning_.alloc_mode == "register") reserve_ahead();
   if (tuning_.alloc_stages == 2) {
     allocate_in_two_stages();
   } else {
@@ -682,7 +649,6 @@ void PinnedStore::close() {
   }
 #endif
   host_.clear();  // buffers are freed once no host() tensor refers to them
-  reserved_.clear();
   slots_.clear();
 #ifdef HIFT_WITH_CUDA
   // The pinning context goes with the last buffer pinned in it (each holds it); the store's own hold ends here, so a

@@ -63,8 +63,6 @@ struct Tuning {
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
   int64_t alloc_stages = 1;             // HIFT_ALLOC_STAGES: 1 touches then pins each buffer in turn; 2 touches the
                                         // next buffer while a second thread pins the last one
-  bool premap = true;                   // HIFT_ALLOC_PREMAP: 1 reserves every buffer's address space before the
-                                        // background thread touches or pins anything; 0 maps each as it comes
   static Tuning from_env();
 };
 
@@ -133,8 +131,8 @@ class PinnedStore {
   void check_open(const char* fn) const;
   void check_gid(int64_t gid, const char* fn) const;
   void check_slot(int64_t slot, const char* fn) const;
-  // A buffer for group gid in three steps: address space (mapped, or taken from the ones reserved ahead), first
-  // touch, pinning. allocate() does all three; under hostalloc, reserve() returns the buffer already pinned.
+  // A buffer for group gid in three steps: address space, first touch, pinning. allocate() does all three; under
+  // hostalloc, reserve() returns the buffer already pinned.
   std::shared_ptr<HostBuffer> allocate(int64_t gid, bool background = false);
   std::shared_ptr<HostBuffer> reserve(int64_t gid);
   void touch(HostBuffer& buf, bool background);
@@ -143,7 +141,6 @@ class PinnedStore {
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
   void allocate_in_background();
-  void reserve_ahead();                  // the background thread's first job when premap is on
   bool claim_next(size_t& pos, int64_t& gid);  // next unclaimed group in alloc_order_ from pos, claimed; false: stop
   void publish(int64_t gid, std::shared_ptr<HostBuffer> buf);  // buf null: allocation failed, stop the thread
   void allocate_in_two_stages();
@@ -166,7 +163,6 @@ class PinnedStore {
   std::condition_variable alloc_cv_;
   std::vector<int64_t> alloc_order_;
   std::vector<char> claimed_;
-  std::vector<std::shared_ptr<HostBuffer>> reserved_;  // address space mapped ahead (premap), not yet touched
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
   bool stop_alloc_ = false;
   bool allocator_done_ = true;
