@@ -291,7 +291,7 @@ elif [ "$stage" = pinctx2 ]; then
 elif [ "$stage" = stagetests ]; then
   ensure_installed
   run timeout 240 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
-  HIFT_ALLOC_STAGES=2 run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
+  HIFT_ALLOC_STAGES=1 run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
 elif [ "$stage" = stages ]; then
   ensure_installed
   warm_host

@@ -77,8 +77,7 @@ void lower_thread_priority(int64_t nice) {
 // GiB. Writing a byte per page instead of memset-ing the buffer halves the memory traffic (the kernel has
 // already zeroed each page). Each thread's share is a whole number of huge pages, so no two threads fault
 // the same huge page.
-void parallel_touch(char* p, size_t bytes, int64_t threads, int64_t nice) {
-  size_t n = threads > 0 ? size_t(threads) : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+void parallel_touch(char* p, size_t bytes, size_t n, int64_t nice) {
   size_t per = round_up((bytes + n - 1) / n, kHugePage);
   std::vector<std::thread> pool;
   for (size_t start = 0; start < bytes; start += per) {
@@ -282,10 +281,21 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
   return buf;
 }
 
+// First-touch threads. A caller waiting for its buffer takes every core (at most 16). The background thread takes 3/8
+// of them (6 of 16): zeroing pages at full speed saturates host memory bandwidth, which the training's copies need
+// too. At 7B bf16-mixed batch 4 on an H200 host with 16 cores, touching with 16 threads beside the pinning thread
+// made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x, 6 threads 1.03-1.07x (5 runs),
+// 5 threads 1.09x (too slow: the write-backs waited); benchmarks/results/logs/touch6-b8c1614.log and touchthreads-*.
+size_t PinnedStore::touch_threads(bool background) const {
+  if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
+  const size_t cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  return background ? std::max<size_t>(1, cores * 3 / 8) : cores;
+}
+
 void PinnedStore::touch(HostBuffer& buf, bool background) {
   if (buf.host_alloc) return;
   const auto t0 = Clock::now();
-  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, tuning_.touch_threads, background ? tuning_.alloc_nice : 0);
+  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, touch_threads(background), background ? tuning_.alloc_nice : 0);
   touch_ns_ += nanoseconds_since(t0);
 }
 
@@ -361,7 +371,7 @@ void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
   if (tuning_.alloc_stages == 2) {
     allocate_in_two_stages();
-  } else {
+  } else {  // HIFT_ALLOC_STAGES=1, a diagnostic: touch, then pin, buffer by buffer
     size_t pos = 0;
     int64_t g = 0;
     while (claim_next(pos, g)) {
@@ -378,9 +388,11 @@ void PinnedStore::allocate_in_background() {
   alloc_cv_.notify_all();
 }
 
-// One after the other, touching and pinning 75 GiB (7B bf16-mixed) take longer than a batch-4 cycle, so the last
-// write-backs wait. Here this thread touches buffers while a second pins the ones already touched (at most two
-// wait between them), so the allocator's pace is the slower stage's, not their sum.
+// One after the other, touching and pinning 75 GiB (7B bf16-mixed) take longer than a batch-4 cycle (2.2 s + 2.1 s
+// against 3.5 s on an H200 host), so the last write-backs waited 0.5-0.6 s and the first cycle ran 1.20-1.28x the
+// later ones. Here this thread touches buffers while a second pins the ones already touched (at most two wait
+// between them), so the allocator's pace is the slower stage's, not their sum: with 6 touch threads (see
+// touch_threads) nothing waited and the first cycle ran 1.03-1.07x (same machine, in turn; touch6-b8c1614.log).
 void PinnedStore::allocate_in_two_stages() {
   std::mutex queue_mu;
   std::condition_variable queue_cv;

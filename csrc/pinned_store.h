@@ -6,8 +6,9 @@
 //                 first touch + registration (<= 64 GiB per call) from a second context of the device, so the
 //                 training thread's CUDA calls never wait behind it (pin_context.h; the primary context's
 //                 cudaHostRegister where that context is refused or not wanted); allocated in group order by a
-//                 background thread from construction, so the first cycle's write-backs find them ready (a
-//                 group needed before the thread reached it is allocated by the caller instead)
+//                 background thread from construction (touching the next buffer while a second thread pins the
+//                 last), so the first cycle's write-backs find them ready (a group needed before the thread
+//                 reached it is allocated by the caller instead)
 //   streams       host-to-device copies on one stream, device-to-host on another, so both run at once; each
 //                 transfer is paced (paced_copier.h) so small copies of other streams never wait behind it
 //   events        per slot (SlotSync): compute_done, arrived, written; per group (GroupSync): host_written
@@ -54,15 +55,16 @@ struct HostBuffer {
 // "Diagnostic settings"); the engine never sets them.
 struct Tuning {
   std::string alloc_mode = "register";  // HIFT_ALLOC_MODE: "register" (mmap + touch + register) or "hostalloc"
-  int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: cores, at most 16)
+  int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: a caller that waits for its
+                                        // buffer uses every core, at most 16; the background thread 3/8 of that)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
   bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
   int64_t register_piece_mib = 0;       // HIFT_REGISTER_PIECE_MIB: > 0 registers this much per cudaHostRegister
                                         // call when paced (whole transfer pieces, so no paced copy spans two);
                                         // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
-  int64_t alloc_stages = 1;             // HIFT_ALLOC_STAGES: 1 touches then pins each buffer in turn; 2 touches the
-                                        // next buffer while a second thread pins the last one
+  int64_t alloc_stages = 2;             // HIFT_ALLOC_STAGES: 2 touches the next buffer while a second thread pins
+                                        // the last one; 1 touches then pins each buffer in turn
   static Tuning from_env();
 };
 
@@ -136,6 +138,7 @@ class PinnedStore {
   std::shared_ptr<HostBuffer> allocate(int64_t gid, bool background = false);
   std::shared_ptr<HostBuffer> reserve(int64_t gid);
   void touch(HostBuffer& buf, bool background);
+  size_t touch_threads(bool background) const;
   void pin(HostBuffer& buf);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet

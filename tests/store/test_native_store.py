@@ -59,8 +59,8 @@ def test_alloc_stats_count_a_wait_behind_the_background_thread(native):
     store.close()
 
 
-# The background allocator's shapes: touch then pin each buffer in turn (the default), or the two-stage pipeline.
-ALLOCATORS = [{}, {"HIFT_ALLOC_STAGES": "2"}]
+# The background allocator's shapes: the two-stage pipeline (the default), or touch then pin each buffer in turn.
+ALLOCATORS = [{}, {"HIFT_ALLOC_STAGES": "1"}, {"HIFT_ALLOC_STAGES": "2", "HIFT_TOUCH_THREADS": "1"}]
 
 
 @pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
