@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <system_error>
 #include <thread>
 
 #include <sys/mman.h>
@@ -369,23 +370,25 @@ void PinnedStore::publish(int64_t gid, std::shared_ptr<HostBuffer> buf) {
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
   lower_thread_priority(tuning_.alloc_nice);
-  if (tuning_.alloc_stages == 2) {
-    allocate_in_two_stages();
-  } else {  // HIFT_ALLOC_STAGES=1, a diagnostic: touch, then pin, buffer by buffer
-    size_t pos = 0;
-    int64_t g = 0;
-    while (claim_next(pos, g)) {
-      std::shared_ptr<HostBuffer> buf;
-      try {
-        buf = allocate(g, /*background=*/true);
-      } catch (const std::exception&) {
-      }
-      publish(g, std::move(buf));
-    }
-  }
+  if (tuning_.alloc_stages == 2) allocate_in_two_stages();
+  else allocate_one_by_one();  // HIFT_ALLOC_STAGES=1, a diagnostic
   std::lock_guard<std::mutex> lock(alloc_mu_);
   allocator_done_ = true;
   alloc_cv_.notify_all();
+}
+
+// Touch, then pin, buffer by buffer (HIFT_ALLOC_STAGES=1, and where the pinning thread cannot be started).
+void PinnedStore::allocate_one_by_one() {
+  size_t pos = 0;
+  int64_t g = 0;
+  while (claim_next(pos, g)) {
+    std::shared_ptr<HostBuffer> buf;
+    try {
+      buf = allocate(g, /*background=*/true);
+    } catch (const std::exception&) {
+    }
+    publish(g, std::move(buf));
+  }
 }
 
 // One after the other, touching and pinning 75 GiB (7B bf16-mixed) take longer than a batch-4 cycle (2.2 s + 2.1 s
@@ -398,32 +401,38 @@ void PinnedStore::allocate_in_two_stages() {
   std::condition_variable queue_cv;
   std::deque<std::pair<int64_t, std::shared_ptr<HostBuffer>>> queue;  // touched, not yet pinned
   bool touching_done = false;
-  std::thread pinner([&] {
-    lower_thread_priority(tuning_.alloc_nice);
-    for (;;) {
-      std::pair<int64_t, std::shared_ptr<HostBuffer>> item;
-      {
-        std::unique_lock<std::mutex> lock(queue_mu);
-        queue_cv.wait(lock, [&] { return !queue.empty() || touching_done; });
-        if (queue.empty()) return;
-        item = std::move(queue.front());
-        queue.pop_front();
+  std::thread pinner;
+  try {
+    pinner = std::thread([&] {
+      lower_thread_priority(tuning_.alloc_nice);
+      for (;;) {
+        std::pair<int64_t, std::shared_ptr<HostBuffer>> item;
+        {
+          std::unique_lock<std::mutex> lock(queue_mu);
+          queue_cv.wait(lock, [&] { return !queue.empty() || touching_done; });
+          if (queue.empty()) return;
+          item = std::move(queue.front());
+          queue.pop_front();
+        }
+        queue_cv.notify_all();
+        bool stopping;
+        {
+          std::lock_guard<std::mutex> lock(alloc_mu_);
+          stopping = stop_alloc_;
+        }
+        try {
+          if (!stopping) pin(*item.second);
+          else item.second.reset();
+        } catch (const std::exception&) {
+          item.second.reset();
+        }
+        publish(item.first, std::move(item.second));
       }
-      queue_cv.notify_all();
-      bool stopping;
-      {
-        std::lock_guard<std::mutex> lock(alloc_mu_);
-        stopping = stop_alloc_;
-      }
-      try {
-        if (!stopping) pin(*item.second);
-        else item.second.reset();
-      } catch (const std::exception&) {
-        item.second.reset();
-      }
-      publish(item.first, std::move(item.second));
-    }
-  });
+    });
+  } catch (const std::system_error&) {  // no thread to be had: one stage it is
+    allocate_one_by_one();
+    return;
+  }
   size_t pos = 0;
   int64_t g = 0;
   while (claim_next(pos, g)) {

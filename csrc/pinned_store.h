@@ -147,6 +147,7 @@ class PinnedStore {
   bool claim_next(size_t& pos, int64_t& gid);  // next unclaimed group in alloc_order_ from pos, claimed; false: stop
   void publish(int64_t gid, std::shared_ptr<HostBuffer> buf);  // buf null: allocation failed, stop the thread
   void allocate_in_two_stages();
+  void allocate_one_by_one();
   void stop_allocator();
   float* slot_ptr(int64_t slot) const;
 #ifdef HIFT_WITH_CUDA

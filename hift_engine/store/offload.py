@@ -171,9 +171,9 @@ class OffloadStore(StateStore):
         self._initialized.discard(gid)
 
     def alloc_stats(self) -> dict | None:
-        """The native store's allocation times (reserving address space, first touch, pinning, and how long write-backs waited for a
-        buffer that was not ready: the first cycle's extra cost) and its pinning context (whether used, its device
-        bytes, why not); None for the torch transport."""
+        """The native store's allocation times (reserving address space, first touch, pinning, and how long
+        write-backs waited for a buffer that was not ready: the first cycle's extra cost) and its pinning context
+        (whether used, its device bytes, why not); None for the torch transport."""
         stats = getattr(self.transport, "alloc_stats", None)
         if stats is None:
             return None
