@@ -78,17 +78,29 @@ void lower_thread_priority(int64_t nice) {
 // GiB. Writing a byte per page instead of memset-ing the buffer halves the memory traffic (the kernel has
 // already zeroed each page). Each thread's share is a whole number of huge pages, so no two threads fault
 // the same huge page.
+// Where a thread cannot be started (address-space or thread limits), the calling thread touches what is left itself
+// rather than letting a joinable std::thread be destroyed (std::terminate).
 void parallel_touch(char* p, size_t bytes, size_t n, int64_t nice) {
   size_t per = round_up((bytes + n - 1) / n, kHugePage);
+  auto touch_range = [p](size_t start, size_t end) {
+    volatile char* v = p;
+    for (size_t off = start; off < end; off += kPage) v[off] = 0;
+  };
   std::vector<std::thread> pool;
-  for (size_t start = 0; start < bytes; start += per) {
+  pool.reserve(n);
+  size_t start = 0;
+  for (; start < bytes; start += per) {
     size_t end = std::min(start + per, bytes);
-    pool.emplace_back([p, start, end, nice] {
-      lower_thread_priority(nice);
-      volatile char* v = p;
-      for (size_t off = start; off < end; off += kPage) v[off] = 0;
-    });
+    try {
+      pool.emplace_back([touch_range, start, end, nice] {
+        lower_thread_priority(nice);
+        touch_range(start, end);
+      });
+    } catch (const std::system_error&) {
+      break;
+    }
   }
+  touch_range(start, bytes);
   for (auto& t : pool) t.join();
 }
 }  // namespace
@@ -282,11 +294,12 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
   return buf;
 }
 
-// First-touch threads. A caller waiting for its buffer takes every core (at most 16). The background thread takes 3/8
-// of them (6 of 16): zeroing pages at full speed saturates host memory bandwidth, which the training's copies need
+// First-touch threads. A caller that allocates a buffer itself (the background thread had not claimed it) takes
+// every core (at most 16): training waits for it. The background thread takes 3/8 of them (6 of 16), also for a
+// buffer a caller is waiting for: zeroing pages at full speed saturates host memory bandwidth, which the training's copies need
 // too. At 7B bf16-mixed batch 4 on an H200 host with 16 cores, touching with 16 threads beside the pinning thread
-// made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x, 6 threads 1.03-1.07x (5 runs),
-// 5 threads 1.09x (too slow: the write-backs waited); benchmarks/results/logs/touch6-b8c1614.log and touchthreads-*.
+// made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x, 6 threads 1.03-1.10x (6 runs),
+// 5 threads 1.09x (too slow: the write-backs waited); benchmarks/results/logs/touch6*-b8c1614.log, touchthreads*-*.
 size_t PinnedStore::touch_threads(bool background) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
   const size_t cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
@@ -395,7 +408,9 @@ void PinnedStore::allocate_one_by_one() {
 // against 3.5 s on an H200 host), so the last write-backs waited 0.5-0.6 s and the first cycle ran 1.20-1.28x the
 // later ones. Here this thread touches buffers while a second pins the ones already touched (at most two wait
 // between them), so the allocator's pace is the slower stage's, not their sum: with 6 touch threads (see
-// touch_threads) nothing waited and the first cycle ran 1.03-1.07x (same machine, in turn; touch6-b8c1614.log).
+// touch_threads) nothing waited and the first cycle ran 1.03-1.07x in five runs on one machine (touch6*-b8c1614.log),
+// 1.10x in one on another (touchthreads2-0758dc1.log). A caller waiting for a buffer this thread has claimed waits
+// for its touch and for the pinning of at most two buffers ahead of it.
 void PinnedStore::allocate_in_two_stages() {
   std::mutex queue_mu;
   std::condition_variable queue_cv;
@@ -433,29 +448,36 @@ void PinnedStore::allocate_in_two_stages() {
     allocate_one_by_one();
     return;
   }
+  // However this thread leaves the loop, the pinner is told and joined (a joinable std::thread must not be destroyed).
+  struct Finish {
+    std::mutex& mu;
+    std::condition_variable& cv;
+    bool& done;
+    std::thread& pinner;
+    ~Finish() {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        done = true;
+      }
+      cv.notify_all();
+      pinner.join();
+    }
+  } finish{queue_mu, queue_cv, touching_done, pinner};
   size_t pos = 0;
   int64_t g = 0;
   while (claim_next(pos, g)) {
-    std::shared_ptr<HostBuffer> buf;
     try {
-      buf = reserve(g);
+      auto buf = reserve(g);
       touch(*buf, /*background=*/true);
+      std::unique_lock<std::mutex> lock(queue_mu);
+      queue_cv.wait(lock, [&] { return queue.size() < 2; });
+      queue.emplace_back(g, std::move(buf));
     } catch (const std::exception&) {
-      publish(g, nullptr);
+      publish(g, nullptr);  // unclaimed again: the caller who needs it allocates it (and sees the error)
       break;
     }
-    std::unique_lock<std::mutex> lock(queue_mu);
-    queue_cv.wait(lock, [&] { return queue.size() < 2; });
-    queue.emplace_back(g, std::move(buf));
-    lock.unlock();
     queue_cv.notify_all();
   }
-  {
-    std::lock_guard<std::mutex> lock(queue_mu);
-    touching_done = true;
-  }
-  queue_cv.notify_all();
-  pinner.join();
 }
 
 void PinnedStore::stop_allocator() {

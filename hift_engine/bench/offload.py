@@ -177,7 +177,9 @@ def _alloc_rows(size_gib: float, dev) -> list[dict]:
     mod = _native.load()
     for mode in ("register", "hostalloc"):
         slot = torch.empty(n, device=dev)  # the store wants a slot as large as its largest group
-        with _env("HIFT_ALLOC_MODE", mode):  # a diagnostic setting, read when a store is built
+        # diagnostic settings, read when a store is built; no background thread, so host(0) below allocates on
+        # this thread (with every core), and the time is the allocation's, not a race with that thread
+        with _env("HIFT_ALLOC_MODE", mode), _env("HIFT_BACKGROUND_ALLOC", "0"):
             store = mod.PinnedStore([n], [slot])
         rss0 = _rss_bytes()
         t0 = time.perf_counter()

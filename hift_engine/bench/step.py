@@ -94,6 +94,9 @@ def _loop(model, opt, batches, steps, head_chunk_tokens=0):
 
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure")
+# The native store's diagnostic settings (docs/design.md, "Diagnostic settings"), read when a store is built.
+STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC", "HIFT_PACE_DEPTH",
+                     "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_THREADS")
 
 
 def hift_precision(precision: str) -> str:
@@ -134,8 +137,8 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         k = opt.num_groups
     label = label or mode
     row = {"precision": precision, "mode": label, "groups": k, "batch": args.batch, "seq": args.seq}
-    tuning = {name: v for name, v in sorted(os.environ.items()) if name.startswith("HIFT_") and name != "HIFT_COMMIT"}
-    if tuning:  # diagnostic settings (docs/design.md) change what a row measures: say which were set
+    tuning = {name: os.environ[name] for name in STORE_DIAGNOSTICS if os.environ.get(name)}
+    if tuning and mode == "offload":  # the native store's diagnostic settings change what its row measures
         row["hift_env"] = " ".join(f"{name}={v}" for name, v in tuning.items())
     if mode == "offload":
         row.update(store=opt.store.kind, transfer_chunk_mib=opt.config.transfer_chunk_mib, construct_s=built)

@@ -1,6 +1,10 @@
 """The C++ pinned store itself (CPU-only build here; tests/store/test_cuda_stores.py covers CUDA)."""
 
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -89,12 +93,85 @@ def test_background_allocation_takes_every_buffer_once(native, monkeypatch, env)
 
 @pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
 def test_close_stops_background_allocation(native, monkeypatch, env):
+    """close() stops the thread early: a store closed at once has touched a small part of what a store left to
+    finish touches (1 GiB in 64 buffers)."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    store = native.PinnedStore([4_000_000] * 64, [torch.empty(4_000_000)])  # 1 GiB if it ran to the end
-    store.close()  # joins the thread (and the two-stage one's pinner) before any buffer goes
-    assert store.host_bytes == 0
-    store.wait_allocated()  # returns: the thread has stopped
+    numels, slot = [4_000_000] * 64, [torch.empty(4_000_000)]
+    full = native.PinnedStore(numels, slot)
+    full.wait_allocated()
+    everything = full.alloc_stats()["touch_s"]
+    assert full.host_bytes == 64 * 16_003_072  # every buffer, whole pages
+    full.close()
+    for _ in range(3):
+        store = native.PinnedStore(numels, slot)
+        store.close()  # joins the thread (and the two-stage one's pinner) before any buffer goes
+        assert store.host_bytes == 0
+        store.wait_allocated()  # returns: the thread has stopped
+        assert store.alloc_stats()["touch_s"] < everything / 4
+
+
+def _run_limited(script: str, **env) -> subprocess.CompletedProcess:
+    """Run ``script`` in a child process (it sets its own address-space limit, which would hurt this one)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+# The child's address space is capped just above what it has: a 1 GiB group cannot be reserved, small ones can.
+_CAPPED = """
+    import resource, torch
+    from hift_engine import _native
+    native = _native.load()
+    def cap(extra_mib):
+        vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (extra_mib << 20), resource.RLIM_INFINITY))
+"""
+
+
+@pytest.mark.parametrize("stages", ["1", "2"])
+def test_a_failed_background_allocation_is_left_to_the_caller(stages):
+    """When the background thread cannot reserve a buffer it stops and unclaims it: the caller who needs that group
+    gets the error (no hang on a group left claimed), every other group is allocated by its caller and round-trips,
+    and the store counts exactly the buffers that exist."""
+    result = _run_limited(_CAPPED + """
+    small, huge = (4 << 20) // 4, (1 << 30) // 4
+    numels = [small, small, huge, small, small]
+    slots = [torch.zeros(huge)]
+    cap(400)
+    store = native.PinnedStore(numels, slots)
+    for g in (0, 1, 3, 4):
+        slots[0][: numels[g]].fill_(float(g))
+        store.writeback(g, 0)
+    try:
+        store.writeback(2, 0)
+        raise SystemExit("a 1 GiB buffer was allocated under the cap")
+    except RuntimeError as e:
+        assert "could not reserve" in str(e), e
+    store.wait_allocated()
+    assert store.host_bytes == 4 * (4 << 20), store.host_bytes
+    for g in (0, 1, 3, 4):
+        store.fetch(g, 0)
+        assert bool((slots[0][: numels[g]] == g).all()), g
+    print("OK")
+    """, HIFT_ALLOC_STAGES=stages)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("margin_mib", [20, 60])
+def test_first_touch_without_threads_to_spare_still_touches(margin_mib):
+    """Where first-touch threads cannot be started (here the address-space cap leaves room for the buffer and a
+    few 8 MiB thread stacks), the calling thread touches the rest itself: before, the process aborted
+    (std::terminate from a joinable std::thread being destroyed) instead of allocating."""
+    result = _run_limited(_CAPPED + f"""
+    n = (256 << 20) // 4
+    store = native.PinnedStore([n], [torch.zeros(n)])
+    cap(256 + {margin_mib})
+    view = store.host(0)
+    view.fill_(3.0)
+    assert store.host_bytes == n * 4 and view.min().item() == view.max().item() == 3.0  # (no 64 MiB mask)
+    print("OK")
+    """, HIFT_BACKGROUND_ALLOC="0", HIFT_TOUCH_THREADS="8")
+    assert result.returncode == 0 and "OK" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
 def test_round_trip_is_bit_exact(native):
