@@ -296,10 +296,11 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
 
 // First-touch threads. A caller that allocates a buffer itself (the background thread had not claimed it) takes
 // every core (at most 16): training waits for it. The background thread takes 3/8 of them (6 of 16), also for a
-// buffer a caller is waiting for: zeroing pages at full speed saturates host memory bandwidth, which the training's copies need
-// too. At 7B bf16-mixed batch 4 on an H200 host with 16 cores, touching with 16 threads beside the pinning thread
-// made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x, 6 threads 1.03-1.10x (6 runs),
-// 5 threads 1.09x (too slow: the write-backs waited); benchmarks/results/logs/touch6*-b8c1614.log, touchthreads*-*.
+// buffer a caller is waiting for: zeroing pages at full speed saturates host memory bandwidth, which the
+// training's copies need too. At 7B bf16-mixed batch 4 on an H200 host with 16 cores, touching with 16 threads
+// beside the pinning thread made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x,
+// 6 threads 1.03-1.10x (6 runs), 5 threads 1.09x (too slow: the write-backs waited);
+// benchmarks/results/logs/touch6*-b8c1614.log, touchthreads*-*.
 size_t PinnedStore::touch_threads(bool background) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
   const size_t cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
