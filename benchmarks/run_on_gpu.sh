@@ -36,9 +36,9 @@
 #             defaults (pinned from a second context) on a warmed machine after one uncounted run, twice
 #   pinctx3   the pinning context on and off in turn (twice each), same warmed machine, serial allocator
 #   stagetests the CUDA store/engine tests (every allocator shape)
-#   stages    the CUDA store/engine tests under each background allocator shape, then 7B bf16-mixed batch 4 first
-#             cycles on a warmed machine (one uncounted run), in turn: serial (default), two stages, two stages
-#             without reserving address space first, serial without it (REPS times, default 2; HIFT_ALLOC_PREMAP was removed after this, it changed nothing); fp32 batch 1, defaults
+#   stages    7B bf16-mixed batch 4 first cycles on a warmed machine (one uncounted run), in turn: the serial
+#             allocator and two stages, both with 16 touch threads (REPS times, default 2; at 5609bbd also each
+#             with HIFT_ALLOC_PREMAP=0, since removed: it changed nothing); fp32 batch 1, serial
 #   touchthreads the two-stage allocator with 8 and 12 touch threads against the serial default (bf16-mixed batch 4)
 #   touch6    two stages with 6 touch threads against the serial default, three rounds; fp32 batch 1 with it
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
@@ -77,7 +77,12 @@ install() {
 
 # A freshly started VM backs its memory on first touch, which slowed the first pinning runs: touch 96 GiB once first.
 warm_host() { run $py -c "import torch, time; t = time.time(); x = torch.empty(96 << 30, dtype=torch.uint8); x.fill_(1); print(f'touched 96 GiB in {time.time() - t:.1f} s')"; }
-first_cycle_b4="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload --batch 4 --precision bf16-mixed"
+step_7b="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+first_cycle_b4="$step_7b --batch 4 --precision bf16-mixed"
+first_cycle_fp32_b1="$step_7b --batch 1 --precision fp32"
+# the first-cycle stages' start: installed, host memory warmed, one uncounted bf16-mixed batch-4 run (a machine's
+# first registration of its memory is slower); leaves $step set to that run's command
+warmed_first_cycle() { ensure_installed; warm_host; step=$first_cycle_b4; run timeout 150 $step --out /tmp/warmup; }
 
 installed=0
 # a warm machine keeps the previous call's install (and its native build); a fresh one installs
@@ -230,7 +235,7 @@ elif [ "$stage" = pinprobe ]; then
   run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 200 /tmp/pin_probe 8
   ensure_installed
   run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  step=$step_7b
   run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   run timeout 150 $step --batch 1 --precision fp32 --out "$OUT"
@@ -242,7 +247,7 @@ elif [ "$stage" = firstcycle2 ]; then
   warm_host
   run nvcc -O2 -std=c++17 benchmarks/pin_probe.cu -lcuda -o /tmp/pin_probe && run timeout 60 /tmp/pin_probe 1 seam
   ensure_installed
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  step=$step_7b
   run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
   run timeout 150 $step --batch 4 --precision bf16-mixed --prepin --out "$OUT"
   HIFT_REGISTER_PIECE_MIB=256 run timeout 150 $step --batch 4 --precision bf16-mixed --out "$OUT"
@@ -283,7 +288,7 @@ elif [ "$stage" = pinctx1 ]; then
   run timeout 150 $step --out "$OUT"
 elif [ "$stage" = pinctx2 ]; then
   ensure_installed
-  step="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 --modes resident,offload"
+  step=$step_7b
   run timeout 150 $step --batch 4 --precision bf16-mixed --no-pin-context --out "$OUT"
   run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
     --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
@@ -293,49 +298,33 @@ elif [ "$stage" = stagetests ]; then
   run timeout 240 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
   HIFT_ALLOC_STAGES=1 run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store -m cuda -rs
 elif [ "$stage" = stages ]; then
-  ensure_installed
-  warm_host
-  step=$first_cycle_b4
-  run timeout 150 $step --out /tmp/warmup
-  for i in $(seq "${REPS:-2}"); do
-    run timeout 150 $step --out "$OUT"
-    HIFT_ALLOC_STAGES=2 run timeout 150 $step --out "$OUT"
-    HIFT_ALLOC_STAGES=2 HIFT_ALLOC_PREMAP=0 run timeout 150 $step --out "$OUT"
-    HIFT_ALLOC_PREMAP=0 run timeout 150 $step --out "$OUT"
+  warmed_first_cycle
+  for i in $(seq "${REPS:-2}"); do  # (at 5609bbd each also ran with HIFT_ALLOC_PREMAP=0, a setting since removed)
+    HIFT_ALLOC_STAGES=1 HIFT_TOUCH_THREADS=16 run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=16 run timeout 150 $step --out "$OUT"
   done
-  run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 1 \
-    --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
+  HIFT_ALLOC_STAGES=1 HIFT_TOUCH_THREADS=16 run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
 elif [ "$stage" = touchthreads ]; then
   # is the two-stage allocator's cost to training the cores its 16 touch threads take? 8 and 12 touch threads
   # (enough to keep pace) against the serial default, in turn on one warmed machine after one uncounted run
-  ensure_installed
-  warm_host
-  step=$first_cycle_b4
-  run timeout 150 $step --out /tmp/warmup
+  warmed_first_cycle
   for i in 1 2; do
     HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=8 run timeout 150 $step --out "$OUT"
-    run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_STAGES=1 HIFT_TOUCH_THREADS=16 run timeout 150 $step --out "$OUT"  # the serial default then
   done
   HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=12 run timeout 150 $step --out "$OUT"
 elif [ "$stage" = touch6 ]; then
   # two stages with 6 touch threads (the best single run of touchthreads) against the serial default, three rounds
   # in turn on one warmed machine after one uncounted run; then fp32 batch 1 with that setting
-  ensure_installed
-  warm_host
-  step=$first_cycle_b4
-  run timeout 150 $step --out /tmp/warmup
+  warmed_first_cycle
   for i in 1 2 3; do
     HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $step --out "$OUT"
-    run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_STAGES=1 HIFT_TOUCH_THREADS=16 run timeout 150 $step --out "$OUT"  # the serial default then
   done
-  HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $py -m hift_engine.cli.main bench step --layers-small 0 \
-    --layers-full 32 --cycles-full 1 --modes resident,offload --batch 1 --precision fp32 --out "$OUT"
+  HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
-  ensure_installed
-  warm_host
-  step=$first_cycle_b4
-  run timeout 150 $step --out /tmp/warmup
+  warmed_first_cycle
   for i in 1 2; do
     run timeout 150 $step --out "$OUT"
     run timeout 150 $step --no-pin-context --out "$OUT"
