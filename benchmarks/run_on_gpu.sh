@@ -41,6 +41,9 @@
 #             with HIFT_ALLOC_PREMAP=0, since removed: it changed nothing); fp32 batch 1, serial
 #   touchthreads the two-stage allocator with 8 and 12 touch threads against the serial default (bf16-mixed batch 4)
 #   touch6    two stages with 6 touch threads against the serial default, three rounds; fp32 batch 1 with it
+#   affinity  CPU topology, then the 7B bf16-mixed batch 4 first cycle (offload only, 2 later cycles) with the
+#             background allocator's threads on their own CPUs (HIFT_TOUCH_CPUS, another L3 where there is one)
+#             and the training process on the rest (taskset), against the default placement, three rounds in turn
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -83,6 +86,24 @@ first_cycle_fp32_b1="$step_7b --batch 1 --precision fp32"
 # the first-cycle stages' start: installed, host memory warmed, one uncounted bf16-mixed batch-4 run (a machine's
 # first registration of its memory is slower); leaves $step set to that run's command
 warmed_first_cycle() { ensure_installed; warm_host; step=$first_cycle_b4; run timeout 150 $step --out /tmp/warmup; }
+
+first_cycle_offload_b4="$py -m hift_engine.cli.main bench step --layers-small 0 --layers-full 32 --cycles-full 2 --modes offload --batch 4 --precision bf16-mixed"
+sysinfo() {
+  run lscpu
+  run sh -c 'grep -m1 "model name" /proc/cpuinfo; echo "L3 groups:"; cat /sys/devices/system/cpu/cpu*/cache/index3/shared_cpu_list | sort | uniq -c; echo "core siblings:"; cat /sys/devices/system/cpu/cpu*/topology/thread_siblings_list | sort | uniq -c; cat /sys/devices/system/node/node*/cpulist; grep -i huge /proc/meminfo'
+}
+# MAIN_CPUS for the training process, TOUCH_CPUS for the allocator: two L3 domains where the machine shows them
+pick_cpu_sets() {
+  local groups n
+  groups=$(cat /sys/devices/system/cpu/cpu*/cache/index3/shared_cpu_list 2>/dev/null | sort -u)
+  n=$(echo "$groups" | grep -c .)
+  if [ "$n" -ge 2 ]; then MAIN_CPUS=$(echo "$groups" | head -1); TOUCH_CPUS=$(echo "$groups" | tail -1)
+  else MAIN_CPUS=0-9; TOUCH_CPUS=10-15; fi
+  echo "MAIN_CPUS=$MAIN_CPUS TOUCH_CPUS=$TOUCH_CPUS ($n L3 domains)" | tee -a "$log"
+}
+on_cpus() { local cpus=$1; shift; if command -v taskset >/dev/null; then taskset -c "$cpus" "$@"; else
+  $py -c 'import os, sys; os.sched_setaffinity(0, {int(c) for part in sys.argv[1].split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}); os.execvp(sys.argv[2], sys.argv[2:])' "$cpus" "$@"; fi; }
+cpustat() { echo "cpustat $(grep '^cpu ' /proc/stat)" | tee -a "$log"; }
 
 installed=0
 # a warm machine keeps the previous call's install (and its native build); a fresh one installs
@@ -322,6 +343,17 @@ elif [ "$stage" = touch6 ]; then
     HIFT_ALLOC_STAGES=1 HIFT_TOUCH_THREADS=16 run timeout 150 $step --out "$OUT"  # the serial default then
   done
   HIFT_ALLOC_STAGES=2 HIFT_TOUCH_THREADS=6 run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = affinity ]; then
+  sysinfo
+  warmed_first_cycle
+  pick_cpu_sets
+  off=$first_cycle_offload_b4
+  for i in 1 2 3; do
+    cpustat; run timeout 150 $off --out "$OUT"; cpustat
+    cpustat; HIFT_TOUCH_CPUS=$TOUCH_CPUS run on_cpus "$MAIN_CPUS" timeout 150 $off --out "$OUT"; cpustat
+  done
+  HIFT_TOUCH_CPUS=$TOUCH_CPUS HIFT_TOUCH_THREADS=8 run on_cpus "$MAIN_CPUS" timeout 150 $off --out "$OUT"
+  run on_cpus "$MAIN_CPUS" timeout 150 $off --out "$OUT"  # control: the allocator on the training process's CPUs
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   warmed_first_cycle

@@ -16,6 +16,7 @@
 #ifdef __linux__
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <unistd.h>
 #endif
 
@@ -29,6 +30,7 @@ namespace hift {
 namespace {
 constexpr size_t kPage = 4096;
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr long kMaxCpus = 1024;  // glibc's CPU_SETSIZE: what a cpu_set_t holds
 // cudaHostRegister is called on pieces of at most this size (large single registrations have failed on
 // some drivers; 64 GiB is the documented safe bound we chose).
 constexpr size_t kMaxRegistration = size_t(64) << 30;
@@ -73,6 +75,55 @@ void lower_thread_priority(int64_t nice) {
 #endif
 }
 
+// Keep the calling thread on `cpus` (HIFT_TOUCH_CPUS; empty: anywhere). Best effort: a CPU outside the
+// process's cpuset makes sched_setaffinity fail, and the thread then stays where the scheduler puts it.
+void place_thread(const std::vector<int>& cpus) {
+#ifdef __linux__
+  if (cpus.empty()) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int c : cpus) CPU_SET(c, &set);
+  sched_setaffinity(0, sizeof(set), &set);
+#else
+  (void)cpus;
+#endif
+}
+
+// What every thread of the background allocator does first: give way to training.
+void enter_background(const Tuning& t) {
+  lower_thread_priority(t.alloc_nice);
+  place_thread(t.touch_cpus);
+}
+
+// "0-3,8,10-11" -> {0,1,2,3,8,10,11}: the Linux cpu-list format (as in taskset -c and cpuset files).
+std::vector<int> parse_cpu_list(const std::string& text) {
+  std::vector<int> cpus;
+  size_t at = 0;
+  auto bad = [&] {
+    return hift::cat("HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' (CPUs 0..", kMaxCpus - 1,
+                     "), got '", text, "'");
+  };
+  while (at < text.size()) {
+    size_t comma = text.find(',', at);
+    std::string item = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    at = comma == std::string::npos ? text.size() : comma + 1;
+    size_t dash = item.find('-');
+    char* end = nullptr;
+    long lo = std::strtol(item.c_str(), &end, 10);
+    HIFT_CHECK(end != item.c_str() && (*end == '\0' || (*end == '-' && dash != std::string::npos)), bad());
+    long hi = lo;
+    if (dash != std::string::npos) {
+      const char* rest = item.c_str() + dash + 1;
+      hi = std::strtol(rest, &end, 10);
+      HIFT_CHECK(end != rest && *end == '\0', bad());
+    }
+    HIFT_CHECK(lo >= 0 && lo <= hi && hi < kMaxCpus, bad());
+    for (long c = lo; c <= hi; ++c) cpus.push_back(static_cast<int>(c));
+  }
+  HIFT_CHECK(!cpus.empty(), bad());
+  return cpus;
+}
+
 // First touch with several threads, one write per 4 KiB page: the kernel maps (and zeroes) pages in
 // parallel, which makes mmap + touch + cudaHostRegister several times faster than cudaHostAlloc for many
 // GiB. Writing a byte per page instead of memset-ing the buffer halves the memory traffic (the kernel has
@@ -80,7 +131,7 @@ void lower_thread_priority(int64_t nice) {
 // the same huge page.
 // Where a thread cannot be started (address-space or thread limits), the calling thread touches what is left itself
 // rather than letting a joinable std::thread be destroyed (std::terminate).
-void parallel_touch(char* p, size_t bytes, size_t n, int64_t nice) {
+void parallel_touch(char* p, size_t bytes, size_t n, const Tuning* background) {
   size_t per = round_up((bytes + n - 1) / n, kHugePage);
   auto touch_range = [p](size_t start, size_t end) {
     volatile char* v = p;
@@ -92,8 +143,8 @@ void parallel_touch(char* p, size_t bytes, size_t n, int64_t nice) {
   for (; start < bytes; start += per) {
     size_t end = std::min(start + per, bytes);
     try {
-      pool.emplace_back([touch_range, start, end, nice] {
-        lower_thread_priority(nice);
+      pool.emplace_back([touch_range, start, end, background] {
+        if (background != nullptr) enter_background(*background);
         touch_range(start, end);
       });
     } catch (const std::system_error&) {
@@ -116,6 +167,7 @@ Tuning Tuning::from_env() {
   t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
+  if (const char* v = std::getenv("HIFT_TOUCH_CPUS"); v != nullptr && *v != '\0') t.touch_cpus = parse_cpu_list(v);
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
@@ -310,7 +362,8 @@ size_t PinnedStore::touch_threads(bool background) const {
 void PinnedStore::touch(HostBuffer& buf, bool background) {
   if (buf.host_alloc) return;
   const auto t0 = Clock::now();
-  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, touch_threads(background), background ? tuning_.alloc_nice : 0);
+  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, touch_threads(background),
+                 background ? &tuning_ : nullptr);
   touch_ns_ += nanoseconds_since(t0);
 }
 
@@ -383,7 +436,7 @@ void PinnedStore::publish(int64_t gid, std::shared_ptr<HostBuffer> buf) {
 // made the first cycle 1.5x slower than the next at 7B. This thread allocates them from construction instead,
 // in the first cycle's order; the CUDA runtime is thread-safe, and the thread holds no lock while it allocates.
 void PinnedStore::allocate_in_background() {
-  lower_thread_priority(tuning_.alloc_nice);
+  enter_background(tuning_);
   if (tuning_.alloc_stages == 2) allocate_in_two_stages();
   else allocate_one_by_one();  // HIFT_ALLOC_STAGES=1, a diagnostic
   std::lock_guard<std::mutex> lock(alloc_mu_);
@@ -420,7 +473,7 @@ void PinnedStore::allocate_in_two_stages() {
   std::thread pinner;
   try {
     pinner = std::thread([&] {
-      lower_thread_priority(tuning_.alloc_nice);
+      enter_background(tuning_);
       for (;;) {
         std::pair<int64_t, std::shared_ptr<HostBuffer>> item;
         {

@@ -64,7 +64,8 @@ def test_alloc_stats_count_a_wait_behind_the_background_thread(native):
 
 
 # The background allocator's shapes: the two-stage pipeline (the default), or touch then pin each buffer in turn.
-ALLOCATORS = [{}, {"HIFT_ALLOC_STAGES": "1"}, {"HIFT_ALLOC_STAGES": "2", "HIFT_TOUCH_THREADS": "1"}]
+ALLOCATORS = [{}, {"HIFT_ALLOC_STAGES": "1"}, {"HIFT_ALLOC_STAGES": "2", "HIFT_TOUCH_THREADS": "1"},
+              {"HIFT_TOUCH_CPUS": "0"}]
 
 
 @pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
@@ -233,6 +234,11 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_ALLOC_NICE", "20", r"HIFT_ALLOC_NICE must be in \[0, 19\], got 20"),
         ("HIFT_ALLOC_STAGES", "3", "HIFT_ALLOC_STAGES must be 1 or 2, got 3"),
         ("HIFT_ALLOC_STAGES", "two", "HIFT_ALLOC_STAGES must be an integer, got 'two'"),
+        ("HIFT_TOUCH_CPUS", "8-", "HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' .*got '8-'"),
+        ("HIFT_TOUCH_CPUS", "3-1", "HIFT_TOUCH_CPUS must be a CPU list .*got '3-1'"),
+        ("HIFT_TOUCH_CPUS", "0,,2", "HIFT_TOUCH_CPUS must be a CPU list .*got '0,,2'"),
+        ("HIFT_TOUCH_CPUS", "1024", r"HIFT_TOUCH_CPUS must be a CPU list .*\(CPUs 0..1023\), got '1024'"),
+        ("HIFT_TOUCH_CPUS", "-2", "HIFT_TOUCH_CPUS must be a CPU list .*got '-2'"),
     ],
 )
 def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
