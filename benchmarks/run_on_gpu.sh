@@ -44,6 +44,10 @@
 #   affinity  CPU topology, then the 7B bf16-mixed batch 4 first cycle (offload only, 2 later cycles) with the
 #             background allocator's threads on their own CPUs (HIFT_TOUCH_CPUS, another L3 where there is one)
 #             and the training process on the rest (taskset), against the default placement, three rounds in turn
+#             (at 58df2d7 this measured offload alone, without the resident run that warms kernels up first: its
+#             first cycles carry compilation and are not comparable; affinity2 is the real comparison)
+#   affinity2 the same after a resident run (the firstcycle stages' method): default placement, the allocator's
+#             threads on the last 7 CPUs (HIFT_TOUCH_CPUS), and that plus the training process on the rest
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -354,6 +358,13 @@ elif [ "$stage" = affinity ]; then
   done
   HIFT_TOUCH_CPUS=$TOUCH_CPUS HIFT_TOUCH_THREADS=8 run on_cpus "$MAIN_CPUS" timeout 150 $off --out "$OUT"
   run on_cpus "$MAIN_CPUS" timeout 150 $off --out "$OUT"  # control: the allocator on the training process's CPUs
+elif [ "$stage" = affinity2 ]; then
+  warmed_first_cycle
+  for i in 1 2 3; do
+    run timeout 150 $step --out "$OUT"
+    HIFT_TOUCH_CPUS=9-15 run timeout 150 $step --out "$OUT"
+    [ $i = 3 ] || HIFT_TOUCH_CPUS=9-15 run on_cpus 0-8 timeout 150 $step --out "$OUT"
+  done
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   warmed_first_cycle
