@@ -48,6 +48,8 @@
 #             first cycles carry compilation and are not comparable; affinity2 is the real comparison)
 #   affinity2 the same after a resident run (the firstcycle stages' method): default placement, the allocator's
 #             threads on the last 7 CPUs (HIFT_TOUCH_CPUS), and that plus the training process on the rest
+#   paced     the CUDA store/engine tests, then the first cycle with the paced toucher (threads follow the lead over
+#             the write-backs) against 6 fixed touch threads, three rounds in turn; fp32 batch 1 with the pacing
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -365,6 +367,15 @@ elif [ "$stage" = affinity2 ]; then
     HIFT_TOUCH_CPUS=9-15 run timeout 150 $step --out "$OUT"
     [ $i = 3 ] || HIFT_TOUCH_CPUS=9-15 run on_cpus 0-8 timeout 150 $step --out "$OUT"
   done
+elif [ "$stage" = paced ]; then
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
+  warmed_first_cycle
+  for i in 1 2 3; do
+    run timeout 150 $step --out "$OUT"
+    HIFT_TOUCH_THREADS=6 run timeout 150 $step --out "$OUT"
+  done
+  run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   warmed_first_cycle

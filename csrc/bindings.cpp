@@ -53,10 +53,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             d["register_s"] = a.register_s;
             d["wait_s"] = a.wait_s;
             d["waits"] = a.waits;
+            d["touch_threads"] = a.touch_threads;
+            d["touch_leads"] = a.touch_leads;
             return d;
           },
           "Seconds spent reserving address space, on first touch and on pinning (summed over threads), and how long (and how often) "
-          "callers waited for a host buffer that was not ready.")
+          "callers waited for a host buffer that was not ready; per buffer the background thread touched, its touch threads and "
+          "its lead (buffers callers had yet to ask for before it).")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
       .def_property_readonly("pin_context_active", &S::pin_context_active,
                              "Whether host buffers are pinned from the device's pinning context.")

@@ -238,6 +238,7 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   host_.resize(numels_.size());
   claimed_.assign(numels_.size(), 0);
   handed_out_.assign(numels_.size(), 0);
+  asked_.assign(numels_.size(), 0);
   cuda_ = device.is_cuda();
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
@@ -346,24 +347,41 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
   return buf;
 }
 
-// First-touch threads. A caller that allocates a buffer itself (the background thread had not claimed it) takes
-// every core (at most 16): training waits for it. The background thread takes 3/8 of them (6 of 16), also for a
-// buffer a caller is waiting for: zeroing pages at full speed saturates host memory bandwidth, which the
-// training's copies need too. At 7B bf16-mixed batch 4 on an H200 host with 16 cores, touching with 16 threads
-// beside the pinning thread made the first cycle 1.74x the later ones, 12 threads 1.74x, 8 threads 1.15-1.31x,
-// 6 threads 1.03-1.10x (6 runs), 5 threads 1.09x (too slow: the write-backs waited);
-// benchmarks/results/logs/touch6*-b8c1614.log, touchthreads*-*.
+// First-touch threads for a buffer a caller allocates itself (the background thread had not claimed it): every
+// core, at most 16, since training waits for it. The serial background allocator (HIFT_ALLOC_STAGES=1) uses 3/8 of
+// that; the two-stage one paces itself (paced_touch_threads).
 size_t PinnedStore::touch_threads(bool background) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
   const size_t cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
   return background ? std::max<size_t>(1, cores * 3 / 8) : cores;
 }
 
-void PinnedStore::touch(HostBuffer& buf, bool background) {
+// First-touch threads for the background buffer that callers will reach after `lead` other buffers. Zeroing pages
+// at full speed saturates host memory bandwidth, which the training's copies need too: at 7B bf16-mixed batch 4 on
+// an H200 host (16 cores), touching with 16 threads made the first cycle 1.74x the later ones, 8 threads 1.15-1.31x,
+// 6 threads 1.03-1.10x. But how many threads keep pace depends on the host: 6 did on one machine and fell behind by
+// 0.26-0.55 s on another (touch6*-b8c1614.log, affinity2-e88a77e.log), and a write-back that waits costs more than
+// faster touching. So the thread count follows the lead: every core when the next write-backs need the buffer,
+// 3/8 of them (6 of 16) a few buffers ahead, 1/4 when well ahead.
+size_t PinnedStore::paced_touch_threads(int64_t lead) const {
+  if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
+  const size_t cores = touch_threads(/*background=*/false);
+  const size_t steady = touch_threads(/*background=*/true);
+  if (lead <= 1) return cores;
+  if (lead == 2) return (steady + cores + 1) / 2;
+  if (lead >= 6) return std::max<size_t>(1, cores / 4);
+  return steady;
+}
+
+int64_t PinnedStore::lead_of(size_t pos) {
+  std::lock_guard<std::mutex> lock(alloc_mu_);
+  return static_cast<int64_t>(pos) - asked_count_;
+}
+
+void PinnedStore::touch(HostBuffer& buf, size_t threads, bool background) {
   if (buf.host_alloc) return;
   const auto t0 = Clock::now();
-  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, touch_threads(background),
-                 background ? &tuning_ : nullptr);
+  parallel_touch(static_cast<char*>(buf.ptr), buf.reserved, threads, background ? &tuning_ : nullptr);
   touch_ns_ += nanoseconds_since(t0);
 }
 
@@ -401,7 +419,7 @@ void PinnedStore::pin(HostBuffer& buf) {
 
 std::shared_ptr<HostBuffer> PinnedStore::allocate(int64_t gid, bool background) {
   auto buf = reserve(gid);
-  touch(*buf, background);
+  touch(*buf, touch_threads(background), background);
   pin(*buf);
   return buf;
 }
@@ -522,7 +540,14 @@ void PinnedStore::allocate_in_two_stages() {
   while (claim_next(pos, g)) {
     try {
       auto buf = reserve(g);
-      touch(*buf, /*background=*/true);
+      const int64_t lead = lead_of(pos - 1);  // claim_next moved pos past g
+      const size_t threads = paced_touch_threads(lead);
+      touch(*buf, threads, /*background=*/true);
+      {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        touch_threads_used_.push_back(static_cast<int64_t>(threads));
+        touch_leads_.push_back(lead);
+      }
       std::unique_lock<std::mutex> lock(queue_mu);
       queue_cv.wait(lock, [&] { return queue.size() < 2; });
       queue.emplace_back(g, std::move(buf));
@@ -555,6 +580,10 @@ std::shared_ptr<HostBuffer> PinnedStore::ready_buffer(int64_t gid) {
 std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   {
     std::unique_lock<std::mutex> lock(alloc_mu_);
+    if (!asked_[gid]) {  // the background thread paces itself by this count
+      asked_[gid] = 1;
+      ++asked_count_;
+    }
     if (host_[gid]) return host_[gid];
   }
   const auto t0 = Clock::now();  // not ready: count how long the caller is held up
@@ -602,8 +631,9 @@ int64_t PinnedStore::pin_context_bytes() const {
 }
 
 PinnedStore::AllocStats PinnedStore::alloc_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
   return {map_ns_.load() * 1e-9, touch_ns_.load() * 1e-9, register_ns_.load() * 1e-9, wait_ns_.load() * 1e-9,
-          waits_.load()};
+          waits_.load(), touch_threads_used_, touch_leads_};
 }
 
 at::Tensor PinnedStore::host(int64_t gid) {

@@ -56,7 +56,8 @@ struct HostBuffer {
 struct Tuning {
   std::string alloc_mode = "register";  // HIFT_ALLOC_MODE: "register" (mmap + touch + register) or "hostalloc"
   int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: a caller that waits for its
-                                        // buffer uses every core, at most 16; the background thread 3/8 of that)
+                                        // buffer uses every core, at most 16; the background thread paces itself
+                                        // between 1/4 and all of them by its lead over the write-backs)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
   bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
   int64_t register_piece_mib = 0;       // HIFT_REGISTER_PIECE_MIB: > 0 registers this much per cudaHostRegister
@@ -117,10 +118,12 @@ class PinnedStore {
   // Where allocation time went, in seconds: reserving address space (mmap), first touch and pinning
   // (cudaHostRegister, or cudaHostAlloc under HIFT_ALLOC_MODE=hostalloc) summed over the threads that did them, and
   // how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts those calls (a
-  // failed allocation is one too).
+  // failed allocation is one too). For each buffer the background thread touched, in its order: the first-touch
+  // threads it used and its lead then (how many buffers callers still had to ask for before that one).
   struct AllocStats {
     double map_s, touch_s, register_s, wait_s;
     int64_t waits;
+    std::vector<int64_t> touch_threads, touch_leads;
   };
   AllocStats alloc_stats() const;
   int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
@@ -138,8 +141,10 @@ class PinnedStore {
   // hostalloc, reserve() returns the buffer already pinned.
   std::shared_ptr<HostBuffer> allocate(int64_t gid, bool background = false);
   std::shared_ptr<HostBuffer> reserve(int64_t gid);
-  void touch(HostBuffer& buf, bool background);
+  void touch(HostBuffer& buf, size_t threads, bool background);
   size_t touch_threads(bool background) const;
+  size_t paced_touch_threads(int64_t lead) const;
+  int64_t lead_of(size_t pos);  // how many buffers callers have yet to ask for before alloc_order_[pos]
   void pin(HostBuffer& buf);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
@@ -169,6 +174,10 @@ class PinnedStore {
   std::vector<int64_t> alloc_order_;
   std::vector<char> claimed_;
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
+  std::vector<char> asked_;       // a caller (write-back, load) has asked for g's buffer
+  int64_t asked_count_ = 0;       // how many groups callers have asked for: the write-backs' place in the cycle
+  mutable std::mutex stats_mu_;   // guards the two below
+  std::vector<int64_t> touch_threads_used_, touch_leads_;
   bool stop_alloc_ = false;
   bool allocator_done_ = true;
   std::thread allocator_;

@@ -160,7 +160,8 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
                        alloc_register_s=alloc["register_s"], pin_context=alloc["pin_context"],
-                       pin_context_mib=alloc["pin_context_bytes"] / 2**20)
+                       pin_context_mib=alloc["pin_context_bytes"] / 2**20,
+                       alloc_touch_threads=alloc["touch_threads"], alloc_touch_leads=alloc["touch_leads"])
         torch.cuda.reset_peak_memory_stats(dev)
         stats0 = _store_bytes(opt)
         n = k * cycles

@@ -37,7 +37,8 @@ def test_alloc_stats_count_the_callers_waits(native, monkeypatch):
     monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")
     numels = [2_000_000, 3_000_000]
     store = native.PinnedStore(numels, [torch.zeros(max(numels))])
-    assert store.alloc_stats() == {"map_s": 0.0, "touch_s": 0.0, "register_s": 0.0, "wait_s": 0.0, "waits": 0}
+    assert store.alloc_stats() == {"map_s": 0.0, "touch_s": 0.0, "register_s": 0.0, "wait_s": 0.0, "waits": 0,
+                                   "touch_threads": [], "touch_leads": []}
     store.writeback(0, 0)
     store.writeback(1, 0)
     first = store.alloc_stats()
@@ -90,6 +91,54 @@ def test_background_allocation_takes_every_buffer_once(native, monkeypatch, env)
             assert torch.equal(slots[1][: numels[g]], torch.full((numels[g],), float(g)))
         store.close()
         assert store.host_bytes == 0
+
+
+def paced_threads(lead: int) -> int:
+    """The two-stage allocator's first-touch threads at a lead (csrc/pinned_store.cpp paced_touch_threads)."""
+    cores = max(1, min(16, os.cpu_count()))
+    steady = max(1, cores * 3 // 8)
+    if lead <= 1:
+        return cores
+    if lead == 2:
+        return (steady + cores + 1) // 2
+    return max(1, cores // 4) if lead >= 6 else steady
+
+
+def test_background_touch_is_paced_by_its_lead(native):
+    """The background thread touches with more threads the closer the write-backs are to the buffer, fewer when
+    it is well ahead; with no write-back asking, buffer i's lead is i."""
+    numels = [1 << 20] * 10
+    store = native.PinnedStore(numels, [torch.empty(1 << 20)])
+    store.wait_allocated()
+    stats = store.alloc_stats()
+    assert stats["touch_leads"] == list(range(10))
+    assert stats["touch_threads"] == [paced_threads(lead) for lead in range(10)]
+    store.close()
+
+
+def test_write_backs_shorten_the_lead(native):
+    """Write-backs count against the lead: once a caller has asked for groups, the buffers touched after have a
+    lead of their place minus the groups asked for, and never more than their place."""
+    numels = [16 << 20] * 24  # 64 MiB each: the thread cannot touch the last 12 before the 12th write-back returns
+    store = native.PinnedStore(numels, [torch.zeros(16 << 20)])
+    for g in range(12):
+        store.writeback(g, 0)
+    store.wait_allocated()
+    stats = store.alloc_stats()
+    leads, threads = stats["touch_leads"], stats["touch_threads"]
+    assert len(leads) == len(threads) >= 12  # the thread touched at least the 12 nobody asked for
+    assert all(lead <= pos for pos, lead in enumerate(leads))
+    assert leads[-1] == 23 - 12  # the last buffer (group 23) was touched after all 12 write-backs
+    assert threads == [paced_threads(lead) for lead in leads]
+    store.close()
+
+
+def test_touch_threads_setting_fixes_the_count(native, monkeypatch):
+    monkeypatch.setenv("HIFT_TOUCH_THREADS", "3")
+    store = native.PinnedStore([1 << 20] * 4, [torch.empty(1 << 20)])
+    store.wait_allocated()
+    assert store.alloc_stats()["touch_threads"] == [3, 3, 3, 3]
+    store.close()
 
 
 @pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
