@@ -50,6 +50,8 @@
 #             threads on the last 7 CPUs (HIFT_TOUCH_CPUS), and that plus the training process on the rest
 #   paced     the CUDA store/engine tests, then the first cycle with the paced toucher (threads follow the lead over
 #             the write-backs) against 6 fixed touch threads, three rounds in turn; fp32 batch 1 with the pacing
+#   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
+#             batch 1 x 512 in 23.5 GiB (pynvml, the context included) with the step benchmark's cap
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB
@@ -376,6 +378,11 @@ elif [ "$stage" = paced ]; then
     HIFT_TOUCH_THREADS=6 run timeout 150 $step --out "$OUT"
   done
   run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = pinplan ]; then
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_auto_groups.py -m cuda -rs
+  run timeout 280 $py -m hift_engine.cli.main bench memory --precision bf16-mixed --cap-gib 23.5 --batches 1 --extra-steps 0 \
+    --flat-cycles 2 --seq-probe "" --head-chunk-tokens 4096 --out "$OUT"
 elif [ "$stage" = pinctx3 ]; then
   # the same machine, warmed, one uncounted run, then the pinning context on and off in turn, twice each
   warmed_first_cycle

@@ -3,6 +3,10 @@
 
 #include "pinned_store.h"
 
+#ifdef HIFT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 namespace py = pybind11;
 using hift::PinnedStore;
 
@@ -67,4 +71,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              "Device memory the pinning context took when it was made (0 when not used).")
       .def_property_readonly("pin_context_error", &S::pin_context_error,
                              "Why the pinning context is not used although asked for (\"\" otherwise).");
+#ifdef HIFT_WITH_CUDA
+  // Memory plans read the device's free memory before any store exists; holding the pinning context first makes
+  // its device memory part of what they see (stores made while it is held share it).
+  py::class_<hift::PinContext, std::shared_ptr<hift::PinContext>>(m, "PinContext",
+                                                                 "A device's pinning context, alive while held.")
+      .def_property_readonly("device_bytes", &hift::PinContext::device_bytes,
+                             "Device memory the context took when it was made.");
+  m.def(
+      "hold_pin_context",
+      [](int device) {
+        std::string why;
+        std::shared_ptr<hift::PinContext> ctx;
+        {
+          py::gil_scoped_release unlocked;
+          c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+          ctx = hift::PinContext::acquire(device, &why);
+        }
+        return std::make_pair(ctx, why);
+      },
+      py::arg("device"),
+      "(context, \"\") for the device's pinning context (made now if no store holds it yet), or (None, why not).");
+#endif
 }

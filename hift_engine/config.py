@@ -96,7 +96,8 @@ class HiFTConfig:
                       pinning (seconds of it, in the background during the first cycle) never holds up the
                       training thread's CUDA calls: 7B bf16-mixed batch 4's first cycle ran at 1.05-1.32x later
                       ones instead of 1.46-1.73x. It costs that context's device memory for the whole run, outside
-                      torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while it is made). False
+                      torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while it is made); the
+                      "auto" plans that read the device's free memory make it first, so they plan around it. False
                       pins in the process's own context (no extra memory; a slower first cycle).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's

@@ -98,6 +98,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         self.group_plan: GroupPlan | None = None
+        pin_hold = _hold_pin_context(cfg, self.device, store, spec, hyper, masters)  # kept until the store holds it
         if auto:  # the same units, packed into the fewest groups that fit (the parameter order is unchanged)
             self.group_plan = _plan_groups(cfg, model, self.grouping, spec, hyper, masters, self.device, store)
             self.grouping = build_grouping(model, 1, None, cfg.freeze, user_requires_grad, sizes=self.group_plan.sizes)
@@ -115,6 +116,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         except BaseException:
             undo()  # the model as it was
             raise
+        finally:
+            del pin_hold  # the store holds the pinning context now (if it uses one)
 
     def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget, mlps) -> None:
         self._constructing = True
@@ -393,6 +396,22 @@ def _budget_bytes(cfg: HiFTConfig, device: torch.device, what: str) -> int:
     if device.type != "cuda":
         raise ConfigError(f"{what} on {device} needs memory_budget_gib= (the device's own memory is known on CUDA only)")
     return device_budget_bytes(device)
+
+
+def _hold_pin_context(cfg: HiFTConfig, device: torch.device, store, spec, hyper, masters: bool):
+    """The pinning context the native store will pin from, made before the "auto" plans read the device's free
+    memory (when they do: no memory_budget_gib), so that its device memory is not planned as room for training.
+    None when no plan reads the device or the state will not be pinned by the native store."""
+    plans = cfg.layers_per_group == "auto" or cfg.activation_checkpointing == "auto"
+    if not plans or cfg.memory_budget_gib is not None or device.type != "cuda" or not cfg.pin_context:
+        return None
+    if store is not None or cfg.state_store not in ("auto", "native"):
+        return None
+    if spec is None or not (masters or spec.state_names(hyper)):  # stateless: no store at all
+        return None
+    from .store.native_transport import hold_pin_context
+
+    return hold_pin_context(device)
 
 
 def _plan_groups(cfg: HiFTConfig, model: nn.Module, units: Grouping, spec, hyper, masters: bool, device, store) -> GroupPlan:

@@ -151,3 +151,80 @@ def test_auto_groups_on_cuda_plan_around_memory_other_code_already_holds(cuda_de
         del ballast
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
+class _Spec:
+    def __init__(self, names):
+        self.names = names
+
+    def state_names(self, hyper):
+        return self.names
+
+
+@pytest.mark.parametrize(
+    "options, store, spec, masters, held",
+    [
+        ({"layers_per_group": "auto"}, None, _Spec(["exp_avg", "exp_avg_sq"]), False, True),
+        ({"activation_checkpointing": "auto"}, None, _Spec(["exp_avg", "exp_avg_sq"]), False, True),
+        ({"layers_per_group": "auto", "state_store": "native"}, None, _Spec(["sum"]), False, True),
+        ({"layers_per_group": "auto", "precision": "bf16-mixed"}, None, _Spec([]), True, True),  # masters are state
+        ({"layers_per_group": "auto", "memory_budget_gib": 20}, None, _Spec(["exp_avg"]), False, False),  # not read
+        ({"layers_per_group": 1}, None, _Spec(["exp_avg"]), False, False),  # no plan
+        ({"layers_per_group": "auto", "pin_context": False}, None, _Spec(["exp_avg"]), False, False),
+        ({"layers_per_group": "auto", "state_store": "resident"}, None, _Spec(["exp_avg"]), False, False),
+        ({"layers_per_group": "auto", "state_store": "torch"}, None, _Spec(["exp_avg"]), False, False),
+        ({"layers_per_group": "auto"}, object(), _Spec(["exp_avg"]), False, False),  # the user's store
+        ({"layers_per_group": "auto"}, None, _Spec([]), False, False),  # stateless: no store
+        ({"layers_per_group": "auto"}, None, None, False, False),  # a torch.optim optimizer: no store
+    ],
+)
+def test_plans_reading_the_device_hold_the_pinning_context_first(monkeypatch, options, store, spec, masters, held):
+    """Which constructions make the native store's pinning context before planning: exactly those whose "auto"
+    plans read the device's free memory and whose state the native store will pin (tests/test_cuda_engine.py
+    checks on a GPU that the context then exists when the plan reads the device)."""
+    import hift_engine.store.native_transport as native_transport
+    from hift_engine.optimizer import _hold_pin_context
+
+    calls = []
+    monkeypatch.setattr(native_transport, "hold_pin_context", lambda device: calls.append(device) or "held")
+    cfg = HiFTConfig(**options)
+    got = _hold_pin_context(cfg, torch.device("cuda", 0), store, spec, {}, masters)
+    assert (got == "held") is held and len(calls) == int(held)
+    assert _hold_pin_context(cfg, torch.device("cpu"), store, spec, {}, masters) is None  # no CUDA device, no context
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [{"layers_per_group": "auto", "activation_gib": [0.01, 0.0]},
+                                     {"activation_checkpointing": "auto"}])
+def test_auto_plans_read_the_device_after_the_pinning_context_exists(cuda_device, monkeypatch, options):
+    """The "auto" plans read the device's free memory before the store exists, and the store's pinning context
+    (about 260 MiB on an H200, outside torch's accounting) then took memory they had counted as free. Now the
+    context is made first: at the moment a plan reads the device, asking for the context again takes nothing."""
+    from hift_engine import _native
+    from hift_engine import optimizer as optimizer_module
+
+    module = _native.load()
+    index = cuda_device.index if cuda_device.index is not None else torch.cuda.current_device()
+    seen = []
+    read_device = optimizer_module.device_budget_bytes
+
+    def reading(device):
+        before = torch.cuda.mem_get_info(index)[0]
+        ctx, why = module.hold_pin_context(index)
+        seen.append((ctx is not None, why, before - torch.cuda.mem_get_info(index)[0]))
+        del ctx
+        return read_device(device)
+
+    monkeypatch.setattr(optimizer_module, "device_budget_bytes", reading)
+    model = tiny_llama().to(cuda_device)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, **options)
+    assert seen, "the plan did not read the device"
+    for exists, why, taken in seen:
+        assert exists, why
+        assert taken < (16 << 20), f"the pinning context was made after the plan read the device ({taken >> 20} MiB)"
+    stats = opt.store.alloc_stats()
+    assert stats["pin_context"] and stats["pin_context_bytes"] > 0
+    batch = {k: v.to(cuda_device) for k, v in lm_batch().items()}
+    model(**batch).loss.backward()
+    opt.step()
+    opt.close()

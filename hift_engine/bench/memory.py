@@ -73,8 +73,19 @@ class _Nvml:
         return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
 
 
-def _set_cap(cap_gib: float, nvml: _Nvml, dev) -> dict:
+_held_pin_contexts: list = []  # kept for the whole benchmark: stores made under the cap share it
+
+
+def _set_cap(cap_gib: float, nvml: _Nvml, dev, pin_context: bool = True) -> dict:
+    """Cap torch's allocator so that the whole process stays under cap_gib as pynvml counts it. With
+    ``pin_context`` the native store's pinning context is made first, so the overhead measured includes it."""
     torch.empty(1, device=dev)  # create the context
+    if pin_context:
+        from ..store.native_transport import hold_pin_context
+
+        held = hold_pin_context(dev)
+        if held is not None:
+            _held_pin_contexts.append(held)
     torch.cuda.synchronize()
     total = torch.cuda.get_device_properties(dev).total_memory
     used = nvml.used()
@@ -215,7 +226,7 @@ def run(args) -> int:
     modes = _modes(args)
     dev = require_cuda("memory")
     nvml = _Nvml()
-    cap = _set_cap(args.cap_gib, nvml, dev)
+    cap = _set_cap(args.cap_gib, nvml, dev, pin_context=args.store == "native")
     print(f"cap: {cap}", flush=True)
     layers = args.layers or SHAPES[args.shape][3]
     t0 = time.perf_counter()

@@ -227,7 +227,7 @@ def run(args) -> int:
     if args.cap_gib:
         from .memory import _Nvml, _set_cap
 
-        print(f"cap: {_set_cap(args.cap_gib, _Nvml(), dev)}", flush=True)
+        print(f"cap: {_set_cap(args.cap_gib, _Nvml(), dev, pin_context=not args.no_pin_context)}", flush=True)
     modes = [m for m in args.modes.split(",") if m]
     precisions = parse_precisions(args.precision)
     ckpts = [c.strip() for c in args.activation_checkpointing.split(",") if c.strip()]
