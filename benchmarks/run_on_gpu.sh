@@ -51,7 +51,7 @@
 #   paced     the CUDA store/engine tests, then the first cycle with the paced toucher (threads follow the lead over
 #             the write-backs) against 6 fixed touch threads, three rounds in turn; fp32 batch 1 with the pacing
 #   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
-#             batch 1 x 512 in 23.5 GiB (pynvml, the context included) with the step benchmark's cap
+#             batch 1 x 512 in 23.5 GiB (pynvml, the context included) under bench memory's cap
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
 #             and 7B bf16-mixed batch 1 under the 23.5 GiB cap (pynvml, the pinning context included)
 #   bf16state state_dtype="bf16": CUDA tests, 7B bf16-mixed batch 4 with fp32/bf16 moments, 13B bf16-mixed in 47.5 GiB

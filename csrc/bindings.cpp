@@ -1,6 +1,7 @@
 // Python bindings of the pinned state store (the only file that knows about pybind11).
 #include <torch/extension.h>
 
+#include "check.h"
 #include "pinned_store.h"
 
 #ifdef HIFT_WITH_CUDA
@@ -81,6 +82,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "hold_pin_context",
       [](int device) {
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess) cudaGetLastError();
+        if (device < 0 || device >= count)
+          throw std::invalid_argument(hift::cat("hold_pin_context: device ", device, " is not one of the ", count,
+                                                " CUDA devices"));
         std::string why;
         std::shared_ptr<hift::PinContext> ctx;
         {

@@ -95,32 +95,55 @@ void enter_background(const Tuning& t) {
   place_thread(t.touch_cpus);
 }
 
-// "0-3,8,10-11" -> {0,1,2,3,8,10,11}: the Linux cpu-list format (as in taskset -c and cpuset files).
-std::vector<int> parse_cpu_list(const std::string& text) {
+// The CPUs this thread may run on (its affinity: taskset, cpusets), or every online CPU where that is unknown.
+std::vector<int> allowed_cpus() {
   std::vector<int> cpus;
-  size_t at = 0;
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0)
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+#endif
+  if (cpus.empty())
+    for (unsigned c = 0; c < std::max(1u, std::thread::hardware_concurrency()); ++c) cpus.push_back(static_cast<int>(c));
+  return cpus;
+}
+
+// "0-3,8,10-11" -> {0,1,2,3,8,10,11}: the Linux cpu-list format (as in taskset -c and cpuset files), strictly:
+// digits, one dash per range, commas between, nothing else. Refused unless it names a CPU this process may use.
+std::vector<int> parse_cpu_list(const std::string& text) {
   auto bad = [&] {
     return hift::cat("HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' (CPUs 0..", kMaxCpus - 1,
                      "), got '", text, "'");
   };
-  while (at < text.size()) {
-    size_t comma = text.find(',', at);
-    std::string item = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-    at = comma == std::string::npos ? text.size() : comma + 1;
-    size_t dash = item.find('-');
-    char* end = nullptr;
-    long lo = std::strtol(item.c_str(), &end, 10);
-    HIFT_CHECK(end != item.c_str() && (*end == '\0' || (*end == '-' && dash != std::string::npos)), bad());
-    long hi = lo;
-    if (dash != std::string::npos) {
-      const char* rest = item.c_str() + dash + 1;
-      hi = std::strtol(rest, &end, 10);
-      HIFT_CHECK(end != rest && *end == '\0', bad());
-    }
-    HIFT_CHECK(lo >= 0 && lo <= hi && hi < kMaxCpus, bad());
+  auto number = [&](const std::string& digits) {
+    HIFT_CHECK(!digits.empty() && digits.size() <= 4 &&
+                   digits.find_first_not_of("0123456789") == std::string::npos,
+               bad());
+    return std::stol(digits);
+  };
+  std::vector<int> cpus;
+  size_t at = 0;
+  for (;;) {
+    const size_t comma = text.find(',', at);
+    const std::string item = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    const size_t dash = item.find('-');
+    const long lo = number(item.substr(0, dash));
+    const long hi = dash == std::string::npos ? lo : number(item.substr(dash + 1));
+    HIFT_CHECK(lo <= hi && hi < kMaxCpus, bad());
     for (long c = lo; c <= hi; ++c) cpus.push_back(static_cast<int>(c));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
   }
-  HIFT_CHECK(!cpus.empty(), bad());
+  std::sort(cpus.begin(), cpus.end());  // each CPU once, however often the list names it
+  cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
+  const std::vector<int> allowed = allowed_cpus();
+  const bool any = std::any_of(cpus.begin(), cpus.end(), [&](int c) {
+    return std::find(allowed.begin(), allowed.end(), c) != allowed.end();
+  });
+  HIFT_CHECK(any, "HIFT_TOUCH_CPUS='", text, "' names no CPU this process may run on (it may use ",
+             allowed.front(), "..", allowed.back(), ", ", allowed.size(), " CPUs)");
   return cpus;
 }
 
@@ -239,6 +262,7 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
   claimed_.assign(numels_.size(), 0);
   handed_out_.assign(numels_.size(), 0);
   asked_.assign(numels_.size(), 0);
+  cores_ = std::max<size_t>(1, std::min<size_t>(16, allowed_cpus().size()));
   cuda_ = device.is_cuda();
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
@@ -352,8 +376,7 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
 // that; the two-stage one paces itself (paced_touch_threads).
 size_t PinnedStore::touch_threads(bool background) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
-  const size_t cores = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  return background ? std::max<size_t>(1, cores * 3 / 8) : cores;
+  return background ? std::max<size_t>(1, cores_ * 3 / 8) : cores_;
 }
 
 // First-touch threads for the background buffer that callers will reach after `lead` other buffers. Zeroing pages
@@ -365,17 +388,22 @@ size_t PinnedStore::touch_threads(bool background) const {
 // 3/8 of them (6 of 16) a few buffers ahead, 1/4 when well ahead.
 size_t PinnedStore::paced_touch_threads(int64_t lead) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
-  const size_t cores = touch_threads(/*background=*/false);
-  const size_t steady = touch_threads(/*background=*/true);
+  // on HIFT_TOUCH_CPUS, no more threads than those CPUs
+  const size_t cores = tuning_.touch_cpus.empty() ? cores_ : std::min(cores_, tuning_.touch_cpus.size());
+  const size_t steady = std::max<size_t>(1, cores * 3 / 8);
   if (lead <= 1) return cores;
   if (lead == 2) return (steady + cores + 1) / 2;
   if (lead >= 6) return std::max<size_t>(1, cores / 4);
   return steady;
 }
 
+// Of the buffers before `pos` in the allocation order, how many no caller has asked for yet (asks for buffers at or
+// after `pos`, out of order, do not make it more urgent). O(pos) under the lock, once per buffer.
 int64_t PinnedStore::lead_of(size_t pos) {
   std::lock_guard<std::mutex> lock(alloc_mu_);
-  return static_cast<int64_t>(pos) - asked_count_;
+  int64_t lead = 0;
+  for (size_t i = 0; i < pos; ++i) lead += asked_[alloc_order_[i]] ? 0 : 1;
+  return lead;
 }
 
 void PinnedStore::touch(HostBuffer& buf, size_t threads, bool background) {
@@ -543,7 +571,7 @@ void PinnedStore::allocate_in_two_stages() {
       const int64_t lead = lead_of(pos - 1);  // claim_next moved pos past g
       const size_t threads = paced_touch_threads(lead);
       touch(*buf, threads, /*background=*/true);
-      {
+      if (!buf->host_alloc) {  // (cudaHostAlloc buffers are not touched)
         std::lock_guard<std::mutex> lock(stats_mu_);
         touch_threads_used_.push_back(static_cast<int64_t>(threads));
         touch_leads_.push_back(lead);
@@ -580,10 +608,7 @@ std::shared_ptr<HostBuffer> PinnedStore::ready_buffer(int64_t gid) {
 std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   {
     std::unique_lock<std::mutex> lock(alloc_mu_);
-    if (!asked_[gid]) {  // the background thread paces itself by this count
-      asked_[gid] = 1;
-      ++asked_count_;
-    }
+    asked_[gid] = 1;  // the background thread paces itself by these
     if (host_[gid]) return host_[gid];
   }
   const auto t0 = Clock::now();  // not ready: count how long the caller is held up

@@ -118,8 +118,8 @@ class PinnedStore {
   // Where allocation time went, in seconds: reserving address space (mmap), first touch and pinning
   // (cudaHostRegister, or cudaHostAlloc under HIFT_ALLOC_MODE=hostalloc) summed over the threads that did them, and
   // how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts those calls (a
-  // failed allocation is one too). For each buffer the background thread touched, in its order: the first-touch
-  // threads it used and its lead then (how many buffers callers still had to ask for before that one).
+  // failed allocation is one too). For each buffer the two-stage background thread touched, in its order: the
+  // first-touch threads it used and its lead then (how many buffers before it callers had yet to ask for).
   struct AllocStats {
     double map_s, touch_s, register_s, wait_s;
     int64_t waits;
@@ -144,7 +144,7 @@ class PinnedStore {
   void touch(HostBuffer& buf, size_t threads, bool background);
   size_t touch_threads(bool background) const;
   size_t paced_touch_threads(int64_t lead) const;
-  int64_t lead_of(size_t pos);  // how many buffers callers have yet to ask for before alloc_order_[pos]
+  int64_t lead_of(size_t pos);  // how many buffers before alloc_order_[pos] callers have yet to ask for
   void pin(HostBuffer& buf);
   size_t registration_bytes() const;  // bytes per cudaHostRegister call
   std::shared_ptr<HostBuffer> buffer(int64_t gid);  // gid's buffer, allocated here if nobody has yet
@@ -174,8 +174,8 @@ class PinnedStore {
   std::vector<int64_t> alloc_order_;
   std::vector<char> claimed_;
   std::vector<char> handed_out_;  // host(g) was called (a write-back or a load): g has host state to fetch
-  std::vector<char> asked_;       // a caller (write-back, load) has asked for g's buffer
-  int64_t asked_count_ = 0;       // how many groups callers have asked for: the write-backs' place in the cycle
+  std::vector<char> asked_;       // a caller (write-back, load) has asked for g's buffer: the write-backs' place
+  size_t cores_ = 1;              // CPUs the constructing thread may use, at most 16: first-touch threads at most
   mutable std::mutex stats_mu_;   // guards the two below
   std::vector<int64_t> touch_threads_used_, touch_leads_;
   bool stop_alloc_ = false;

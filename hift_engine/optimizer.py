@@ -14,6 +14,8 @@ How an update is done lives in ``optim.path`` (fused kernels over a state store,
 
 from __future__ import annotations
 
+import os
+
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -98,7 +100,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
         spec, hyper, wd = optimizer_options(cfg, named)
         masters = prepare_precision(cfg.precision, named, self.device, initial_masters)
         self.group_plan: GroupPlan | None = None
-        pin_hold = _hold_pin_context(cfg, self.device, store, spec, hyper, masters)  # kept until the store holds it
+        # The "auto" plans may read the device's free memory: the store's pinning context is made first so that they
+        # see its device memory; the store takes it over. Let go on an error too: a traceback kept alive (IPython,
+        # a stored exception) must not keep the context's device memory.
+        pin_hold = _hold_pin_context(cfg, self.device, store, spec, hyper, masters)
+        try:
+            self._plan_and_build(model, cfg, store, initial_masters, auto, named, spec, hyper, wd, masters)
+        finally:
+            del pin_hold
+
+    def _plan_and_build(self, model, cfg, store, initial_masters, auto, named, spec, hyper, wd, masters) -> None:
         if auto:  # the same units, packed into the fewest groups that fit (the parameter order is unchanged)
             self.group_plan = _plan_groups(cfg, model, self.grouping, spec, hyper, masters, self.device, store)
             self.grouping = build_grouping(model, 1, None, cfg.freeze, user_requires_grad, sizes=self.group_plan.sizes)
@@ -116,8 +127,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         except BaseException:
             undo()  # the model as it was
             raise
-        finally:
-            del pin_hold  # the store holds the pinning context now (if it uses one)
 
     def _build(self, model, cfg, store, named, spec, hyper, wd, no_decay, masters, seeds, budget, mlps) -> None:
         self._constructing = True
@@ -404,6 +413,10 @@ def _hold_pin_context(cfg: HiFTConfig, device: torch.device, store, spec, hyper,
     None when no plan reads the device or the state will not be pinned by the native store."""
     plans = cfg.layers_per_group == "auto" or cfg.activation_checkpointing == "auto"
     if not plans or cfg.memory_budget_gib is not None or device.type != "cuda" or not cfg.pin_context:
+        return None
+    if cfg.layers_per_group == "auto" and cfg.activation_gib is None:
+        return None  # the plan refuses it at once: no context for nothing
+    if os.environ.get("HIFT_ALLOC_MODE") == "hostalloc":  # a diagnostic mode that pins without the context
         return None
     if store is not None or cfg.state_store not in ("auto", "native"):
         return None

@@ -255,10 +255,10 @@ def run_method(name, base_state, corpus, eval_batches, args, device) -> tuple[li
     return rows, summary
 
 
-def _cap(args, device) -> dict:
+def _cap(args, device, method: str) -> dict:
     from .memory import _Nvml, _set_cap
 
-    cap = _set_cap(args.cap_gib, _Nvml(), device)
+    cap = _set_cap(args.cap_gib, _Nvml(), device, pin_context=method.startswith("hift"))  # only HiFT's store pins from it
     print(f"cap: {cap}", flush=True)
     return cap
 
@@ -266,7 +266,7 @@ def _cap(args, device) -> dict:
 def _method_process(name: str, base_path: str, args, results) -> None:
     """One method in its own process (spawned): the same corpus, evaluation batches and starting weights."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    cap = _cap(args, device) if args.cap_gib and device.type == "cuda" else None
+    cap = _cap(args, device, name) if args.cap_gib and device.type == "cuda" else None
     corpus = load_corpus()
     eval_batches = [b.to(device) for b in corpus.eval_batches(args.batch, args.seq, args.eval_batches)]
     base = torch.load(base_path, weights_only=True)

@@ -79,7 +79,7 @@ def run_case(args, precision: str, cap_gib: float, nvml, dev) -> dict:
     from .memory import _set_cap
 
     _release()
-    cap = _set_cap(cap_gib, nvml, dev)
+    cap = _set_cap(cap_gib, nvml, dev, pin_context=True)  # HiFT's native store pins from it
     layers = args.layers or SHAPES[args.shape][3]
     model = build_llama(layers, dev, dtype=compute_dtype(precision), shape=args.shape)
     n_params = sum(p.numel() for p in model.parameters())

@@ -224,11 +224,13 @@ def run(args) -> int:
     if not state_dtypes or any(d not in ("fp32", "bf16") for d in state_dtypes):
         raise SystemExit(f"hift bench step: --state-dtype {args.state_dtype!r}: use fp32, bf16 or both")
     dev = require_cuda("step")
+    modes = [m for m in args.modes.split(",") if m]
     if args.cap_gib:
         from .memory import _Nvml, _set_cap
 
-        print(f"cap: {_set_cap(args.cap_gib, _Nvml(), dev, pin_context=not args.no_pin_context)}", flush=True)
-    modes = [m for m in args.modes.split(",") if m]
+        # the pinning context counts against the cap only where every mode under it is an offloaded native run
+        holds = args.store == "native" and not args.no_pin_context and set(modes) == {"offload"}
+        print(f"cap: {_set_cap(args.cap_gib, _Nvml(), dev, pin_context=holds)}", flush=True)
     precisions = parse_precisions(args.precision)
     ckpts = [c.strip() for c in args.activation_checkpointing.split(",") if c.strip()]
     if not ckpts or any(c not in ("off", "auto", "always") for c in ckpts):

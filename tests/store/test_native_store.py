@@ -95,7 +95,7 @@ def test_background_allocation_takes_every_buffer_once(native, monkeypatch, env)
 
 def paced_threads(lead: int) -> int:
     """The two-stage allocator's first-touch threads at a lead (csrc/pinned_store.cpp paced_touch_threads)."""
-    cores = max(1, min(16, os.cpu_count()))
+    cores = max(1, min(16, len(os.sched_getaffinity(0))))
     steady = max(1, cores * 3 // 8)
     if lead <= 1:
         return cores
@@ -116,20 +116,31 @@ def test_background_touch_is_paced_by_its_lead(native):
     store.close()
 
 
-def test_write_backs_shorten_the_lead(native):
-    """Write-backs count against the lead: once a caller has asked for groups, the buffers touched after have a
-    lead of their place minus the groups asked for, and never more than their place."""
-    numels = [16 << 20] * 24  # 64 MiB each: the thread cannot touch the last 12 before the 12th write-back returns
-    store = native.PinnedStore(numels, [torch.zeros(16 << 20)])
-    for g in range(12):
-        store.writeback(g, 0)
+def test_the_lead_counts_the_buffers_before_it_not_yet_asked_for(native):
+    """A buffer's lead is how many buffers before it in the allocation order no caller has asked for yet: asks for
+    earlier buffers shorten it, asks for later ones (out of order) do not. The thread is held on a 2 GiB first
+    buffer while the caller asks for positions 1, 2 and 5-9 (allocating them itself), so the thread then touches
+    positions 3, 4, 10 and 11 with those asks in place."""
+    numels = [512 << 20] + [1 << 20] * 11
+    store = native.PinnedStore(numels, [torch.zeros(512 << 20)])
+    for g in (9, 8, 7, 6, 5, 2, 1):
+        store.host(g)
     store.wait_allocated()
     stats = store.alloc_stats()
-    leads, threads = stats["touch_leads"], stats["touch_threads"]
-    assert len(leads) == len(threads) >= 12  # the thread touched at least the 12 nobody asked for
-    assert all(lead <= pos for pos, lead in enumerate(leads))
-    assert leads[-1] == 23 - 12  # the last buffer (group 23) was touched after all 12 write-backs
-    assert threads == [paced_threads(lead) for lead in leads]
+    assert stats["touch_leads"] == [0, 3 - 2, 4 - 2, 10 - 7, 11 - 7]  # group 0 itself was never asked for
+    assert stats["touch_threads"] == [paced_threads(lead) for lead in stats["touch_leads"]]
+    store.close()
+
+
+def test_touch_cpus_place_the_allocators_threads_and_cap_their_count(native, monkeypatch):
+    """HIFT_TOUCH_CPUS: a valid list of several parts is taken, and the paced thread count never exceeds the CPUs
+    it names (a lead of 0 would otherwise take every core)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("HIFT_TOUCH_CPUS", f"{allowed[0]}-{allowed[0]},{allowed[0]}")
+    store = native.PinnedStore([1 << 20] * 3, [torch.empty(1 << 20)])
+    store.wait_allocated()
+    assert store.alloc_stats()["touch_threads"] == [1, 1, 1]
+    assert store.host_bytes == 3 * (4 << 20)
     store.close()
 
 
@@ -288,6 +299,11 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_TOUCH_CPUS", "0,,2", "HIFT_TOUCH_CPUS must be a CPU list .*got '0,,2'"),
         ("HIFT_TOUCH_CPUS", "1024", r"HIFT_TOUCH_CPUS must be a CPU list .*\(CPUs 0..1023\), got '1024'"),
         ("HIFT_TOUCH_CPUS", "-2", "HIFT_TOUCH_CPUS must be a CPU list .*got '-2'"),
+        ("HIFT_TOUCH_CPUS", "0,", "HIFT_TOUCH_CPUS must be a CPU list .*got '0,'"),
+        ("HIFT_TOUCH_CPUS", " 1", "HIFT_TOUCH_CPUS must be a CPU list .*got ' 1'"),
+        ("HIFT_TOUCH_CPUS", "+1", r"HIFT_TOUCH_CPUS must be a CPU list .*got '\+1'"),
+        ("HIFT_TOUCH_CPUS", "1-2-3", "HIFT_TOUCH_CPUS must be a CPU list .*got '1-2-3'"),
+        ("HIFT_TOUCH_CPUS", "1023", "HIFT_TOUCH_CPUS='1023' names no CPU this process may run on"),
     ],
 )
 def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
