@@ -371,12 +371,15 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
   return buf;
 }
 
+// 3/8 of `cores` (6 of 16): the background allocator's touch threads when it is neither behind nor well ahead.
+static size_t steady_share(size_t cores) { return std::max<size_t>(1, cores * 3 / 8); }
+
 // First-touch threads for a buffer a caller allocates itself (the background thread had not claimed it): every
-// core, at most 16, since training waits for it. The serial background allocator (HIFT_ALLOC_STAGES=1) uses 3/8 of
-// that; the two-stage one paces itself (paced_touch_threads).
+// CPU the process may use, at most 16, since training waits for it. The serial background allocator
+// (HIFT_ALLOC_STAGES=1) uses 3/8 of that; the two-stage one paces itself (paced_touch_threads).
 size_t PinnedStore::touch_threads(bool background) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
-  return background ? std::max<size_t>(1, cores_ * 3 / 8) : cores_;
+  return background ? steady_share(cores_) : cores_;
 }
 
 // First-touch threads for the background buffer that callers will reach after `lead` other buffers. Zeroing pages
@@ -390,7 +393,7 @@ size_t PinnedStore::paced_touch_threads(int64_t lead) const {
   if (tuning_.touch_threads > 0) return static_cast<size_t>(tuning_.touch_threads);
   // on HIFT_TOUCH_CPUS, no more threads than those CPUs
   const size_t cores = tuning_.touch_cpus.empty() ? cores_ : std::min(cores_, tuning_.touch_cpus.size());
-  const size_t steady = std::max<size_t>(1, cores * 3 / 8);
+  const size_t steady = steady_share(cores);
   if (lead <= 1) return cores;
   if (lead == 2) return (steady + cores + 1) / 2;
   if (lead >= 6) return std::max<size_t>(1, cores / 4);

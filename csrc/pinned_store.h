@@ -56,8 +56,8 @@ struct HostBuffer {
 struct Tuning {
   std::string alloc_mode = "register";  // HIFT_ALLOC_MODE: "register" (mmap + touch + register) or "hostalloc"
   int64_t touch_threads = 0;            // HIFT_TOUCH_THREADS: first-touch threads (0: a caller that waits for its
-                                        // buffer uses every core, at most 16; the background thread paces itself
-                                        // between 1/4 and all of them by its lead over the write-backs)
+                                        // buffer uses every CPU the process may use, at most 16; the background
+                                        // thread paces itself between 1/4 and all of them by its lead)
   int64_t pace_depth = 1;               // HIFT_PACE_DEPTH: paced pieces in flight, 1..64
   bool background_alloc = true;         // HIFT_BACKGROUND_ALLOC: 1 allocates every buffer from construction, 0 lazily
   int64_t register_piece_mib = 0;       // HIFT_REGISTER_PIECE_MIB: > 0 registers this much per cudaHostRegister

@@ -15,7 +15,6 @@ How an update is done lives in ``optim.path`` (fused kernels over a state store,
 from __future__ import annotations
 
 import os
-
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 

@@ -104,16 +104,21 @@ def paced_threads(lead: int) -> int:
     return max(1, cores // 4) if lead >= 6 else steady
 
 
+def allocated_alone(native, buffers: int) -> tuple[dict, int]:
+    """alloc_stats() and host_bytes of a store of `buffers` 4 MiB groups left to its background thread."""
+    store = native.PinnedStore([1 << 20] * buffers, [torch.empty(1 << 20)])
+    store.wait_allocated()
+    done = store.alloc_stats(), store.host_bytes
+    store.close()
+    return done
+
+
 def test_background_touch_is_paced_by_its_lead(native):
     """The background thread touches with more threads the closer the write-backs are to the buffer, fewer when
     it is well ahead; with no write-back asking, buffer i's lead is i."""
-    numels = [1 << 20] * 10
-    store = native.PinnedStore(numels, [torch.empty(1 << 20)])
-    store.wait_allocated()
-    stats = store.alloc_stats()
+    stats, _ = allocated_alone(native, 10)
     assert stats["touch_leads"] == list(range(10))
     assert stats["touch_threads"] == [paced_threads(lead) for lead in range(10)]
-    store.close()
 
 
 def test_the_lead_counts_the_buffers_before_it_not_yet_asked_for(native):
@@ -137,19 +142,15 @@ def test_touch_cpus_place_the_allocators_threads_and_cap_their_count(native, mon
     it names (a lead of 0 would otherwise take every core)."""
     allowed = sorted(os.sched_getaffinity(0))
     monkeypatch.setenv("HIFT_TOUCH_CPUS", f"{allowed[0]}-{allowed[0]},{allowed[0]}")
-    store = native.PinnedStore([1 << 20] * 3, [torch.empty(1 << 20)])
-    store.wait_allocated()
-    assert store.alloc_stats()["touch_threads"] == [1, 1, 1]
-    assert store.host_bytes == 3 * (4 << 20)
-    store.close()
+    stats, host_bytes = allocated_alone(native, 3)
+    assert stats["touch_threads"] == [1, 1, 1]
+    assert host_bytes == 3 * (4 << 20)
 
 
 def test_touch_threads_setting_fixes_the_count(native, monkeypatch):
     monkeypatch.setenv("HIFT_TOUCH_THREADS", "3")
-    store = native.PinnedStore([1 << 20] * 4, [torch.empty(1 << 20)])
-    store.wait_allocated()
-    assert store.alloc_stats()["touch_threads"] == [3, 3, 3, 3]
-    store.close()
+    stats, _ = allocated_alone(native, 4)
+    assert stats["touch_threads"] == [3, 3, 3, 3]
 
 
 @pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
