@@ -50,6 +50,8 @@
 #             threads on the last 7 CPUs (HIFT_TOUCH_CPUS), and that plus the training process on the rest
 #   paced     the CUDA store/engine tests, then the first cycle with the paced toucher (threads follow the lead over
 #             the write-backs) against 6 fixed touch threads, three rounds in turn; fp32 batch 1 with the pacing
+#   steptimes where the first cycle's extra time goes (per-step GPU/host timings, GPU-timed copies): defaults,
+#             HIFT_PACE_POLL=spin, HIFT_ALLOC_SCHED=idle in turn twice, then --prepin; after the CUDA store tests
 #   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
 #             batch 1 x 512 in 23.5 GiB (pynvml, the context included) under bench memory's cap
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
@@ -378,6 +380,20 @@ elif [ "$stage" = paced ]; then
     HIFT_TOUCH_THREADS=6 run timeout 150 $step --out "$OUT"
   done
   run timeout 150 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = steptimes ]; then
+  # where the first cycle's extra time goes: per-step GPU/host timings and GPU-timed copies (now in every bench
+  # step row), with the defaults, with the copy pacers polling without yielding (HIFT_PACE_POLL=spin), with the
+  # allocator's threads under SCHED_IDLE (HIFT_ALLOC_SCHED=idle), and every buffer pinned first (--prepin), in turn
+  ensure_installed
+  run sh -c 'uname -r; cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag; nproc'
+  run timeout 120 $py -m pytest -q -p no:cacheprovider tests/store/test_cuda_stores.py tests/test_bench.py -m cuda -rs
+  warmed_first_cycle
+  for i in 1 2; do
+    run timeout 150 $step --out "$OUT"
+    HIFT_PACE_POLL=spin run timeout 150 $step --out "$OUT"
+    HIFT_ALLOC_SCHED=idle run timeout 150 $step --out "$OUT"
+  done
+  run timeout 150 $step --prepin --out "$OUT"
 elif [ "$stage" = pinplan ]; then
   ensure_installed
   run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_auto_groups.py -m cuda -rs

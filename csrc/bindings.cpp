@@ -65,6 +65,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Seconds spent reserving address space, on first touch and on pinning (summed over threads), and how long (and how often) "
           "callers waited for a host buffer that was not ready; per buffer the background thread touched, its touch threads and "
           "its lead (buffers callers had yet to ask for before it).")
+      .def("time_copies", &S::time_copies, py::arg("jobs"), py::call_guard<py::gil_scoped_release>(),
+           "Diagnostics: time the next `jobs` copies of each direction on the GPU (no-op on a CPU store).")
+      .def(
+          "copy_times",
+          [](S& s) {
+            auto [h2d, d2h] = s.copy_times();
+            py::dict d;
+            d["h2d"] = h2d;
+            d["d2h"] = d2h;
+            return d;
+          },
+          "(milliseconds, bytes) of each timed copy that finished, per direction ('h2d', 'd2h'), in issue order; a "
+          "copy's time runs from when its stream reached it (after the update it waits for) to its last byte.")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
       .def_property_readonly("pin_context_active", &S::pin_context_active,
                              "Whether host buffers are pinned from the device's pinning context.")

@@ -14,8 +14,8 @@
 
 namespace hift {
 
-PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth)
-    : device_(device), chunk_(chunk_bytes), depth_(std::max(1, depth)) {
+PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth, bool spin_poll)
+    : device_(device), chunk_(chunk_bytes), depth_(std::max(1, depth)), spin_poll_(spin_poll) {
   c10::cuda::CUDAGuard guard(device_);
   HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   if (chunk_ == 0) return;
@@ -48,6 +48,12 @@ uint64_t PacedCopier::submit(void* dst, const void* src, size_t bytes, cudaMemcp
 void PacedCopier::issue(const Job& job) {
   const bool paced = chunk_ != 0;
   const size_t piece = paced ? chunk_ : std::max<size_t>(job.bytes, 1);
+  TimedJob* timed = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (next_timed_ < timed_.size()) timed = &timed_[next_timed_++];
+  }
+  if (timed != nullptr) HIFT_CUDA_CHECK(cudaEventRecord(timed->start, stream_));
   for (size_t off = 0; off < job.bytes; off += piece) {
     const size_t len = std::min(piece, job.bytes - off);
     // The ring slot holds the piece issued `depth` pieces ago: wait for it before queueing another.
@@ -61,7 +67,44 @@ void PacedCopier::issue(const Job& job) {
       slot.bytes = len;
     }
   }
+  if (timed != nullptr) {
+    HIFT_CUDA_CHECK(cudaEventRecord(timed->end, stream_));
+    std::lock_guard<std::mutex> lock(mu_);
+    timed->bytes = job.bytes;
+    timed->recorded = true;
+  }
   for (cudaEvent_t e : job.done) HIFT_CUDA_CHECK(cudaEventRecord(e, stream_));
+}
+
+void PacedCopier::time_jobs(size_t jobs) {
+  std::lock_guard<std::mutex> lock(mu_);
+  HIFT_CHECK(!closed_, "PacedCopier.time_jobs: the copier is closed");
+  c10::cuda::CUDAGuard guard(device_);
+  for (size_t i = 0; i < jobs; ++i) {
+    TimedJob t;
+    HIFT_CUDA_CHECK(cudaEventCreate(&t.start));
+    if (cudaError_t st = cudaEventCreate(&t.end); st != cudaSuccess) {
+      cudaEventDestroy(t.start);
+      HIFT_CUDA_CHECK(st);
+    }
+    timed_.push_back(t);
+  }
+}
+
+std::vector<std::pair<double, size_t>> PacedCopier::job_times() {
+  std::vector<std::pair<double, size_t>> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const TimedJob& t : timed_) {
+    if (!t.recorded) break;  // in order: stop at the first job not issued yet, or still copying
+    const cudaError_t st = cudaEventQuery(t.end);
+    if (st == cudaErrorNotReady) break;
+    HIFT_CUDA_CHECK(st);
+    float ms = 0.f;
+    HIFT_CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.end));
+    out.emplace_back(static_cast<double>(ms), t.bytes);
+  }
+  cudaGetLastError();  // a not-ready query leaves no error behind
+  return out;
 }
 
 void PacedCopier::wait_piece(uint64_t k) {
@@ -78,7 +121,8 @@ void PacedCopier::wait_piece(uint64_t k) {
     if (ns_per_byte_ > 0) ns_per_byte_ *= 0.9;
     return;
   }
-  while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::yield();
+  while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady)
+    if (!spin_poll_) std::this_thread::yield();
   HIFT_CUDA_CHECK(st);
   // Polled to completion: now is within microseconds of the end. Ignore pieces that also waited on something
   // else (a dependency, the other direction's traffic) by letting slow observations move the estimate less.
@@ -150,6 +194,12 @@ void PacedCopier::close() {
   cudaStreamSynchronize(stream_);
   for (auto& p : pieces_) cudaEventDestroy(p.done);
   pieces_.clear();
+  for (auto& t : timed_) {
+    cudaEventDestroy(t.start);
+    cudaEventDestroy(t.end);
+  }
+  timed_.clear();
+  next_timed_ = 0;
   cudaStreamDestroy(stream_);
   cudaGetLastError();
 }

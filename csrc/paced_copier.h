@@ -17,14 +17,17 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace hift {
 
 class PacedCopier {
  public:
-  // chunk_bytes == 0: no worker; submit() issues each copy whole from the calling thread.
-  PacedCopier(int device, size_t chunk_bytes, int depth = 1);
+  // chunk_bytes == 0: no worker; submit() issues each copy whole from the calling thread. spin_poll: wait for the
+  // last part of a piece by polling without yielding the CPU (HIFT_PACE_POLL=spin) instead of sched_yield between
+  // polls, which can hand the core to another runnable thread of the process for a whole time slice.
+  PacedCopier(int device, size_t chunk_bytes, int depth = 1, bool spin_poll = false);
   ~PacedCopier();
   PacedCopier(const PacedCopier&) = delete;
   PacedCopier& operator=(const PacedCopier&) = delete;
@@ -35,6 +38,11 @@ class PacedCopier {
   void wait_submitted(uint64_t ticket);  // every piece and event of job `ticket` has been issued
   void drain();                          // wait_submitted(last ticket)
   void close();                          // drain, stop the worker, destroy the stream (idempotent)
+  // Diagnostics: time the next `jobs` jobs on the GPU (an event before the first piece and after the last, so a
+  // job's time starts once its stream has reached it: waits on other streams are not counted, gaps between its
+  // pieces are). job_times(): (milliseconds, bytes) of the timed jobs whose copies finished, in submission order.
+  void time_jobs(size_t jobs);
+  std::vector<std::pair<double, size_t>> job_times();
 
  private:
   struct Job {
@@ -59,6 +67,16 @@ class PacedCopier {
     std::chrono::steady_clock::time_point issued;
     size_t bytes = 0;
   };
+  struct TimedJob {
+    cudaEvent_t start = nullptr, end = nullptr;
+    size_t bytes = 0;
+    bool recorded = false;
+  };
+  // Guarded by mu_; issue() takes the next entry and fills it in order. A deque: growing it keeps the entry a job
+  // being issued points at where it is.
+  std::deque<TimedJob> timed_;
+  size_t next_timed_ = 0;
+  bool spin_poll_ = false;
   std::vector<Piece> pieces_;  // ring of `depth`: the pieces in flight
   uint64_t piece_count_ = 0;
   double ns_per_byte_ = 0.0;  // running estimate of a piece's duration per byte (0: none yet)

@@ -64,6 +64,8 @@ struct Tuning {
                                         // call when paced (whole transfer pieces, so no paced copy spans two);
                                         // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
+  bool alloc_sched_idle = false;        // HIFT_ALLOC_SCHED: "idle" runs them under SCHED_IDLE instead ("nice": nice only)
+  bool pace_spin = false;               // HIFT_PACE_POLL: "spin" polls a piece's end without yielding ("yield")
   std::vector<int> touch_cpus;          // HIFT_TOUCH_CPUS: CPUs the background allocator's threads run on (empty: any)
   int64_t alloc_stages = 2;             // HIFT_ALLOC_STAGES: 2 touches the next buffer while a second thread pins
                                         // the last one; 1 touches then pins each buffer in turn
@@ -113,6 +115,10 @@ class PinnedStore {
   void synchronize();  // a no-op once closed
   void close();        // idempotent
   void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
+  // Diagnostics: time the next `jobs` copies of each direction on the GPU; copy_times(): (ms, bytes) of each timed
+  // copy that finished, host-to-device and device-to-host, in issue order (empty on a CPU store).
+  void time_copies(int64_t jobs);
+  std::pair<std::vector<std::pair<double, size_t>>, std::vector<std::pair<double, size_t>>> copy_times();
 
   int64_t host_bytes() const { return host_bytes_.load(); }
   // Where allocation time went, in seconds: reserving address space (mmap), first touch and pinning

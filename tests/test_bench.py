@@ -194,3 +194,42 @@ def test_converge_isolated_methods_give_the_in_process_results(tmp_path):
         data = json.loads(next(out.glob("converge-*.json")).read_text())
         finals[mode] = {s["method"]: (s["steps"], s["final_heldout_loss"]) for s in data["summary"]["methods"]}
     assert finals["on"] == finals["off"] and finals["on"]["hift-2"][0] == 4
+
+
+def test_copy_summary_windows_the_copies():
+    from hift_engine.bench.step_timer import copy_summary
+
+    times = [(2.0, 2_000_000), (4.0, 2_000_000), (1.0, 4_000_000)]
+    s = copy_summary(times, 1, 3)
+    assert s["copies"] == 2 and s["mean_ms"] == 2.5 and s["max_ms"] == 4.0
+    assert s["GBps"] == pytest.approx(6e6 / 5e-3 / 1e9) and s["per_copy_ms"] == [4.0, 1.0]
+    assert copy_summary(times, 3, 3) == {"copies": 0}
+
+
+@pytest.mark.cuda
+def test_step_timer_tells_a_gpu_bound_loop_from_a_host_bound_one():
+    """GPU-bound (each step queues ~20 ms of GPU sleep, the host runs ahead): steps take the GPU's time, the GPU is
+    never idle between them and the host leads it. Host-bound (the host sleeps 30 ms between steps, the GPU
+    works 1 ms a step): the GPU waits between steps and the host never leads."""
+    import time
+
+    from hift_engine.bench.step_timer import StepTimer
+
+    torch.cuda._sleep(1_000)
+    torch.cuda.synchronize()
+    for host_sleep, gpu_cycles in ((0.0, 40_000_000), (0.03, 2_000_000)):
+        timer = StepTimer(torch.device("cuda"))
+        torch.cuda.synchronize()
+        timer.start()
+        for _ in range(6):
+            timer.begin()
+            torch.cuda._sleep(gpu_cycles)
+            timer.end()
+            time.sleep(host_sleep)  # between steps: the GPU, done with its 1 ms, waits for the next one
+        torch.cuda.synchronize()
+        s = timer.summary(1, 6)
+        assert len(s["per_step"]["gpu_ms"]) == 5
+        if host_sleep == 0.0:
+            assert s["mean_gpu_ms"] > 10 and s["mean_gpu_idle_ms"] < 1 and s["mean_host_lead_ms"] > 20, s
+        else:
+            assert s["mean_gpu_ms"] < 10 and s["mean_gpu_idle_ms"] > 15 and s["mean_host_lead_ms"] < 5, s

@@ -24,6 +24,7 @@ import torch
 from .common import gib, print_table, require_cuda, write_result
 from ..precision import compute_dtype
 from .model_factory import build_llama, random_batch
+from .step_timer import StepTimer, copy_summary
 
 
 def add_arguments(p) -> None:
@@ -79,10 +80,12 @@ def _hift(model, mode, store_kind, chunk_mib=None, **overrides):
         [lay.state_numel for lay in layouts], device, [lay.num_state * len(lay.params) for lay in layouts]))
 
 
-def _loop(model, opt, batches, steps, head_chunk_tokens=0):
+def _loop(model, opt, batches, steps, head_chunk_tokens=0, timer=None):
     from ..head_loss import causal_lm_loss
 
     for i in range(steps):
+        if timer is not None:
+            timer.begin()
         b = batches[i % len(batches)]
         if head_chunk_tokens and hasattr(opt, "num_groups"):
             loss = causal_lm_loss(model, b["input_ids"], b["labels"], None, head_chunk_tokens)
@@ -91,12 +94,14 @@ def _loop(model, opt, batches, steps, head_chunk_tokens=0):
         getattr(opt, "scale_loss", lambda x: x)(loss).backward()  # standard mode: a torch optimizer
         opt.step()
         opt.zero_grad()
+        if timer is not None:
+            timer.end()
 
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure")
 # The native store's diagnostic settings (docs/design.md, "Diagnostic settings"), read when a store is built.
-STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC", "HIFT_PACE_DEPTH",
-                     "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS", "HIFT_TOUCH_THREADS")
+STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_SCHED", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC",
+                     "HIFT_PACE_DEPTH", "HIFT_PACE_POLL", "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS", "HIFT_TOUCH_THREADS")
 
 
 def hift_precision(precision: str) -> str:
@@ -150,12 +155,21 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         opt.store.wait_allocated()
         row["prepin_s"] = time.perf_counter() - t0
         label = row["mode"] = f"{label}-prepinned"
+    # HiFT modes: per-step GPU/host timings and (native store) GPU-timed copies, first cycle against later ones
+    timer = StepTimer(dev) if mode != "standard" else None
+    copies = getattr(getattr(opt, "store", None), "transport", None)
+    copies = copies if hasattr(copies, "time_copies") else None
     try:
+        if copies is not None:
+            copies.time_copies(k * (1 + cycles) + 2)
         torch.cuda.synchronize()
+        if timer is not None:
+            timer.start()
         t0 = time.perf_counter()
-        _loop(model, opt, batches, k, args.head_chunk_tokens)  # the first cycle: zero fills, compilation, host buffers
+        _loop(model, opt, batches, k, args.head_chunk_tokens, timer)  # the first cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
         first_ms = 1e3 * (time.perf_counter() - t0) / k
+        first_copies = copies.copy_times() if copies is not None else None
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
@@ -167,8 +181,16 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         n = k * cycles
         t0 = time.perf_counter()
         recomputed = getattr(opt, "recomputed_blocks", 0)
-        _loop(model, opt, batches, n, args.head_chunk_tokens)
+        _loop(model, opt, batches, n, args.head_chunk_tokens, timer)
         torch.cuda.synchronize()
+        if timer is not None:
+            row["first_cycle_timing"], row["later_timing"] = timer.summary(0, k), timer.summary(k, k + n)
+        if copies is not None:
+            done = copies.copy_times()
+            for d in ("h2d", "d2h"):
+                split = len(first_copies[d])
+                row["first_cycle_timing"][d] = copy_summary(done[d], 0, split)
+                row["later_timing"][d] = copy_summary(done[d], split, len(done[d]))
         row["recomputed_blocks_per_cycle"] = (getattr(opt, "recomputed_blocks", 0) - recomputed) / cycles
         seconds = time.perf_counter() - t0
         moved = _store_bytes(opt) - stats0
@@ -191,6 +213,13 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         del opt
         _free()
     return row
+
+
+def _printable(row: dict) -> dict:
+    """The row without its trace summary and per-step lists (those stay in the JSON)."""
+    def short(v):
+        return {k: short(x) for k, x in v.items() if k not in ("per_step", "per_copy_ms")} if isinstance(v, dict) else v
+    return {k: short(v) for k, v in row.items() if k != "trace_summary"}
 
 
 def _store_bytes(opt) -> int:
@@ -265,7 +294,7 @@ def run(args) -> int:
                                    chunk_mib=chunk, label=label, precision=precision, **extra)
                     row.update(layers=layers, params=n_params, activation_checkpointing=extra.get("activation_checkpointing"))
                     rows.append(row)
-                    print({k: v for k, v in row.items() if k != "trace_summary"}, flush=True)
+                    print(_printable(row), flush=True)
             del model
             _free()
     set_matmul_precision("fp32")

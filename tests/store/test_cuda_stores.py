@@ -218,3 +218,35 @@ def test_native_pin_context_is_shared_and_outlives_its_store():
     del a, b
     gc.collect()
     assert host.is_pinned() and _is_really_pinned(host)
+
+
+@pytest.mark.parametrize("poll", ["yield", "spin"])
+def test_native_copy_timing_starts_when_the_stream_reaches_the_copy(poll, monkeypatch):
+    """time_copies/copy_times (bench step's per-copy times): every timed copy is reported once, in order, with its
+    bytes; a write-back queued behind a 100 ms GPU sleep on the compute stream is timed from when its stream reached
+    it, so its time is the copy's, not the wait's. Under either poll mode (HIFT_PACE_POLL) the state round-trips."""
+    monkeypatch.setenv("HIFT_PACE_POLL", poll)
+    numels = [8 << 20, 4 << 20, 4 << 20]  # 32, 16, 16 MiB: paced in 4 MiB pieces
+    store = OffloadStore(numels, "cuda", "native", 2, 4 << 20)
+    store.wait_allocated()
+    store.transport.time_copies(4)
+    for gid in range(3):  # two slots: group 2 takes group 0's slot, so group 0 must come back from the host
+        state, _ = store.activate(gid)
+        state.fill_(float(gid + 3))
+        if gid == 0:
+            torch.cuda._sleep(200_000_000)  # ~100 ms or more: the write-back waits for it on its own stream
+        store.release(gid, keep=False)
+    store.prefetch(0)  # a host-to-device copy
+    store.synchronize()
+    times = store.transport.copy_times()
+    assert [b for _, b in times["d2h"]] == [n * 4 for n in numels]
+    assert [b for _, b in times["h2d"]] == [numels[0] * 4]
+    sleep_ms = 100.0
+    for ms, nbytes in times["d2h"] + times["h2d"]:
+        assert 0.0 < ms < sleep_ms / 4, (ms, nbytes)  # 32 MiB at >= 1.3 GB/s; the sleep alone is >= 100 ms
+    state, _ = store.activate(0)
+    assert torch.equal(state, torch.full_like(state, 3.0))
+    store.release(0, keep=True)
+    for gid in (1, 2):
+        assert torch.equal(store.host_state(gid), torch.full((numels[gid],), float(gid + 3)))
+    store.close()
