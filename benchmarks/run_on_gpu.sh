@@ -52,6 +52,10 @@
 #             the write-backs) against 6 fixed touch threads, three rounds in turn; fp32 batch 1 with the pacing
 #   steptimes where the first cycle's extra time goes (per-step GPU/host timings, GPU-timed copies): defaults,
 #             HIFT_PACE_POLL=spin, HIFT_ALLOC_SCHED=idle in turn twice, then --prepin; after the CUDA store tests
+#             (at 596c1e4; the two settings changed nothing and were removed, so they are ignored now)
+#   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
+#             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
+#             and the pacer learning nothing from a job's first piece; bf16-mixed batch 1; fp32 batch 1
 #   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
 #             batch 1 x 512 in 23.5 GiB (pynvml, the context included) under bench memory's cap
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
@@ -394,6 +398,13 @@ elif [ "$stage" = steptimes ]; then
     HIFT_ALLOC_SCHED=idle run timeout 150 $step --out "$OUT"
   done
   run timeout 150 $step --prepin --out "$OUT"
+elif [ "$stage" = nosync ]; then
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_bench.py -m cuda -rs
+  warmed_first_cycle
+  for i in 1 2 3; do run timeout 150 $step --out "$OUT"; done
+  run timeout 150 $step_7b --batch 1 --precision bf16-mixed --out "$OUT"
+  run timeout 200 $first_cycle_fp32_b1 --out "$OUT"
 elif [ "$stage" = pinplan ]; then
   ensure_installed
   run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_auto_groups.py -m cuda -rs

@@ -14,8 +14,8 @@
 
 namespace hift {
 
-PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth, bool spin_poll)
-    : device_(device), chunk_(chunk_bytes), depth_(std::max(1, depth)), spin_poll_(spin_poll) {
+PacedCopier::PacedCopier(int device, size_t chunk_bytes, int depth)
+    : device_(device), chunk_(chunk_bytes), depth_(std::max(1, depth)) {
   c10::cuda::CUDAGuard guard(device_);
   HIFT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   if (chunk_ == 0) return;
@@ -65,6 +65,7 @@ void PacedCopier::issue(const Job& job) {
       HIFT_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
       slot.issued = std::chrono::steady_clock::now();
       slot.bytes = len;
+      slot.first_of_job = off == 0;
     }
   }
   if (timed != nullptr) {
@@ -121,11 +122,20 @@ void PacedCopier::wait_piece(uint64_t k) {
     if (ns_per_byte_ > 0) ns_per_byte_ *= 0.9;
     return;
   }
-  while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady)
-    if (!spin_poll_) std::this_thread::yield();
+  if (p.first_of_job) {
+    // A job's first piece runs only once its stream has passed the job's dependency (the update a write-back
+    // copies out, the write-back out of the slot a fetch fills), which can take a whole step: poll it gently, and
+    // learn nothing from its time. Taking that time as the piece's own made the next pieces sleep for it, each
+    // only 10% less than the last, so one write-back behind a 100 ms update took 427 ms instead of 0.7.
+    while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::sleep_for(std::chrono::microseconds(20));
+    HIFT_CUDA_CHECK(st);
+    return;
+  }
+  while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::yield();
   HIFT_CUDA_CHECK(st);
-  // Polled to completion: now is within microseconds of the end. Ignore pieces that also waited on something
-  // else (a dependency, the other direction's traffic) by letting slow observations move the estimate less.
+  // Polled to completion: now is within microseconds of the end. A piece after the first was issued once the one
+  // before it finished, but may still have shared the link with the other direction: slow observations move the
+  // estimate less than fast ones.
   double observed = double((std::chrono::steady_clock::now() - p.issued).count()) / double(std::max<size_t>(p.bytes, 1));
   if (ns_per_byte_ == 0) {
     ns_per_byte_ = observed;

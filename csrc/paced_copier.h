@@ -24,10 +24,8 @@ namespace hift {
 
 class PacedCopier {
  public:
-  // chunk_bytes == 0: no worker; submit() issues each copy whole from the calling thread. spin_poll: wait for the
-  // last part of a piece by polling without yielding the CPU (HIFT_PACE_POLL=spin) instead of sched_yield between
-  // polls, which can hand the core to another runnable thread of the process for a whole time slice.
-  PacedCopier(int device, size_t chunk_bytes, int depth = 1, bool spin_poll = false);
+  // chunk_bytes == 0: no worker; submit() issues each copy whole from the calling thread.
+  PacedCopier(int device, size_t chunk_bytes, int depth = 1);
   ~PacedCopier();
   PacedCopier(const PacedCopier&) = delete;
   PacedCopier& operator=(const PacedCopier&) = delete;
@@ -66,6 +64,7 @@ class PacedCopier {
     cudaEvent_t done = nullptr;
     std::chrono::steady_clock::time_point issued;
     size_t bytes = 0;
+    bool first_of_job = false;  // may also have waited for the job's dependency: its time is not the copy's
   };
   struct TimedJob {
     cudaEvent_t start = nullptr, end = nullptr;
@@ -76,7 +75,6 @@ class PacedCopier {
   // being issued points at where it is.
   std::deque<TimedJob> timed_;
   size_t next_timed_ = 0;
-  bool spin_poll_ = false;
   std::vector<Piece> pieces_;  // ring of `depth`: the pieces in flight
   uint64_t piece_count_ = 0;
   double ns_per_byte_ = 0.0;  // running estimate of a piece's duration per byte (0: none yet)

@@ -67,18 +67,11 @@ void* map_pages(size_t bytes) {
 // Lower the calling thread's scheduling priority (Linux: nice is per thread). The background allocator and its
 // first-touch threads run at nice 19 so that, when they compete for cores with the training thread (which
 // launches the GPU work) and the copy pacers, those win: the first cycle then waits only for memory it needs.
-// HIFT_ALLOC_SCHED=idle (a diagnostic) runs them under SCHED_IDLE instead: only on a core nothing else wants.
-void lower_thread_priority(int64_t nice, bool sched_idle) {
+void lower_thread_priority(int64_t nice) {
 #ifdef __linux__
-  if (sched_idle) {
-    sched_param none{};
-    none.sched_priority = 0;
-    if (sched_setscheduler(0, SCHED_IDLE, &none) == 0) return;  // refused (seccomp, ...): fall back to nice
-  }
   if (nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), static_cast<int>(nice));
 #else
   (void)nice;
-  (void)sched_idle;
 #endif
 }
 
@@ -98,7 +91,7 @@ void place_thread(const std::vector<int>& cpus) {
 
 // What every thread of the background allocator does first: give way to training.
 void enter_background(const Tuning& t) {
-  lower_thread_priority(t.alloc_nice, t.alloc_sched_idle);
+  lower_thread_priority(t.alloc_nice);
   place_thread(t.touch_cpus);
 }
 
@@ -198,14 +191,6 @@ Tuning Tuning::from_env() {
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
   if (const char* v = std::getenv("HIFT_TOUCH_CPUS"); v != nullptr && *v != '\0') t.touch_cpus = parse_cpu_list(v);
-  if (const char* v = std::getenv("HIFT_ALLOC_SCHED"); v != nullptr && *v != '\0') {
-    HIFT_CHECK(std::string(v) == "nice" || std::string(v) == "idle", "HIFT_ALLOC_SCHED must be 'nice' or 'idle', got '", v, "'");
-    t.alloc_sched_idle = std::string(v) == "idle";
-  }
-  if (const char* v = std::getenv("HIFT_PACE_POLL"); v != nullptr && *v != '\0') {
-    HIFT_CHECK(std::string(v) == "yield" || std::string(v) == "spin", "HIFT_PACE_POLL must be 'yield' or 'spin', got '", v, "'");
-    t.pace_spin = std::string(v) == "spin";
-  }
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
@@ -284,8 +269,8 @@ PinnedStore::PinnedStore(std::vector<int64_t> numels, std::vector<at::Tensor> sl
     device_ = device.index();
     c10::cuda::CUDAGuard guard(device_);
     const int depth = static_cast<int>(tuning_.pace_depth);
-    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth, tuning_.pace_spin);
-    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth, tuning_.pace_spin);
+    in_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth);
+    out_ = std::make_unique<PacedCopier>(device_, static_cast<size_t>(chunk_bytes_), depth);
     auto create = [](Mark& m) { HIFT_CUDA_CHECK(cudaEventCreateWithFlags(&m.event, cudaEventDisableTiming)); };
     slot_sync_.resize(slots_.size());
     for (auto& s : slot_sync_)

@@ -64,8 +64,6 @@ struct Tuning {
                                         // call when paced (whole transfer pieces, so no paced copy spans two);
                                         // 0: the whole buffer in one call
   int64_t alloc_nice = 19;              // HIFT_ALLOC_NICE: nice value of the background allocator's threads (0..19)
-  bool alloc_sched_idle = false;        // HIFT_ALLOC_SCHED: "idle" runs them under SCHED_IDLE instead ("nice": nice only)
-  bool pace_spin = false;               // HIFT_PACE_POLL: "spin" polls a piece's end without yielding ("yield")
   std::vector<int> touch_cpus;          // HIFT_TOUCH_CPUS: CPUs the background allocator's threads run on (empty: any)
   int64_t alloc_stages = 2;             // HIFT_ALLOC_STAGES: 2 touches the next buffer while a second thread pins
                                         // the last one; 1 touches then pins each buffer in turn

@@ -64,6 +64,31 @@ def test_step_makes_no_host_sync():
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("store", ["resident", "native"])
+def test_first_cycle_makes_no_host_sync(store, precision):
+    """From the very first step, as later: a sync in the first cycle (a kernel table copied from pageable memory at
+    each group's first update did this) makes the host wait for the GPU once a step and loses its lead."""
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    warm = tiny_llama(layers=3, hidden=64, device="cuda").to(dtype)
+    model = twin(warm)
+    kw = {"lr": 1e-3, "max_grad_norm": 1.0, "state_store": store, "precision": precision}
+    _train(warm, 2 * 5, **kw)  # compiles the kernels these shapes use (compilation is not what is tested)
+    opt = HiFTOptimizer(model, "adamw", **kw)
+    torch.cuda.synchronize()
+    for step in range(opt.num_groups + 1):
+        loss = model(**lm_batch(seed=step, device="cuda")).loss
+        loss.backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    opt.close()
+
+
 def test_generic_optimizer_state_leaves_the_device():
     model = tiny_llama(hidden=64, device="cuda")
     ref = twin(model)

@@ -99,6 +99,14 @@ class FusedPath(UpdatePath):
         self.state_names = spec.state_names(param_groups[0])
         self._structure = spec.structure(param_groups[0])
         self._grad_views = grad_views
+        if backend == "triton":
+            # Every bucket's kernel table now, not at its group's first update: building one copies it from pageable
+            # memory, which makes the host wait for the GPU. Left to the first cycle, that wait came once per step
+            # and took away the host's lead over the GPU, so any slowdown of the training thread (the store's
+            # allocator pinning beside it) showed in full in the step time.
+            for lay in self.layouts:
+                for b in lay.buckets:
+                    lay.table(b)
 
     # ------------------------------------------------------------------ stepping
     def _check_structure(self) -> None:

@@ -305,27 +305,12 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_TOUCH_CPUS", "+1", r"HIFT_TOUCH_CPUS must be a CPU list .*got '\+1'"),
         ("HIFT_TOUCH_CPUS", "1-2-3", "HIFT_TOUCH_CPUS must be a CPU list .*got '1-2-3'"),
         ("HIFT_TOUCH_CPUS", "1023", "HIFT_TOUCH_CPUS='1023' names no CPU this process may run on"),
-        ("HIFT_ALLOC_SCHED", "batch", "HIFT_ALLOC_SCHED must be 'nice' or 'idle', got 'batch'"),
-        ("HIFT_PACE_POLL", "busy", "HIFT_PACE_POLL must be 'yield' or 'spin', got 'busy'"),
     ],
 )
 def test_bad_diagnostic_settings_are_refused(native, monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         native.PinnedStore([10], [torch.empty(10)], 1 << 20)
-
-
-@pytest.mark.parametrize("env", [{"HIFT_ALLOC_SCHED": "idle"}, {"HIFT_ALLOC_SCHED": "nice", "HIFT_PACE_POLL": "spin"}])
-def test_scheduling_settings_still_allocate_every_buffer(native, monkeypatch, env):
-    """The allocator's threads under SCHED_IDLE (or nice only) still allocate and hand out every buffer exactly."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    numels = [(1 << 20) + 3, 5, 1 << 18]
-    store = native.PinnedStore(numels, [torch.empty(max(numels))], 0, [2, 0, 1])
-    store.wait_allocated()
-    assert [store.host(g).numel() for g in range(3)] == numels
-    assert len(store.alloc_stats()["touch_threads"]) == 3  # all three by the background thread
-    store.close()
 
 
 def test_copy_timing_on_a_cpu_store_times_nothing(native):
