@@ -56,6 +56,8 @@
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
 #             and the pacer learning nothing from a job's first piece; bf16-mixed batch 1; fp32 batch 1
+#   gpuprobe  GPU kernels' time with work queued ahead while first touch, the store's allocator (touch + pin from
+#             the pinning context) or device-to-host copies run beside them (benchmarks/gpu_interference_probe.py)
 #   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
 #             batch 1 x 512 in 23.5 GiB (pynvml, the context included) under bench memory's cap
 #   pinctx2   the same with pin_context=False (same machine, right after pinctx1), fp32 batch 1 with the defaults,
@@ -405,6 +407,11 @@ elif [ "$stage" = nosync ]; then
   for i in 1 2 3; do run timeout 150 $step --out "$OUT"; done
   run timeout 150 $step_7b --batch 1 --precision bf16-mixed --out "$OUT"
   run timeout 200 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = gpuprobe ]; then
+  # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
+  ensure_installed
+  warm_host
+  run timeout 300 $py benchmarks/gpu_interference_probe.py --kinds none,touch,store,d2h,store,none --gib 40 --iters 700 --out "$OUT"
 elif [ "$stage" = pinplan ]; then
   ensure_installed
   run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_auto_groups.py -m cuda -rs
