@@ -56,6 +56,8 @@
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
 #             and the pacer learning nothing from a job's first piece; bf16-mixed batch 1; fp32 batch 1
+#   blocked   the no-sync CUDA tests, a traced bf16-mixed batch-1 resident cycle, then the batch-4 first cycle with
+#             glibc's malloc kept from mmap/munmap against the defaults, in turn twice
 #   gpuprobe  GPU kernels' time with work queued ahead while first touch, the store's allocator (touch + pin from
 #             the pinning context) or device-to-host copies run beside them (benchmarks/gpu_interference_probe.py)
 #   pinplan   the CUDA store/engine/auto-plan tests (the plans hold the pinning context first), then 7B bf16-mixed
@@ -407,6 +409,18 @@ elif [ "$stage" = nosync ]; then
   for i in 1 2 3; do run timeout 150 $step --out "$OUT"; done
   run timeout 150 $step_7b --batch 1 --precision bf16-mixed --out "$OUT"
   run timeout 200 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = blocked ]; then
+  # the no-sync tests; where bf16-mixed batch 1's host blocks (a traced cycle, resident); the first cycle of 7B
+  # bf16-mixed batch 4 with glibc malloc kept from mmap/munmap (do the training thread's address-space changes wait
+  # behind the allocator's pinning?) against the defaults, in turn
+  ensure_installed
+  run timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_cuda_engine.py tests/store/test_cuda_stores.py -m cuda -k "sync or copy_behind or race" -rs
+  run timeout 150 $step_7b --batch 1 --precision bf16-mixed --modes resident --profile --out "$OUT"
+  warmed_first_cycle
+  for i in 1 2; do
+    run timeout 150 $step --out "$OUT"
+    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 run timeout 150 $step --out "$OUT"
+  done
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed

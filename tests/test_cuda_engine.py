@@ -72,9 +72,9 @@ def test_first_cycle_makes_no_host_sync(store, precision):
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     warm = tiny_llama(layers=3, hidden=64, device="cuda").to(dtype)
     model = twin(warm)
-    kw = {"lr": 1e-3, "max_grad_norm": 1.0, "state_store": store, "precision": precision}
+    kw = {"max_grad_norm": 1.0, "state_store": store, "precision": precision}
     _train(warm, 2 * 5, **kw)  # compiles the kernels these shapes use (compilation is not what is tested)
-    opt = HiFTOptimizer(model, "adamw", **kw)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-3, **kw)
     torch.cuda.synchronize()
     for step in range(opt.num_groups + 1):
         loss = model(**lm_batch(seed=step, device="cuda")).loss
