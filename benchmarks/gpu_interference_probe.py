@@ -22,13 +22,17 @@ import time
 import torch
 
 
-def queue_iterations(n: int, a, b, src, dst):
+def queue_iterations(n: int, a, b, src, dst, after_first=None):
     """Events around n iterations, and the host time of the first (the GPU is idle before it, so GPU time offsets
-    from that event and host time offsets from the returned origin match)."""
+    from that event and host time offsets from the returned origin match). ``after_first(origin)`` runs once 50
+    iterations are queued: the GPU is busy from then on, since the host blocks on a full launch queue rather than
+    letting it drain (at 5a10bd6 the background started only after all 700 were queued, 4.2 s in)."""
     events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
     events[0].record()
     origin = time.perf_counter()
     for i in range(n):
+        if i == 50 and after_first is not None:
+            after_first(origin)
         for _ in range(4):
             torch.mm(a, b)
         dst.copy_(src)
@@ -84,11 +88,15 @@ def main() -> None:
     torch.cuda.synchronize()
     results = []
     for kind in args.kinds.split(","):
-        events, origin = queue_iterations(args.iters, a, b, src, dst)
-        done, info = threading.Event(), {}
-        worker = threading.Thread(target=background, args=(kind, args.gib, done, info, dev, origin)) if kind != "none" else None
-        if worker:
-            worker.start()
+        done, info, started = threading.Event(), {}, []
+
+        def start(origin):
+            if kind != "none":
+                started.append(threading.Thread(target=background, args=(kind, args.gib, done, info, dev, origin)))
+                started[0].start()
+
+        events, origin = queue_iterations(args.iters, a, b, src, dst, start)
+        worker = started[0] if started else None
         torch.cuda.synchronize()
         if worker:
             worker.join()
