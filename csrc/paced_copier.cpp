@@ -65,7 +65,8 @@ void PacedCopier::issue(const Job& job) {
       HIFT_CUDA_CHECK(cudaEventRecord(slot.done, stream_));
       slot.issued = std::chrono::steady_clock::now();
       slot.bytes = len;
-      slot.first_of_job = off == 0;
+      // Every piece queued before the job's first one could finish may also wait for the job's dependency.
+      slot.first_of_job = off < static_cast<size_t>(depth_) * piece;
     }
   }
   if (timed != nullptr) {
@@ -94,17 +95,21 @@ void PacedCopier::time_jobs(size_t jobs) {
 
 std::vector<std::pair<double, size_t>> PacedCopier::job_times() {
   std::vector<std::pair<double, size_t>> out;
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(mu_);  // close() destroys the events under it
+  if (closed_) return out;
+  c10::cuda::CUDAGuard guard(device_);
   for (const TimedJob& t : timed_) {
     if (!t.recorded) break;  // in order: stop at the first job not issued yet, or still copying
     const cudaError_t st = cudaEventQuery(t.end);
-    if (st == cudaErrorNotReady) break;
+    if (st == cudaErrorNotReady) {
+      cudaGetLastError();  // the not-ready status is not an error to leave behind
+      break;
+    }
     HIFT_CUDA_CHECK(st);
     float ms = 0.f;
     HIFT_CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.end));
     out.emplace_back(static_cast<double>(ms), t.bytes);
   }
-  cudaGetLastError();  // a not-ready query leaves no error behind
   return out;
 }
 
@@ -123,9 +128,9 @@ void PacedCopier::wait_piece(uint64_t k) {
     return;
   }
   if (p.first_of_job) {
-    // A job's first piece runs only once its stream has passed the job's dependency (the update a write-back
-    // copies out, the write-back out of the slot a fetch fills), which can take a whole step: poll it gently, and
-    // learn nothing from its time. Taking that time as the piece's own made the next pieces sleep for it, each
+    // A job's first pieces (as many as are in flight at once) run only once the stream has passed the job's
+    // dependency (the update a write-back copies out, the write-back out of the slot a fetch fills), which can take
+    // a whole step: poll them gently, and learn nothing from their time. Taking that time as the piece's own made the next pieces sleep for it, each
     // only 10% less than the last, so one write-back behind a 100 ms update took 427 ms instead of 0.7.
     while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::sleep_for(std::chrono::microseconds(20));
     HIFT_CUDA_CHECK(st);
@@ -133,9 +138,9 @@ void PacedCopier::wait_piece(uint64_t k) {
   }
   while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::yield();
   HIFT_CUDA_CHECK(st);
-  // Polled to completion: now is within microseconds of the end. A piece after the first was issued once the one
-  // before it finished, but may still have shared the link with the other direction: slow observations move the
-  // estimate less than fast ones.
+  // Polled to completion: now is within microseconds of the end. A later piece was issued once the job's first
+  // piece had finished, but may have queued behind the pieces before it or shared the link with the other
+  // direction: slow observations move the estimate less than fast ones.
   double observed = double((std::chrono::steady_clock::now() - p.issued).count()) / double(std::max<size_t>(p.bytes, 1));
   if (ns_per_byte_ == 0) {
     ns_per_byte_ = observed;
@@ -204,12 +209,15 @@ void PacedCopier::close() {
   cudaStreamSynchronize(stream_);
   for (auto& p : pieces_) cudaEventDestroy(p.done);
   pieces_.clear();
-  for (auto& t : timed_) {
-    cudaEventDestroy(t.start);
-    cudaEventDestroy(t.end);
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // job_times() may be reading them on another thread
+    for (auto& t : timed_) {
+      cudaEventDestroy(t.start);
+      cudaEventDestroy(t.end);
+    }
+    timed_.clear();
+    next_timed_ = 0;
   }
-  timed_.clear();
-  next_timed_ = 0;
   cudaStreamDestroy(stream_);
   cudaGetLastError();
 }

@@ -64,7 +64,7 @@ class PacedCopier {
     cudaEvent_t done = nullptr;
     std::chrono::steady_clock::time_point issued;
     size_t bytes = 0;
-    bool first_of_job = false;  // may also have waited for the job's dependency: its time is not the copy's
+    bool first_of_job = false;  // among a job's first `depth` pieces: may have waited for the job's dependency
   };
   struct TimedJob {
     cudaEvent_t start = nullptr, end = nullptr;

@@ -169,7 +169,10 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         _loop(model, opt, batches, k, args.head_chunk_tokens, timer)  # the first cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
         first_ms = 1e3 * (time.perf_counter() - t0) / k
-        first_copies = copies.copy_times() if copies is not None else None
+        first_copies = None
+        if copies is not None:  # the copiers may still be issuing the cycle's last copies: finish them first
+            opt.store.synchronize()
+            first_copies = copies.copy_times()
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
@@ -186,6 +189,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         if timer is not None:
             row["first_cycle_timing"], row["later_timing"] = timer.summary(0, k), timer.summary(k, k + n)
         if copies is not None:
+            opt.store.synchronize()
             done = copies.copy_times()
             for d in ("h2d", "d2h"):
                 split = len(first_copies[d])

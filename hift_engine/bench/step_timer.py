@@ -4,10 +4,11 @@ Each step is bracketed by two CUDA events on the current stream and by host cloc
 ``summary()`` says, per step of a window:
   gpu_ms        the compute stream from the step's first queued work to its last (waits on the store's
                 copies inside the step count here)
-  gpu_idle_ms   the compute stream idle between the previous step's end and this step's start (the host was late)
+  gpu_idle_ms   the compute stream idle between the previous step's end and this step's start (the host was late;
+                0 for a window's first step)
   host_ms       wall time of the step on the training thread; host_cpu_ms: CPU time the thread got in it
   host_lead_ms  how far the GPU was behind the host when the host began the step (near 0: the host is the
-                bottleneck; large: the GPU is)
+                bottleneck; large: the GPU is; a window's first step, after a sync, starts near 0)
   nivcsw        involuntary context switches of the training thread (it was preempted)
 and, for a store that times its copies (the native one), the host-to-device and device-to-host copies that
 ran in the window: their mean time on the GPU and rate.
@@ -33,18 +34,18 @@ class StepTimer:
     def start(self) -> None:
         """Call with the device idle (after a synchronize): host and GPU clocks are aligned here."""
         self._origin = torch.cuda.Event(enable_timing=True)
-        self._origin.record()
+        self._origin.record(torch.cuda.current_stream(self.device))
         self._origin_host = time.perf_counter()
 
     def begin(self) -> None:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         ru = resource.getrusage(_RUSAGE)
         self.steps.append({"t0": time.perf_counter(), "c0": time.thread_time(), "e0": event, "sw0": ru.ru_nivcsw})
 
     def end(self) -> None:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         ru = resource.getrusage(_RUSAGE)
         self.steps[-1].update(t1=time.perf_counter(), c1=time.thread_time(), e1=event, sw1=ru.ru_nivcsw)
 
@@ -58,7 +59,8 @@ class StepTimer:
             gpu_start = self._origin.elapsed_time(s["e0"])
             rows.append({
                 "gpu_ms": s["e0"].elapsed_time(s["e1"]),
-                "gpu_idle_ms": self.steps[i - 1]["e1"].elapsed_time(s["e0"]) if i > 0 else 0.0,
+                # from the window's first step on: the gap before it is the caller's (a sync between windows)
+                "gpu_idle_ms": self.steps[i - 1]["e1"].elapsed_time(s["e0"]) if i > first else 0.0,
                 "host_ms": 1e3 * (s["t1"] - s["t0"]),
                 "host_cpu_ms": 1e3 * (s["c1"] - s["c0"]),
                 "host_lead_ms": gpu_start - 1e3 * (s["t0"] - self._origin_host),

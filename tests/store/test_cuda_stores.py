@@ -220,11 +220,14 @@ def test_native_pin_context_is_shared_and_outlives_its_store():
     assert host.is_pinned() and _is_really_pinned(host)
 
 
-def test_native_paced_copy_behind_a_long_wait_is_not_slowed_by_it():
+@pytest.mark.parametrize("depth", ["1", "2"])
+def test_native_paced_copy_behind_a_long_wait_is_not_slowed_by_it(depth, monkeypatch):
     """A paced write-back queued behind a 100 ms GPU sleep on the compute stream: its copy, timed on the GPU from
     when its stream passed the wait (time_copies/copy_times), takes about as long as 32 MiB over PCIe. The pacer
-    once took the first piece's wait as its duration and slept that long before each later piece (427 ms). Every
-    timed copy is reported once, in order, with its bytes, and the state round-trips."""
+    once took the first piece's wait as its duration and slept that long before each later piece (427 ms); with two
+    pieces in flight (HIFT_PACE_DEPTH=2) the second piece waits for it too. Every timed copy is reported once, in
+    order, with its bytes, and the state round-trips."""
+    monkeypatch.setenv("HIFT_PACE_DEPTH", depth)
     numels = [8 << 20, 4 << 20, 4 << 20]  # 32, 16, 16 MiB: paced in 4 MiB pieces
     store = OffloadStore(numels, "cuda", "native", 2, 4 << 20)
     store.wait_allocated()
