@@ -78,6 +78,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           "(milliseconds, bytes) of each timed copy that finished, per direction ('h2d', 'd2h'), in issue order; a "
           "copy's time runs from when its stream reached it (after the update it waits for) to its last byte.")
+      .def(
+          "copy_waits",
+          [](const S& s) {
+            py::dict d;
+            for (const auto& [name, seconds] : s.copy_waits()) d[py::str(name)] = seconds;
+            return d;
+          },
+          "Seconds the calling thread spent blocked on the copiers, by where: 'arrival' (an update waiting until its "
+          "group's fetch was issued), 'in_queue', 'writeback_issued', 'out_queue', 'host_read' (0 on a CPU store).")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
       .def_property_readonly("pin_context_active", &S::pin_context_active,
                              "Whether host buffers are pinned from the device's pinning context.")

@@ -322,11 +322,11 @@ void PinnedStore::check_slot(int64_t slot, const char* fn) const {
 // between jobs, never between a job's pieces), then the in-stream waits for the slot's last update and its
 // last write-back.
 void PinnedStore::prepare_in_stream(int64_t slot) {
-  in_->drain();
+  timed(kInQueue, [&] { in_->drain(); });
   const SlotSync& s = slot_sync_[slot];
   if (s.compute_done.recorded) HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), s.compute_done.event, 0));
   if (s.written.recorded) {
-    out_->wait_submitted(s.written.ticket);
+    timed(kWritebackIssued, [&] { out_->wait_submitted(s.written.ticket); });
     HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), s.written.event, 0));
   }
 }
@@ -620,6 +620,13 @@ std::pair<std::vector<std::pair<double, size_t>>, std::vector<std::pair<double, 
   return {};
 }
 
+std::vector<std::pair<std::string, double>> PinnedStore::copy_waits() const {
+  static const char* names[kCopyWaits] = {"arrival", "in_queue", "writeback_issued", "out_queue", "host_read"};
+  std::vector<std::pair<std::string, double>> out;
+  for (int i = 0; i < kCopyWaits; ++i) out.emplace_back(names[i], double(copy_wait_ns_[i].load()) * 1e-9);
+  return out;
+}
+
 std::shared_ptr<HostBuffer> PinnedStore::ready_buffer(int64_t gid) {
   std::lock_guard<std::mutex> lock(alloc_mu_);
   return handed_out_[gid] ? host_[gid] : nullptr;
@@ -703,7 +710,7 @@ void PinnedStore::fetch(int64_t gid, int64_t slot) {
     prepare_in_stream(slot);
     const Mark& host_written = group_sync_[gid].host_written;
     if (host_written.recorded) {  // the latest write-back of this group has reached host memory
-      out_->wait_submitted(host_written.ticket);
+      timed(kWritebackIssued, [&] { out_->wait_submitted(host_written.ticket); });
       HIFT_CUDA_CHECK(cudaStreamWaitEvent(in_->stream(), host_written.event, 0));
     }
     Mark& arrived = slot_sync_[slot].arrived;
@@ -743,7 +750,7 @@ void PinnedStore::writeback(int64_t gid, int64_t slot) {
 #ifdef HIFT_WITH_CUDA
   if (cuda_) {
     c10::cuda::CUDAGuard guard(device_);
-    out_->drain();  // as prepare_in_stream: the wait below goes between jobs
+    timed(kOutQueue, [&] { out_->drain(); });  // as prepare_in_stream: the wait below goes between jobs
     SlotSync& s = slot_sync_[slot];
     Mark& host_written = group_sync_[gid].host_written;
     if (s.compute_done.recorded) HIFT_CUDA_CHECK(cudaStreamWaitEvent(out_->stream(), s.compute_done.event, 0));
@@ -776,7 +783,7 @@ void PinnedStore::wait_arrival(int64_t slot) {
   const Mark& arrived = slot_sync_[slot].arrived;
   if (arrived.recorded) {
     c10::cuda::CUDAGuard guard(device_);
-    in_->wait_submitted(arrived.ticket);
+    timed(kArrival, [&] { in_->wait_submitted(arrived.ticket); });
     HIFT_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream(device_).stream(), arrived.event, 0));
   }
 #endif
@@ -788,8 +795,10 @@ void PinnedStore::wait_host(int64_t gid) {
   if (!cuda_) return;
   const Mark& host_written = group_sync_[gid].host_written;
   if (host_written.recorded) {
-    out_->wait_submitted(host_written.ticket);
-    HIFT_CUDA_CHECK(cudaEventSynchronize(host_written.event));
+    timed(kHostRead, [&] {
+      out_->wait_submitted(host_written.ticket);
+      HIFT_CUDA_CHECK(cudaEventSynchronize(host_written.event));
+    });
   }
 #endif
 }

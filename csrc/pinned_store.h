@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -117,6 +118,11 @@ class PinnedStore {
   // copy that finished, host-to-device and device-to-host, in issue order (empty on a CPU store).
   void time_copies(int64_t jobs);
   std::pair<std::vector<std::pair<double, size_t>>, std::vector<std::pair<double, size_t>>> copy_times();
+  // Seconds the calling (training) thread has spent blocked on the copiers, by where: "arrival" (an update waiting
+  // until its group's fetch is issued), "in_queue" (a fetch or zero-fill waiting for earlier fetches to be issued),
+  // "writeback_issued" (a fetch waiting until a write-back it depends on is issued), "out_queue" (a write-back
+  // waiting for earlier write-backs to be issued), "host_read" (a host read waiting for a write-back to land).
+  std::vector<std::pair<std::string, double>> copy_waits() const;
 
   int64_t host_bytes() const { return host_bytes_.load(); }
   // Where allocation time went, in seconds: reserving address space (mmap), first touch and pinning
@@ -171,6 +177,14 @@ class PinnedStore {
   int64_t chunk_bytes_;
   std::atomic<int64_t> host_bytes_{0};
   std::atomic<int64_t> map_ns_{0}, touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0};
+  enum CopyWait { kArrival, kInQueue, kWritebackIssued, kOutQueue, kHostRead, kCopyWaits };
+  std::atomic<int64_t> copy_wait_ns_[kCopyWaits] = {};
+  template <class F>
+  void timed(CopyWait site, F&& wait) {  // run wait(), adding its duration to copy_wait_ns_[site]
+    const auto t0 = std::chrono::steady_clock::now();
+    wait();
+    copy_wait_ns_[site] += (std::chrono::steady_clock::now() - t0).count();
+  }
   // Allocation state per group, guarded by alloc_mu_: host_[g] set = ready; claimed_[g] = someone is
   // allocating it (the background thread or a caller).
   std::mutex alloc_mu_;

@@ -162,6 +162,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
     try:
         if copies is not None:
             copies.time_copies(k * (1 + cycles) + 2)
+            waits0 = copies.copy_waits()
         torch.cuda.synchronize()
         if timer is not None:
             timer.start()
@@ -172,7 +173,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         first_copies = None
         if copies is not None:  # the copiers may still be issuing the cycle's last copies: finish them first
             opt.store.synchronize()
-            first_copies = copies.copy_times()
+            first_copies, waits1 = copies.copy_times(), copies.copy_waits()
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
@@ -190,11 +191,14 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
             row["first_cycle_timing"], row["later_timing"] = timer.summary(0, k), timer.summary(k, k + n)
         if copies is not None:
             opt.store.synchronize()
-            done = copies.copy_times()
+            done, waits2 = copies.copy_times(), copies.copy_waits()
             for d in ("h2d", "d2h"):
                 split = len(first_copies[d])
                 row["first_cycle_timing"][d] = copy_summary(done[d], 0, split)
                 row["later_timing"][d] = copy_summary(done[d], split, len(done[d]))
+            # how long a step's host thread was blocked on the copiers, and where (PinnedStore.copy_waits)
+            row["first_cycle_timing"]["host_blocked_on_copies_ms"] = {w: 1e3 * (waits1[w] - waits0[w]) / k for w in waits0}
+            row["later_timing"]["host_blocked_on_copies_ms"] = {w: 1e3 * (waits2[w] - waits1[w]) / n for w in waits0}
         row["recomputed_blocks_per_cycle"] = (getattr(opt, "recomputed_blocks", 0) - recomputed) / cycles
         seconds = time.perf_counter() - t0
         moved = _store_bytes(opt) - stats0

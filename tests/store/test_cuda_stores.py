@@ -243,6 +243,10 @@ def test_native_paced_copy_behind_a_long_wait_is_not_slowed_by_it(depth, monkeyp
     times = store.transport.copy_times()
     assert [b for _, b in times["d2h"]] == [n * 4 for n in numels]
     assert [b for _, b in times["h2d"]] == [numels[0] * 4]
+    # group 1's write-back could be queued only once group 0's was issued, which waited for the sleep: the host
+    # thread was blocked that long (PinnedStore.copy_waits; this is the coupling bench step reports per step)
+    waits = store.transport.copy_waits()
+    assert waits["out_queue"] > 0.05 and set(waits) == {"arrival", "in_queue", "writeback_issued", "out_queue", "host_read"}
     sleep_ms = 100.0
     for ms, nbytes in times["d2h"] + times["h2d"]:
         assert 0.0 < ms < sleep_ms / 4, (ms, nbytes)  # 32 MiB at >= 1.3 GB/s; the sleep alone is >= 100 ms

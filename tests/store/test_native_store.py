@@ -318,6 +318,7 @@ def test_copy_timing_on_a_cpu_store_times_nothing(native):
     store.time_copies(4)
     store.writeback(0, 0)
     assert store.copy_times() == {"h2d": [], "d2h": []}
+    assert store.copy_waits() == {"arrival": 0.0, "in_queue": 0.0, "writeback_issued": 0.0, "out_queue": 0.0, "host_read": 0.0}
     with pytest.raises(ValueError, match="jobs must be >= 0, got -1"):
         store.time_copies(-1)
     store.close()
