@@ -85,7 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             for (const auto& [name, seconds] : s.copy_waits()) d[py::str(name)] = seconds;
             return d;
           },
-          "Seconds the calling thread spent blocked on the copiers, by where: 'arrival' (an update waiting until its "
+          "Seconds the threads calling the store spent blocked on the copiers (summed), by where: 'arrival' (an update waiting until its "
           "group's fetch was issued), 'in_queue', 'writeback_issued', 'out_queue', 'host_read' (0 on a CPU store).")
       .def_property_readonly("host_bytes", &S::host_bytes, "Host bytes reserved (whole pages).")
       .def_property_readonly("pin_context_active", &S::pin_context_active,

@@ -118,7 +118,8 @@ class PinnedStore {
   // copy that finished, host-to-device and device-to-host, in issue order (empty on a CPU store).
   void time_copies(int64_t jobs);
   std::pair<std::vector<std::pair<double, size_t>>, std::vector<std::pair<double, size_t>>> copy_times();
-  // Seconds the calling (training) thread has spent blocked on the copiers, by where: "arrival" (an update waiting
+  // Seconds the threads calling the store (in training, the one that steps) have spent blocked on the copiers, summed
+  // over them, by where: "arrival" (an update waiting
   // until its group's fetch is issued), "in_queue" (a fetch or zero-fill waiting for earlier fetches to be issued),
   // "writeback_issued" (a fetch waiting until a write-back it depends on is issued), "out_queue" (a write-back
   // waiting for earlier write-backs to be issued), "host_read" (a host read waiting for a write-back to land).
@@ -183,7 +184,7 @@ class PinnedStore {
   void timed(CopyWait site, F&& wait) {  // run wait(), adding its duration to copy_wait_ns_[site]
     const auto t0 = std::chrono::steady_clock::now();
     wait();
-    copy_wait_ns_[site] += (std::chrono::steady_clock::now() - t0).count();
+    copy_wait_ns_[site] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
   }
   // Allocation state per group, guarded by alloc_mu_: host_[g] set = ready; claimed_[g] = someone is
   // allocating it (the background thread or a caller).

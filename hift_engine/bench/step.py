@@ -160,9 +160,9 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
     copies = getattr(getattr(opt, "store", None), "transport", None)
     copies = copies if hasattr(copies, "time_copies") else None
     try:
-        if copies is not None:
+        if copies is not None:  # copies are split between the cycles by how many each submitted (store stats)
             copies.time_copies(k * (1 + cycles) + 2)
-            waits0 = copies.copy_waits()
+            waits0, jobs0 = copies.copy_waits(), _copy_jobs(opt)
         torch.cuda.synchronize()
         if timer is not None:
             timer.start()
@@ -170,10 +170,8 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         _loop(model, opt, batches, k, args.head_chunk_tokens, timer)  # the first cycle: zero fills, compilation, host buffers
         torch.cuda.synchronize()
         first_ms = 1e3 * (time.perf_counter() - t0) / k
-        first_copies = None
-        if copies is not None:  # the copiers may still be issuing the cycle's last copies: finish them first
-            opt.store.synchronize()
-            first_copies, waits1 = copies.copy_times(), copies.copy_waits()
+        if copies is not None:  # no drain here: the later cycles start with the last write-back in flight, as in training
+            waits1, jobs1 = copies.copy_waits(), _copy_jobs(opt)
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
             row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
@@ -187,20 +185,21 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
         recomputed = getattr(opt, "recomputed_blocks", 0)
         _loop(model, opt, batches, n, args.head_chunk_tokens, timer)
         torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
         if timer is not None:
             row["first_cycle_timing"], row["later_timing"] = timer.summary(0, k), timer.summary(k, k + n)
         if copies is not None:
-            opt.store.synchronize()
-            done, waits2 = copies.copy_times(), copies.copy_waits()
+            waits2 = copies.copy_waits()
+            opt.store.synchronize()  # every timed copy finished (after the window's clock stopped)
+            done = copies.copy_times()
             for d in ("h2d", "d2h"):
-                split = len(first_copies[d])
+                split, stop = jobs1[d] - jobs0[d], _copy_jobs(opt)[d] - jobs0[d]
                 row["first_cycle_timing"][d] = copy_summary(done[d], 0, split)
-                row["later_timing"][d] = copy_summary(done[d], split, len(done[d]))
+                row["later_timing"][d] = copy_summary(done[d], split, stop)
             # how long a step's host thread was blocked on the copiers, and where (PinnedStore.copy_waits)
             row["first_cycle_timing"]["host_blocked_on_copies_ms"] = {w: 1e3 * (waits1[w] - waits0[w]) / k for w in waits0}
             row["later_timing"]["host_blocked_on_copies_ms"] = {w: 1e3 * (waits2[w] - waits1[w]) / n for w in waits0}
         row["recomputed_blocks_per_cycle"] = (getattr(opt, "recomputed_blocks", 0) - recomputed) / cycles
-        seconds = time.perf_counter() - t0
         moved = _store_bytes(opt) - stats0
         row.update(
             step_ms=1e3 * seconds / n, first_cycle_step_ms=first_ms, first_over_later=first_ms / (1e3 * seconds / n),
@@ -228,6 +227,11 @@ def _printable(row: dict) -> dict:
     def short(v):
         return {k: short(x) for k, x in v.items() if k not in ("per_step", "per_copy_ms")} if isinstance(v, dict) else v
     return {k: short(v) for k, v in row.items() if k != "trace_summary"}
+
+
+def _copy_jobs(opt) -> dict:
+    """Copier jobs the store has submitted so far, per direction (a fetch or a write-back is one job each)."""
+    return {"h2d": opt.store.stats.fetches, "d2h": opt.store.stats.writebacks}
 
 
 def _store_bytes(opt) -> int:
