@@ -130,8 +130,9 @@ void PacedCopier::wait_piece(uint64_t k) {
   if (p.first_of_job) {
     // A job's first pieces (as many as are in flight at once) run only once the stream has passed the job's
     // dependency (the update a write-back copies out, the write-back out of the slot a fetch fills), which can take
-    // a whole step: poll them gently, and learn nothing from their time. Taking that time as the piece's own made the next pieces sleep for it, each
-    // only 10% less than the last, so one write-back behind a 100 ms update took 427 ms instead of 0.7.
+    // a whole step: poll them gently, and learn nothing from their time. Taking that time as the piece's own made
+    // the next pieces sleep for it, each only 10% less than the last, so one write-back behind a 100 ms update
+    // took 427 ms instead of 0.7.
     while ((st = cudaEventQuery(p.done)) == cudaErrorNotReady) std::this_thread::sleep_for(std::chrono::microseconds(20));
     HIFT_CUDA_CHECK(st);
     return;

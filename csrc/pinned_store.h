@@ -118,9 +118,9 @@ class PinnedStore {
   // copy that finished, host-to-device and device-to-host, in issue order (empty on a CPU store).
   void time_copies(int64_t jobs);
   std::pair<std::vector<std::pair<double, size_t>>, std::vector<std::pair<double, size_t>>> copy_times();
-  // Seconds the threads calling the store (in training, the one that steps) have spent blocked on the copiers, summed
-  // over them, by where: "arrival" (an update waiting
-  // until its group's fetch is issued), "in_queue" (a fetch or zero-fill waiting for earlier fetches to be issued),
+  // Seconds the threads calling the store (in training, the one that steps) have spent blocked on the copiers,
+  // summed over them, by where: "arrival" (an update waiting until its group's fetch is issued), "in_queue" (a
+  // fetch or zero-fill waiting for earlier fetches to be issued),
   // "writeback_issued" (a fetch waiting until a write-back it depends on is issued), "out_queue" (a write-back
   // waiting for earlier write-backs to be issued), "host_read" (a host read waiting for a write-back to land).
   std::vector<std::pair<std::string, double>> copy_waits() const;

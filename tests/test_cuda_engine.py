@@ -47,6 +47,16 @@ def test_triton_single_group_tracks_torch_adamw():
     torch.testing.assert_close(list(model.parameters()), list(ref.parameters()), rtol=1e-4, atol=1e-5)
 
 
+def _step_refusing_syncs(opt):
+    """opt.step() and zero_grad() with torch raising on any host sync they make."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_step_makes_no_host_sync():
     model = tiny_llama(layers=3, hidden=64, device="cuda")
     opt = HiFTOptimizer(model, "adamw", lr=1e-3, max_grad_norm=1.0, state_store="native")
@@ -56,12 +66,7 @@ def test_step_makes_no_host_sync():
         opt.zero_grad()
     for step in range(opt.num_groups):
         model(**lm_batch(seed=step, device="cuda")).loss.backward()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-            opt.zero_grad()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        _step_refusing_syncs(opt)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
@@ -77,14 +82,8 @@ def test_first_cycle_makes_no_host_sync(store, precision):
     opt = HiFTOptimizer(model, "adamw", lr=1e-3, **kw)
     torch.cuda.synchronize()
     for step in range(opt.num_groups + 1):
-        loss = model(**lm_batch(seed=step, device="cuda")).loss
-        loss.backward()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-            opt.zero_grad()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        model(**lm_batch(seed=step, device="cuda")).loss.backward()
+        _step_refusing_syncs(opt)
     torch.cuda.synchronize()
     opt.close()
 

@@ -37,17 +37,18 @@ class StepTimer:
         self._origin.record(torch.cuda.current_stream(self.device))
         self._origin_host = time.perf_counter()
 
-    def begin(self) -> None:
+    def _mark(self, end: str) -> dict:
+        """An event on the device's current stream and the host clocks now, keyed e0/t0/c0/sw0 (or ...1)."""
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
-        ru = resource.getrusage(_RUSAGE)
-        self.steps.append({"t0": time.perf_counter(), "c0": time.thread_time(), "e0": event, "sw0": ru.ru_nivcsw})
+        switches = resource.getrusage(_RUSAGE).ru_nivcsw
+        return {f"e{end}": event, f"t{end}": time.perf_counter(), f"c{end}": time.thread_time(), f"sw{end}": switches}
+
+    def begin(self) -> None:
+        self.steps.append(self._mark("0"))
 
     def end(self) -> None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        ru = resource.getrusage(_RUSAGE)
-        self.steps[-1].update(t1=time.perf_counter(), c1=time.thread_time(), e1=event, sw1=ru.ru_nivcsw)
+        self.steps[-1].update(self._mark("1"))
 
     def summary(self, first: int, stop: int) -> dict:
         """Means over steps [first, stop) (synchronize the device first), and the per-step lists."""
