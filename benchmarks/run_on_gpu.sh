@@ -53,6 +53,7 @@
 #   steptimes where the first cycle's extra time goes (per-step GPU/host timings, GPU-timed copies): defaults,
 #             HIFT_PACE_POLL=spin, HIFT_ALLOC_SCHED=idle in turn twice, then --prepin; after the CUDA store tests
 #             (at 596c1e4; the two settings changed nothing and were removed, so they are ignored now)
+#   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
 #             and the pacer learning nothing from a job's first piece; bf16-mixed batch 1; fp32 batch 1
@@ -421,6 +422,12 @@ elif [ "$stage" = blocked ]; then
     run timeout 150 $step --out "$OUT"
     MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 run timeout 150 $step --out "$OUT"
   done
+elif [ "$stage" = firststep ]; then
+  # where the offloaded first step waits: its phases' host times and cudaMalloc counts, a stack sample, variants
+  # (benchmarks/first_step_probe.py)
+  ensure_installed
+  warm_host
+  run timeout 300 $py benchmarks/first_step_probe.py --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed
