@@ -10,6 +10,8 @@ with how many device segments the caching allocator mapped (cudaMalloc calls) in
   warm-cache    the caching allocator's cache kept from a first offloaded run (no cudaMalloc in the first step)
   prepin        every host buffer pinned before the first step
   piece64       HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations)
+  no-hold       HIFT_PIN_FIRST=-1: every buffer pinned from construction (the behaviour before 'default' held all but
+                the first until the first update; at 88111c5 'default' was this)
 A thread samples the training thread's Python stack every millisecond during the default variant's first step,
 and prints where the time went. Writes first-step-probe-<time>.json to --out.
 """
@@ -138,6 +140,9 @@ def main() -> None:
     os.environ["HIFT_REGISTER_PIECE_MIB"] = "64"
     rows.append(variant(model, "piece64", batches, dev))
     del os.environ["HIFT_REGISTER_PIECE_MIB"]
+    os.environ["HIFT_PIN_FIRST"] = "-1"
+    rows.append(variant(model, "no-hold", batches, dev))
+    del os.environ["HIFT_PIN_FIRST"]
     rows.append(variant(model, "default-again", batches, dev))
     for r in rows:
         f, l = r["first_step"], r["later_step"]

@@ -53,6 +53,8 @@
 #   steptimes where the first cycle's extra time goes (per-step GPU/host timings, GPU-timed copies): defaults,
 #             HIFT_PACE_POLL=spin, HIFT_ALLOC_SCHED=idle in turn twice, then --prepin; after the CUDA store tests
 #             (at 596c1e4; the two settings changed nothing and were removed, so they are ignored now)
+#   pinhold   the CUDA tests, then 7B bf16-mixed batch 4 first cycles with pinning held until the first update against
+#             HIFT_PIN_FIRST=-1 (every buffer from construction), in turn; bf16-mixed and fp32 batch 1
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -428,6 +430,19 @@ elif [ "$stage" = firststep ]; then
   ensure_installed
   warm_host
   run timeout 300 $py benchmarks/first_step_probe.py --out "$OUT"
+elif [ "$stage" = pinhold ]; then
+  # pinning held after the first buffer until the first update (HIFT_PIN_FIRST=1, the default) against pinning every
+  # buffer from construction (-1, the earlier behaviour), in turn, after the CUDA store/engine/bench tests
+  ensure_installed
+  run timeout 200 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py tests/test_bench.py -m cuda -rs
+  warmed_first_cycle
+  for i in 1 2; do
+    run timeout 150 $step --out "$OUT"
+    HIFT_PIN_FIRST=-1 run timeout 150 $step --out "$OUT"
+  done
+  run timeout 150 $step --out "$OUT"
+  run timeout 150 $step_7b --batch 1 --precision bf16-mixed --out "$OUT"
+  run timeout 200 $first_cycle_fp32_b1 --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed

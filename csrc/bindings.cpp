@@ -45,8 +45,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait_host", &S::wait_host, py::arg("gid"), release(),
            "Block until a group's host buffer holds its latest write-back.")
       .def("synchronize", &S::synchronize, release(), "Block until every copy in flight finished (no-op once closed).")
-      .def("wait_allocated", &S::wait_allocated, release(),
-           "Block until the background thread has allocated every group's host buffer (or stopped).")
+      .def("wait_allocated", &S::wait_allocated, py::arg("count") = -1, release(),
+           "Block until the background thread has allocated the first `count` host buffers of alloc_order (default: "
+           "every one), or stopped; asking for more than pin_first starts the pinning of the rest.")
+      .def("start_pinning", &S::start_pinning, release(),
+           "Let the background allocator pin the buffers after the first pin_first (held until now so that pinning, "
+           "which takes a driver lock cudaMalloc takes too, does not slow a first forward's allocations). Idempotent.")
+      .def_property_readonly("pin_first", &S::pin_first,
+                             "Buffers pinned from construction; the rest wait for start_pinning() (-1: none wait).")
       .def("close", &S::close, release(), "Finish copies; release streams, events and host memory (idempotent).")
       .def(
           "alloc_stats",
@@ -57,13 +63,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             d["touch_s"] = a.touch_s;
             d["register_s"] = a.register_s;
             d["wait_s"] = a.wait_s;
+            d["held_s"] = a.held_s;
             d["waits"] = a.waits;
             d["touch_threads"] = a.touch_threads;
             d["touch_leads"] = a.touch_leads;
             return d;
           },
           "Seconds spent reserving address space, on first touch and on pinning (summed over threads), and how long (and how often) "
-          "callers waited for a host buffer that was not ready; per buffer the background thread touched, its touch threads and "
+          "callers waited for a host buffer that was not ready, how long pinning was held for start_pinning(); per buffer the background thread touched, its touch threads and "
           "its lead (buffers callers had yet to ask for before it).")
       .def("time_copies", &S::time_copies, py::arg("jobs"), py::call_guard<py::gil_scoped_release>(),
            "Diagnostics: time the next `jobs` copies of each direction on the GPU (no-op on a CPU store).")

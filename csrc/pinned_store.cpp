@@ -190,8 +190,11 @@ Tuning Tuning::from_env() {
   t.register_piece_mib = env_int("HIFT_REGISTER_PIECE_MIB", t.register_piece_mib);
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
+  t.pin_first = env_int("HIFT_PIN_FIRST", t.pin_first);
   if (const char* v = std::getenv("HIFT_TOUCH_CPUS"); v != nullptr && *v != '\0') t.touch_cpus = parse_cpu_list(v);
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
+  HIFT_CHECK(t.pin_first >= -1, "HIFT_PIN_FIRST must be >= -1 (-1: pin every buffer from construction), got ",
+             t.pin_first);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
   HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
@@ -467,6 +470,35 @@ bool PinnedStore::claim_next(size_t& pos, int64_t& gid) {
   return false;
 }
 
+// Pinning (cudaHostRegister, from the pinning context as from the primary one) takes a driver lock that cudaMalloc
+// takes too, and a first forward maps hundreds of new device segments (271 cudaMalloc calls at 7B bf16-mixed batch
+// 4). With buffer after buffer being pinned beside it, that forward took 0.35-5.8 s instead of 0.05-0.13 s on an
+// H200, which was the whole of the first cycle's excess over later ones (benchmarks/first_step_probe.py,
+// firststep-88111c5.log); later steps map almost nothing. So the background allocator pins only the first
+// pin_first buffers (the first write-back's) from construction, and the rest once the first update begins
+// (start_pinning(): the forward's allocations are done by then). It keeps touching meanwhile (no driver lock), up
+// to four buffers past the first. A caller that needs a held buffer lifts the hold (buffer(), wait_allocated()).
+bool PinnedStore::may_pin() {
+  std::unique_lock<std::mutex> lock(alloc_mu_);
+  auto open = [this] {
+    return stop_alloc_ || pinning_started_ || tuning_.pin_first < 0 || pinned_in_background_ < tuning_.pin_first;
+  };
+  if (!open()) {
+    const auto t0 = Clock::now();
+    alloc_cv_.wait(lock, open);
+    held_ns_ += nanoseconds_since(t0);
+  }
+  if (stop_alloc_) return false;
+  ++pinned_in_background_;
+  return true;
+}
+
+void PinnedStore::start_pinning() {
+  std::lock_guard<std::mutex> lock(alloc_mu_);
+  pinning_started_ = true;
+  alloc_cv_.notify_all();
+}
+
 void PinnedStore::publish(int64_t gid, std::shared_ptr<HostBuffer> buf) {
   std::lock_guard<std::mutex> lock(alloc_mu_);
   if (buf) {
@@ -500,8 +532,12 @@ void PinnedStore::allocate_one_by_one() {
   while (claim_next(pos, g)) {
     std::shared_ptr<HostBuffer> buf;
     try {
-      buf = allocate(g, /*background=*/true);
+      buf = reserve(g);
+      touch(*buf, touch_threads(/*background=*/true), /*background=*/true);
+      if (may_pin()) pin(*buf);
+      else buf.reset();  // stopping
     } catch (const std::exception&) {
+      buf.reset();
     }
     publish(g, std::move(buf));
   }
@@ -533,11 +569,7 @@ void PinnedStore::allocate_in_two_stages() {
           queue.pop_front();
         }
         queue_cv.notify_all();
-        bool stopping;
-        {
-          std::lock_guard<std::mutex> lock(alloc_mu_);
-          stopping = stop_alloc_;
-        }
+        const bool stopping = !may_pin();  // (waits while pinning is held)
         try {
           if (!stopping) pin(*item.second);
           else item.second.reset();
@@ -595,12 +627,23 @@ void PinnedStore::stop_allocator() {
     std::lock_guard<std::mutex> lock(alloc_mu_);
     stop_alloc_ = true;
   }
+  alloc_cv_.notify_all();  // a pinning thread held in may_pin()
   if (allocator_.joinable()) allocator_.join();
 }
 
-void PinnedStore::wait_allocated() {
+void PinnedStore::wait_allocated(int64_t count) {
   std::unique_lock<std::mutex> lock(alloc_mu_);
-  alloc_cv_.wait(lock, [this] { return allocator_done_; });
+  const size_t n = count < 0 ? alloc_order_.size() : std::min(static_cast<size_t>(count), alloc_order_.size());
+  if (tuning_.pin_first >= 0 && static_cast<int64_t>(n) > tuning_.pin_first) {  // beyond the hold: lift it
+    pinning_started_ = true;
+    alloc_cv_.notify_all();
+  }
+  alloc_cv_.wait(lock, [&] {
+    if (allocator_done_) return true;
+    for (size_t i = 0; i < n; ++i)
+      if (!host_[alloc_order_[i]]) return false;
+    return true;
+  });
 }
 
 void PinnedStore::time_copies(int64_t jobs) {
@@ -646,6 +689,10 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   } count{this, t0};
   {
     std::unique_lock<std::mutex> lock(alloc_mu_);
+    if (claimed_[gid] && !pinning_started_) {  // the background allocator has it, perhaps held before pinning
+      pinning_started_ = true;
+      alloc_cv_.notify_all();
+    }
     alloc_cv_.wait(lock, [&] { return host_[gid] || !claimed_[gid]; });  // being allocated: wait for it
     if (host_[gid]) return host_[gid];
     claimed_[gid] = 1;
@@ -685,7 +732,7 @@ int64_t PinnedStore::pin_context_bytes() const {
 PinnedStore::AllocStats PinnedStore::alloc_stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   return {map_ns_.load() * 1e-9, touch_ns_.load() * 1e-9, register_ns_.load() * 1e-9, wait_ns_.load() * 1e-9,
-          waits_.load(), touch_threads_used_, touch_leads_};
+          held_ns_.load() * 1e-9, waits_.load(), touch_threads_used_, touch_leads_};
 }
 
 at::Tensor PinnedStore::host(int64_t gid) {

@@ -68,6 +68,8 @@ struct Tuning {
   std::vector<int> touch_cpus;          // HIFT_TOUCH_CPUS: CPUs the background allocator's threads run on (empty: any)
   int64_t alloc_stages = 2;             // HIFT_ALLOC_STAGES: 2 touches the next buffer while a second thread pins
                                         // the last one; 1 touches then pins each buffer in turn
+  int64_t pin_first = 1;                // HIFT_PIN_FIRST: buffers the background allocator pins from construction;
+                                        // the rest wait for start_pinning() (-1: all from construction)
   static Tuning from_env();
 };
 
@@ -113,7 +115,14 @@ class PinnedStore {
   void wait_host(int64_t gid);
   void synchronize();  // a no-op once closed
   void close();        // idempotent
-  void wait_allocated();  // block until the background thread has allocated every buffer (or stopped)
+  // Block until the background thread has allocated the first `count` buffers of alloc_order (count < 0: every
+  // buffer), or stopped. Asking for more than pin_first() starts the pinning of the rest.
+  void wait_allocated(int64_t count = -1);
+  // The background allocator pins the first pin_first() buffers of alloc_order from construction and holds the
+  // rest until start_pinning() (or until a caller needs one of them): pinning takes a driver lock that the training
+  // thread's cudaMalloc calls also take, and a first forward makes hundreds of those (see the .cpp). Idempotent.
+  void start_pinning();
+  int64_t pin_first() const { return tuning_.pin_first; }
   // Diagnostics: time the next `jobs` copies of each direction on the GPU; copy_times(): (ms, bytes) of each timed
   // copy that finished, host-to-device and device-to-host, in issue order (empty on a CPU store).
   void time_copies(int64_t jobs);
@@ -131,8 +140,9 @@ class PinnedStore {
   // how long callers (write-backs, loads) waited for a buffer that was not ready; waits counts those calls (a
   // failed allocation is one too). For each buffer the two-stage background thread touched, in its order: the
   // first-touch threads it used and its lead then (how many buffers before it callers had yet to ask for).
+  // held_s: how long the pinning thread waited for start_pinning() with a touched buffer in hand.
   struct AllocStats {
-    double map_s, touch_s, register_s, wait_s;
+    double map_s, touch_s, register_s, wait_s, held_s;
     int64_t waits;
     std::vector<int64_t> touch_threads, touch_leads;
   };
@@ -162,6 +172,7 @@ class PinnedStore {
   std::shared_ptr<HostBuffer> ready_buffer(int64_t gid);  // gid's buffer once it holds state, else nullptr
   void allocate_in_background();
   bool claim_next(size_t& pos, int64_t& gid);  // next unclaimed group in alloc_order_ from pos, claimed; false: stop
+  bool may_pin();  // the background allocator's turn to pin one more buffer (waits for start_pinning); false: stop
   void publish(int64_t gid, std::shared_ptr<HostBuffer> buf);  // buf null: allocation failed, stop the thread
   void allocate_in_two_stages();
   void allocate_one_by_one();
@@ -177,7 +188,7 @@ class PinnedStore {
   Tuning tuning_;
   int64_t chunk_bytes_;
   std::atomic<int64_t> host_bytes_{0};
-  std::atomic<int64_t> map_ns_{0}, touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0};
+  std::atomic<int64_t> map_ns_{0}, touch_ns_{0}, register_ns_{0}, wait_ns_{0}, waits_{0}, held_ns_{0};
   enum CopyWait { kArrival, kInQueue, kWritebackIssued, kOutQueue, kHostRead, kCopyWaits };
   std::atomic<int64_t> copy_wait_ns_[kCopyWaits] = {};
   template <class F>
@@ -198,6 +209,8 @@ class PinnedStore {
   mutable std::mutex stats_mu_;   // guards the two below
   std::vector<int64_t> touch_threads_used_, touch_leads_;
   bool stop_alloc_ = false;
+  bool pinning_started_ = false;  // start_pinning() (or a caller's need) lifted the hold after pin_first buffers
+  int64_t pinned_in_background_ = 0;  // buffers the background allocator has begun to pin
   bool allocator_done_ = true;
   std::thread allocator_;
   bool cuda_ = false;

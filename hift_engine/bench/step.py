@@ -101,7 +101,7 @@ def _loop(model, opt, batches, steps, head_chunk_tokens=0, timer=None):
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure")
 # The native store's diagnostic settings (docs/design.md, "Diagnostic settings"), read when a store is built.
 STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC", "HIFT_PACE_DEPTH",
-                     "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS", "HIFT_TOUCH_THREADS")
+                     "HIFT_PIN_FIRST", "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS", "HIFT_TOUCH_THREADS")
 
 
 def hift_precision(precision: str) -> str:
@@ -174,7 +174,8 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
             waits1, jobs1 = copies.copy_waits(), _copy_jobs(opt)
         alloc = getattr(getattr(opt, "store", None), "alloc_stats", lambda: None)()
         if alloc is not None:  # the native store: what pinning host memory cost the first cycle
-            row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
+            row.update(first_cycle_alloc_wait_s=alloc["wait_s"], alloc_pin_held_s=alloc["held_s"],
+                       alloc_map_s=alloc["map_s"], alloc_touch_s=alloc["touch_s"],
                        alloc_register_s=alloc["register_s"], pin_context=alloc["pin_context"],
                        pin_context_mib=alloc["pin_context_bytes"] / 2**20,
                        alloc_touch_threads=alloc["touch_threads"], alloc_touch_leads=alloc["touch_leads"])

@@ -61,6 +61,12 @@ class OffloadStore(StateStore):
         slot_numel = max(self.numels) if self.numels else 0
         self.slots = [torch.empty(slot_numel, dtype=torch.float32, device=self.device) for _ in range(num_slots)]
         self.transport = _open_transport(transport, self.slots, self.numels, chunk_bytes, alloc_order, pin_context)
+        # The native store pins the first write-back's buffer now and holds the rest until the first update (its
+        # pinning would slow the first forward's cudaMalloc calls: PinnedStore::may_pin in csrc/pinned_store.cpp).
+        first = getattr(self.transport, "pin_first", 0)
+        if first > 0:
+            self.transport.wait_allocated(first)
+        self._pinning_started = False
         self.stats.device_bytes = slot_numel * 4 * num_slots
         self._slot_gid: list[int | None] = [None] * num_slots
         self._dirty = [False] * num_slots  # device copy newer than host copy
@@ -111,6 +117,11 @@ class OffloadStore(StateStore):
         self._slot_gid[s] = gid
 
     def activate(self, gid: int) -> tuple[Tensor, bool]:
+        if not self._pinning_started:  # the first update: the first forward's device allocations are done
+            self._pinning_started = True
+            start = getattr(self.transport, "start_pinning", None)
+            if start is not None:
+                start()
         s = self._slot_of(gid)
         if s is None:  # not prefetched (first step, or after load_state): bring it in now
             self.prefetch(gid)
@@ -183,7 +194,8 @@ class OffloadStore(StateStore):
 
     def wait_allocated(self) -> None:
         """Block until every group's host buffer is allocated and pinned (the native store pins them in the
-        background from construction; the torch transport allocates on first use, so there is nothing to wait for)."""
+        background: the first from construction, the rest from the first update or from this call; the torch
+        transport allocates on first use, so there is nothing to wait for)."""
         wait = getattr(self.transport, "wait_allocated", None)
         if wait is not None:
             wait()

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_alloc_stats_count_the_callers_waits(native, monkeypatch):
     monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")
     numels = [2_000_000, 3_000_000]
     store = native.PinnedStore(numels, [torch.zeros(max(numels))])
-    assert store.alloc_stats() == {"map_s": 0.0, "touch_s": 0.0, "register_s": 0.0, "wait_s": 0.0, "waits": 0,
+    assert store.alloc_stats() == {"map_s": 0.0, "touch_s": 0.0, "register_s": 0.0, "wait_s": 0.0, "held_s": 0.0, "waits": 0,
                                    "touch_threads": [], "touch_leads": []}
     store.writeback(0, 0)
     store.writeback(1, 0)
@@ -91,6 +93,79 @@ def test_background_allocation_takes_every_buffer_once(native, monkeypatch, env)
             assert torch.equal(slots[1][: numels[g]], torch.full((numels[g],), float(g)))
         store.close()
         assert store.host_bytes == 0
+
+
+def published_after(store, seconds: float) -> int:
+    """host_bytes once the background thread had `seconds` to go on (a buffer counts once it is published, pinned
+    on CUDA; this CPU build pins nothing but passes the same gate)."""
+    time.sleep(seconds)
+    return store.host_bytes
+
+
+@pytest.mark.parametrize("env", ALLOCATORS, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()) or "default")
+def test_pinning_past_the_first_buffer_waits_for_start_pinning(native, monkeypatch, env):
+    """Pinning takes the driver lock a first forward's cudaMalloc calls take, so the background thread pins the first
+    buffer (the first write-back's) from construction and holds the rest until start_pinning(): it keeps touching
+    meanwhile, a few buffers ahead. Before this hold every buffer was ready long before 0.3 s."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    buf = 4 << 20
+    store = native.PinnedStore([1 << 20] * 8, [torch.empty(1 << 20)])
+    assert store.pin_first == 1
+    store.wait_allocated(1)
+    assert published_after(store, 0.3) == buf  # the first buffer only
+    touched = len(store.alloc_stats()["touch_threads"])
+    if env.get("HIFT_ALLOC_STAGES") != "1":  # (the serial allocator records no touch statistics)
+        assert 2 <= touched <= 5  # touched ahead (up to four past the first), not pinned
+    store.start_pinning()
+    store.start_pinning()  # idempotent
+    store.wait_allocated()
+    assert store.host_bytes == 8 * buf
+    assert store.alloc_stats()["held_s"] >= 0.25
+    store.close()
+
+
+@pytest.mark.parametrize("first, published", [(-1, 6), (0, 0), (2, 2)])
+def test_pin_first_setting(native, monkeypatch, first, published):
+    """HIFT_PIN_FIRST: how many buffers are pinned before start_pinning() (-1: all of them, the earlier behaviour)."""
+    monkeypatch.setenv("HIFT_PIN_FIRST", str(first))
+    store = native.PinnedStore([1 << 20] * 6, [torch.empty(1 << 20)])
+    assert store.pin_first == first
+    if first > 0:
+        store.wait_allocated(first)
+    else:
+        time.sleep(0.1 if first < 0 else 0.0)
+    assert published_after(store, 0.3) == published * (4 << 20)
+    store.close()
+
+
+@pytest.mark.parametrize("need", ["writeback", "host", "wait_allocated"])
+def test_a_caller_needing_a_held_buffer_lifts_the_hold(native, need):
+    """A write-back, a host read or wait_allocated(n) beyond the first buffer before start_pinning() must not wait
+    for a hold nobody lifts: it lifts it (in a thread, so that a hang fails the test instead of stalling it)."""
+    store = native.PinnedStore([1 << 20] * 6, [torch.zeros(1 << 20)])
+    store.wait_allocated(1)
+    time.sleep(0.1)  # the thread has claimed and touched the next buffers and holds them before pinning
+    call = {"writeback": lambda: store.writeback(1, 0), "host": lambda: store.host(2),
+            "wait_allocated": lambda: store.wait_allocated(3)}[need]
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), f"{need} waited on a buffer held before pinning"
+    store.wait_allocated()
+    assert store.host_bytes == 6 * (4 << 20)
+    store.close()
+
+
+def test_close_while_pinning_is_held(native):
+    """close() with the pinning thread held (buffers touched, not pinned) stops it and frees what it held."""
+    for _ in range(3):
+        store = native.PinnedStore([1 << 20] * 8, [torch.empty(1 << 20)])
+        store.wait_allocated(1)
+        time.sleep(0.05)
+        store.close()
+        assert store.host_bytes == 0
+        store.wait_allocated()  # returns: the thread has stopped
 
 
 def paced_threads(lead: int) -> int:
@@ -294,6 +369,7 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_REGISTER_PIECE_MIB", "-1", "HIFT_REGISTER_PIECE_MIB must be >= 0, got -1"),
         ("HIFT_ALLOC_NICE", "20", r"HIFT_ALLOC_NICE must be in \[0, 19\], got 20"),
         ("HIFT_ALLOC_STAGES", "3", "HIFT_ALLOC_STAGES must be 1 or 2, got 3"),
+        ("HIFT_PIN_FIRST", "-2", r"HIFT_PIN_FIRST must be >= -1 \(-1: pin every buffer from construction\), got -2"),
         ("HIFT_ALLOC_STAGES", "two", "HIFT_ALLOC_STAGES must be an integer, got 'two'"),
         ("HIFT_TOUCH_CPUS", "8-", "HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' .*got '8-'"),
         ("HIFT_TOUCH_CPUS", "3-1", "HIFT_TOUCH_CPUS must be a CPU list .*got '3-1'"),

@@ -5,6 +5,7 @@ tests/store/test_cuda_stores.py runs the same protocol on CUDA with streams and 
 """
 
 import random
+import time
 
 import pytest
 import torch
@@ -115,3 +116,18 @@ def test_release_without_activate_is_an_error(transport):
     store = OffloadStore([4], "cpu", **transport)
     with pytest.raises(RuntimeError, match="call activate"):
         store.release(0, keep=False)
+
+
+def test_the_first_update_starts_pinning_the_other_buffers():
+    """The native store holds every buffer after the first one's before pinning until the store's first activation
+    (the first update: the first forward's device allocations are done); then the rest come without being asked."""
+    numels = [1 << 18] * 6
+    store = OffloadStore(numels, "cpu", transport="native")
+    time.sleep(0.2)
+    assert store.transport.host_bytes == 1 << 20  # the first write-back's buffer, waited for at construction
+    store.activate(0)
+    deadline = time.monotonic() + 20
+    while store.transport.host_bytes < 6 << 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.transport.host_bytes == 6 << 20
+    store.close()
