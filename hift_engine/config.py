@@ -93,9 +93,10 @@ class HiFTConfig:
                       whole group's state on the same copy engine. 0: one copy per transfer (the torch
                       store always does that).
     pin_context:      the native store pins its host buffers from a second CUDA context of the device, so that
-                      pinning (seconds of it, in the background during the first cycle) never holds up the
-                      training thread's CUDA calls: 7B bf16-mixed batch 4's first cycle ran at 1.05-1.32x later
-                      ones instead of 1.46-1.73x. It costs that context's device memory for the whole run, outside
+                      pinning (seconds of it, in the background during the first cycle) does not hold up the
+                      training thread's launches and copies: 7B bf16-mixed batch 4's first cycle ran at 1.05-1.32x
+                      later ones instead of 1.46-1.73x (cudaMalloc still waits for it, so the store pins only the
+                      first write-back's buffer before the first update). It costs that context's device memory for the whole run, outside
                       torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while it is made); the
                       "auto" plans that read the device's free memory make it first, so they plan around it. False
                       pins in the process's own context (no extra memory; a slower first cycle).
