@@ -70,8 +70,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return d;
           },
           "Seconds spent reserving address space, on first touch and on pinning (summed over threads), and how long (and how often) "
-          "callers waited for a host buffer that was not ready, how long pinning was held for start_pinning(); per buffer the background thread touched, its touch threads and "
-          "its lead (buffers callers had yet to ask for before it).")
+          "callers waited for a host buffer that was not ready, how long pinning was held for start_pinning(); per "
+          "buffer the background thread touched, its touch threads and its lead (buffers callers had yet to ask for "
+          "before it).")
       .def("time_copies", &S::time_copies, py::arg("jobs"), py::call_guard<py::gil_scoped_release>(),
            "Diagnostics: time the next `jobs` copies of each direction on the GPU (no-op on a CPU store).")
       .def(

@@ -462,6 +462,7 @@ bool PinnedStore::claim_next(size_t& pos, int64_t& gid) {
   std::lock_guard<std::mutex> lock(alloc_mu_);
   while (pos < alloc_order_.size() && !stop_alloc_) {
     const int64_t g = alloc_order_[pos++];
+    scanned_ = std::max(scanned_, pos);
     if (claimed_[g]) continue;  // a caller needed it first
     claimed_[g] = 1;
     gid = g;
@@ -472,12 +473,14 @@ bool PinnedStore::claim_next(size_t& pos, int64_t& gid) {
 
 // Pinning (cudaHostRegister, from the pinning context as from the primary one) takes a driver lock that cudaMalloc
 // takes too, and a first forward maps hundreds of new device segments (271 cudaMalloc calls at 7B bf16-mixed batch
-// 4). With buffer after buffer being pinned beside it, that forward took 0.35-5.8 s instead of 0.05-0.13 s on an
-// H200, which was the whole of the first cycle's excess over later ones (benchmarks/first_step_probe.py,
-// firststep-88111c5.log); later steps map almost nothing. So the background allocator pins only the first
-// pin_first buffers (the first write-back's) from construction, and the rest once the first update begins
-// (start_pinning(): the forward's allocations are done by then). It keeps touching meanwhile (no driver lock), up
-// to four buffers past the first. A caller that needs a held buffer lifts the hold (buffer(), wait_allocated()).
+// 4). With buffer after buffer being pinned beside it, that forward took 0.35-5.8 s instead of 0.125 s on an H200
+// (0.05 s with no cudaMalloc at all), which was the whole of the first cycle's excess over later ones
+// (benchmarks/first_step_probe.py, firststep-88111c5.log); later steps map almost nothing. So the background
+// allocator pins only the first pin_first buffers (the first write-back's) from construction, and the rest once the
+// first update begins (start_pinning(): the forward's allocations are done by then). It keeps touching meanwhile (no
+// driver lock), up to four buffers past the first (the serial allocator: one). A caller that needs a held buffer
+// lifts the hold (buffer(), wait_allocated()). Under HIFT_ALLOC_MODE=hostalloc the touch stage's cudaHostAlloc pins
+// already, so the hold only delays publishing those buffers.
 bool PinnedStore::may_pin() {
   std::unique_lock<std::mutex> lock(alloc_mu_);
   auto open = [this] {
@@ -638,10 +641,14 @@ void PinnedStore::wait_allocated(int64_t count) {
     pinning_started_ = true;
     alloc_cv_.notify_all();
   }
+  // A buffer the thread went past while a caller had it, which that caller then failed to allocate (and so
+  // unclaimed), is nobody's to make any more: not waited for (the caller got the error).
   alloc_cv_.wait(lock, [&] {
     if (allocator_done_) return true;
-    for (size_t i = 0; i < n; ++i)
-      if (!host_[alloc_order_[i]]) return false;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t g = alloc_order_[i];
+      if (!host_[g] && (claimed_[g] || i >= scanned_)) return false;
+    }
     return true;
   });
 }

@@ -211,6 +211,7 @@ class PinnedStore {
   bool stop_alloc_ = false;
   bool pinning_started_ = false;  // start_pinning() (or a caller's need) lifted the hold after pin_first buffers
   int64_t pinned_in_background_ = 0;  // buffers the background allocator has begun to pin
+  size_t scanned_ = 0;  // positions of alloc_order_ the background allocator has gone past (claimed or skipped)
   bool allocator_done_ = true;
   std::thread allocator_;
   bool cuda_ = false;

@@ -95,11 +95,12 @@ class HiFTConfig:
     pin_context:      the native store pins its host buffers from a second CUDA context of the device, so that
                       pinning (seconds of it, in the background during the first cycle) does not hold up the
                       training thread's launches and copies: 7B bf16-mixed batch 4's first cycle ran at 1.05-1.32x
-                      later ones instead of 1.46-1.73x (cudaMalloc still waits for it, so the store pins only the
-                      first write-back's buffer before the first update). It costs that context's device memory for the whole run, outside
-                      torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while it is made); the
-                      "auto" plans that read the device's free memory make it first, so they plan around it. False
-                      pins in the process's own context (no extra memory; a slower first cycle).
+                      later ones instead of 1.46-1.73x. cudaMalloc still waits for it, so the store pins only the
+                      first write-back's buffer before the first update, and the first cycle now runs at
+                      1.001-1.009x (README, "first-step-pinning"). It costs that context's device memory for the
+                      whole run, outside torch's accounting (about 260 MiB on an H200; 524 MiB for a moment while
+                      it is made); the "auto" plans that read the device's free memory make it first, so they plan
+                      around it. False pins in the process's own context (no extra memory; a slower first cycle).
     kernels:          "auto" (Triton on CUDA, reference elsewhere), "triton", "reference".
     precision:        "fp32" (weights as given, fp32 state), "tf32" (fp32 weights, TF32 matmuls: sets torch's
                       process-wide TF32 switches), "bf16-mixed" (bf16 weights on the device, fp32 master

@@ -131,3 +131,23 @@ def test_the_first_update_starts_pinning_the_other_buffers():
         time.sleep(0.01)
     assert store.transport.host_bytes == 6 << 20
     store.close()
+
+
+def test_state_loaded_before_the_first_update_round_trips():
+    """A checkpoint loaded before the first step (every group's host buffer asked for while the native store holds
+    their pinning) comes back exactly through a cycle of updates."""
+    numels = [1 << 16, 3, 5000, 1 << 16]
+    store = OffloadStore(numels, "cpu", transport="native")
+    loaded = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in numels]
+    for gid, flat in enumerate(loaded):
+        store.load_state(gid, flat)
+    g = torch.Generator().manual_seed(0)
+    deltas = {gid: torch.randn(numels[gid], generator=g) for gid in range(len(numels))}
+    for gid in range(len(numels)):
+        state, fresh = store.activate(gid)
+        assert not fresh and torch.equal(state, loaded[gid])
+        state.add_(deltas[gid])
+        store.release(gid, keep=False)
+    for gid in range(len(numels)):
+        assert torch.equal(store.host_state(gid), loaded[gid] + deltas[gid])
+    store.close()
