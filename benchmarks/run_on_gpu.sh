@@ -55,6 +55,7 @@
 #             (at 596c1e4; the two settings changed nothing and were removed, so they are ignored now)
 #   pinhold   the CUDA tests, then 7B bf16-mixed batch 4 first cycles with pinning held until the first update against
 #             HIFT_PIN_FIRST=-1 (every buffer from construction), in turn; bf16-mixed and fp32 batch 1
+#   firstprec the first cycle of 7B fp16-mixed batch 4 and tf32 batch 1 (warmed, one uncounted bf16-mixed run)
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -443,6 +444,11 @@ elif [ "$stage" = pinhold ]; then
   run timeout 150 $step --out "$OUT"
   run timeout 150 $step_7b --batch 1 --precision bf16-mixed --out "$OUT"
   run timeout 200 $first_cycle_fp32_b1 --out "$OUT"
+elif [ "$stage" = firstprec ]; then
+  # the first cycle in the precisions pinhold did not run: fp16-mixed at batch 4, tf32 at batch 1 (warmed machine)
+  warmed_first_cycle
+  run timeout 150 $step_7b --batch 4 --precision fp16-mixed --out "$OUT"
+  run timeout 200 $step_7b --batch 1 --precision tf32 --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed
