@@ -56,6 +56,7 @@
 #   pinhold   the CUDA tests, then 7B bf16-mixed batch 4 first cycles with pinning held until the first update against
 #             HIFT_PIN_FIRST=-1 (every buffer from construction), in turn; bf16-mixed and fp32 batch 1
 #   firstprec the first cycle of 7B fp16-mixed batch 4 and tf32 batch 1 (warmed, one uncounted bf16-mixed run)
+#   tf32b1    tf32 batch 1 first cycles: default, HIFT_PIN_FIRST=-1, --prepin (is firstprec's 1.080x the machine?)
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -449,6 +450,16 @@ elif [ "$stage" = firstprec ]; then
   warmed_first_cycle
   run timeout 150 $step_7b --batch 4 --precision fp16-mixed --out "$OUT"
   run timeout 200 $step_7b --batch 1 --precision tf32 --out "$OUT"
+elif [ "$stage" = tf32b1 ]; then
+  # tf32 batch 1's first cycle (1.080x in firstprec-6f0aeb3's one run, on an erratic machine): the default, every
+  # buffer pinned from construction (HIFT_PIN_FIRST=-1) and every buffer pinned before the cycle (--prepin), in turn
+  warmed_first_cycle
+  tf32_b1="$step_7b --batch 1 --precision tf32"
+  for i in 1 2; do
+    run timeout 200 $tf32_b1 --out "$OUT"
+    HIFT_PIN_FIRST=-1 run timeout 200 $tf32_b1 --out "$OUT"
+  done
+  run timeout 200 $tf32_b1 --prepin --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed
