@@ -498,6 +498,10 @@ bool PinnedStore::may_pin() {
 
 void PinnedStore::start_pinning() {
   std::lock_guard<std::mutex> lock(alloc_mu_);
+  lift_hold();
+}
+
+void PinnedStore::lift_hold() {
   pinning_started_ = true;
   alloc_cv_.notify_all();
 }
@@ -637,10 +641,7 @@ void PinnedStore::stop_allocator() {
 void PinnedStore::wait_allocated(int64_t count) {
   std::unique_lock<std::mutex> lock(alloc_mu_);
   const size_t n = count < 0 ? alloc_order_.size() : std::min(static_cast<size_t>(count), alloc_order_.size());
-  if (tuning_.pin_first >= 0 && static_cast<int64_t>(n) > tuning_.pin_first) {  // beyond the hold: lift it
-    pinning_started_ = true;
-    alloc_cv_.notify_all();
-  }
+  if (tuning_.pin_first >= 0 && static_cast<int64_t>(n) > tuning_.pin_first) lift_hold();  // beyond the hold
   // A buffer the thread went past while a caller had it, which that caller then failed to allocate (and so
   // unclaimed), is nobody's to make any more: not waited for (the caller got the error).
   alloc_cv_.wait(lock, [&] {
@@ -696,10 +697,7 @@ std::shared_ptr<HostBuffer> PinnedStore::buffer(int64_t gid) {
   } count{this, t0};
   {
     std::unique_lock<std::mutex> lock(alloc_mu_);
-    if (claimed_[gid] && !pinning_started_) {  // the background allocator has it, perhaps held before pinning
-      pinning_started_ = true;
-      alloc_cv_.notify_all();
-    }
+    if (claimed_[gid]) lift_hold();  // the background allocator has it, perhaps held before pinning
     alloc_cv_.wait(lock, [&] { return host_[gid] || !claimed_[gid]; });  // being allocated: wait for it
     if (host_[gid]) return host_[gid];
     claimed_[gid] = 1;

@@ -173,6 +173,7 @@ class PinnedStore {
   void allocate_in_background();
   bool claim_next(size_t& pos, int64_t& gid);  // next unclaimed group in alloc_order_ from pos, claimed; false: stop
   bool may_pin();  // the background allocator's turn to pin one more buffer (waits for start_pinning); false: stop
+  void lift_hold();  // under alloc_mu_: pin every remaining buffer from now on (start_pinning, or a caller's need)
   void publish(int64_t gid, std::shared_ptr<HostBuffer> buf);  // buf null: allocation failed, stop the thread
   void allocate_in_two_stages();
   void allocate_one_by_one();

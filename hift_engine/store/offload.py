@@ -66,7 +66,7 @@ class OffloadStore(StateStore):
         first = getattr(self.transport, "pin_first", 0)
         if first > 0:
             self.transport.wait_allocated(first)
-        self._pinning_started = False
+        self._start_pinning = getattr(self.transport, "start_pinning", None)  # called once, at the first activate
         self.stats.device_bytes = slot_numel * 4 * num_slots
         self._slot_gid: list[int | None] = [None] * num_slots
         self._dirty = [False] * num_slots  # device copy newer than host copy
@@ -117,11 +117,9 @@ class OffloadStore(StateStore):
         self._slot_gid[s] = gid
 
     def activate(self, gid: int) -> tuple[Tensor, bool]:
-        if not self._pinning_started:  # the first update: the first forward's device allocations are done
-            self._pinning_started = True
-            start = getattr(self.transport, "start_pinning", None)
-            if start is not None:
-                start()
+        if self._start_pinning is not None:  # the first update: the first forward's device allocations are done
+            self._start_pinning()
+            self._start_pinning = None
         s = self._slot_of(gid)
         if s is None:  # not prefetched (first step, or after load_state): bring it in now
             self.prefetch(gid)
