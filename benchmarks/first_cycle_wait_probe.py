@@ -1,0 +1,241 @@
+"""Where does the training thread wait during an offloaded first cycle? (tf32 batch 1 missed first cycle <= 1.05x.)
+
+At 7B tf32 batch 1 x 512 the host thread is the bottleneck (it leads the GPU by about 1 ms), so anything that holds
+it up while the store allocates and pins its host buffers in the background shows in the step. `bench step`
+measured the first cycle at 1.075-1.121x later ones, and 0.974x with every buffer pinned first (--prepin), with
+the training thread's CPU time a step no higher in the first cycle: the extra wall time is time it was blocked.
+
+This probe runs the bench's sequence (a resident run first, which compiles every kernel; the allocator's cache
+emptied before each variant; then an offloaded optimizer: one first cycle, one later cycle) for several variants
+in turn, and a second *process* samples the training thread's kernel-side state from /proc every half millisecond
+(a Python thread in this process would compete for the GIL it is measuring): its scheduler state (R running, S
+sleeping, D uninterruptible), the system call it is in, the kernel function it sleeps in (wchan) and, where
+readable, the top of its kernel stack. Per variant and cycle it prints the host ms a step and where the thread's
+time went, so the first cycle's extra time can be placed: a driver lock (futex or ioctl), the address-space lock
+(mmap/munmap, page faults in D), or CPU.
+
+Variants (environment settings are the store's diagnostics, docs/design.md):
+  default         as the bench runs it
+  prepin          every host buffer pinned before the first step
+  touch2          HIFT_TOUCH_THREADS=2 (fewer threads faulting pages in at once)
+  stages1         HIFT_ALLOC_STAGES=1 (touch, then pin, one buffer at a time)
+  piece64         HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations: shorter driver-lock holds)
+  no-pin-context  pin_context=False (pinned from the process's own context)
+Writes first-cycle-wait-probe-<time>.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+SYSCALLS_X86_64 = {0: "read", 1: "write", 3: "close", 7: "poll", 9: "mmap", 10: "mprotect", 11: "munmap", 12: "brk",
+                   16: "ioctl", 23: "select", 24: "sched_yield", 25: "mremap", 28: "madvise", 35: "nanosleep",
+                   202: "futex", 228: "clock_gettime", 230: "clock_nanosleep", 232: "epoll_wait", 271: "ppoll",
+                   281: "epoll_pwait", 257: "openat", 4: "stat", 5: "fstat", 262: "newfstatat", 186: "gettid",
+                   39: "getpid", 14: "rt_sigprocmask", 13: "rt_sigaction", 318: "getrandom", 56: "clone",
+                   435: "clone3", 60: "exit", 72: "fcntl", 20: "writev", 17: "pread64", 18: "pwrite64"}
+
+VARIANTS = {
+    "default": ({}, {}, False),
+    "prepin": ({}, {}, True),
+    "touch2": ({"HIFT_TOUCH_THREADS": "2"}, {}, False),
+    "stages1": ({"HIFT_ALLOC_STAGES": "1"}, {}, False),
+    "piece64": ({"HIFT_REGISTER_PIECE_MIB": "64"}, {}, False),
+    "no-pin-context": ({}, {"pin_context": False}, False),
+}
+
+
+# ----------------------------------------------------------------------------------------------- the sampler process
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def sample(pid: int, tid: int, out_path: str, interval_s: float) -> None:
+    """Runs in its own process until stdin closes: records (monotonic time, state, syscall, wchan, stack top)."""
+    base = f"/proc/{pid}/task/{tid}"
+    names = SYSCALLS_X86_64 if platform.machine() == "x86_64" else {}
+    records, stop = [], threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stack_ok = bool(_read(f"{base}/stack"))
+    while not stop.is_set():
+        t = time.monotonic()
+        stat = _read(f"{base}/stat")
+        if not stat:
+            break
+        state = stat[stat.rindex(")") + 2]
+        sc = _read(f"{base}/syscall").split()
+        if not sc or sc[0] == "running":
+            call = "running"
+        elif sc[0] == "-1":
+            call = "no-syscall"  # in the kernel but not in a system call: a page fault or an interrupt
+        else:
+            nr = int(sc[0])
+            call = names.get(nr, f"sys{nr}")
+        wchan = _read(f"{base}/wchan").strip() or "-"
+        top = ""
+        if stack_ok and state != "R":
+            frames = [line.split("] ", 1)[-1].split("+")[0] for line in _read(f"{base}/stack").splitlines()]
+            top = " < ".join(frames[:4])
+        records.append((t, state, call, wchan, top))
+        time.sleep(interval_s)
+    with open(out_path, "w") as fh:
+        json.dump(records, fh)
+
+
+class Sampler:
+    def __init__(self, out_path: str, interval_s: float):
+        self.out_path = out_path
+        self.proc = subprocess.Popen([sys.executable, __file__, "--sample", str(os.getpid()), str(threading.get_native_id()),
+                                      out_path, str(interval_s)], stdin=subprocess.PIPE)
+
+    def stop(self) -> list:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        with open(self.out_path) as fh:
+            return json.load(fh)
+
+
+def where(records: list, t0: float, t1: float) -> dict:
+    """Milliseconds in [t0, t1) by (state, syscall, wchan) and by kernel stack top; each sample weighs the time to
+    the next one."""
+    by_call, by_stack = collections.Counter(), collections.Counter()
+    for (t, state, call, wchan, top), nxt in zip(records, records[1:]):
+        if t < t0 or t >= t1:
+            continue
+        ms = 1e3 * (min(nxt[0], t1) - t)
+        by_call[f"{state} {call} {wchan}"] += ms
+        if top:
+            by_stack[top] += ms
+    return {"by_state_call_wchan_ms": dict(by_call.most_common(15)), "by_kernel_stack_ms": dict(by_stack.most_common(10))}
+
+
+# ----------------------------------------------------------------------------------------------- the training side
+def run_cycle(model, opt, batches, steps) -> dict:
+    import torch
+    from hift_engine.bench.step import _loop
+
+    torch.cuda.synchronize()
+    t0 = time.monotonic()
+    cpu0 = time.thread_time()
+    _loop(model, opt, batches, steps)
+    host_s = time.monotonic() - t0
+    torch.cuda.synchronize()
+    t1 = time.monotonic()
+    return {"t0": t0, "t1": t1, "ms_per_step": 1e3 * (t1 - t0) / steps, "host_ms_per_step": 1e3 * host_s / steps,
+            "cpu_ms_per_step": 1e3 * (time.thread_time() - cpu0) / steps}
+
+
+def variant(model, name, batches, precision) -> dict:
+    import torch
+    from hift_engine.bench.step import _free, _hift
+
+    env, overrides, prepin = VARIANTS[name]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _free()
+        opt = _hift(model, "offload", "native", precision=precision, **overrides)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        k = opt.num_groups
+        if prepin:
+            opt.store.wait_allocated()
+        first = run_cycle(model, opt, batches, k)
+        later = run_cycle(model, opt, batches, k)
+        return {"variant": name, "first": first, "later": later, "first_over_later": first["ms_per_step"] / later["ms_per_step"],
+                "alloc": opt.store.alloc_stats()}
+    finally:
+        opt.close()
+        del opt
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", default="tf32")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--interval-ms", type=float, default=0.5)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--sample", nargs=4, metavar=("PID", "TID", "OUT", "INTERVAL_S"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sample:
+        pid, tid, out, interval = args.sample
+        sample(int(pid), int(tid), out, float(interval))
+        return
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+
+    import torch
+    from hift_engine.bench.model_factory import build_llama, random_batch
+    from hift_engine.bench.step import _hift, _loop, model_dtype, set_matmul_precision
+
+    dev = torch.device("cuda")
+    set_matmul_precision(args.precision)
+    model = build_llama(args.layers, dev, dtype=model_dtype(args.precision))
+    batches = [random_batch(args.batch, args.seq, dev, seed=s) for s in range(4)]
+    opt = _hift(model, "resident", "native", precision=args.precision)  # compiles every kernel, as the bench's first row
+    _loop(model, opt, batches, 2 * opt.num_groups)
+    torch.cuda.synchronize()
+    opt.close()
+    del opt
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    sampler = Sampler(os.path.join("/tmp", f"wait-samples-{stamp}.json"), args.interval_ms / 1e3)
+    rows = []
+    try:
+        for r in range(args.rounds):
+            for name in names:
+                row = variant(model, name, batches, args.precision)
+                row["round"] = r
+                rows.append(row)
+                print(f"{name:>15} round {r}: first {row['first']['ms_per_step']:.1f} ms/step (host {row['first']['host_ms_per_step']:.1f}, "
+                      f"cpu {row['first']['cpu_ms_per_step']:.1f}), later {row['later']['ms_per_step']:.1f} "
+                      f"(cpu {row['later']['cpu_ms_per_step']:.1f}): {row['first_over_later']:.3f}x", flush=True)
+    finally:
+        records = sampler.stop()
+    print(f"{len(records)} samples of the training thread")
+    for row in rows:
+        for cycle in ("first", "later"):
+            row[cycle]["where"] = where(records, row[cycle]["t0"], row[cycle]["t1"])
+    for row in rows:
+        print(f"\n=== {row['variant']} round {row['round']}: {row['first_over_later']:.3f}x")
+        for cycle in ("first", "later"):
+            w = row[cycle]["where"]
+            print(f"  {cycle} cycle ({row[cycle]['ms_per_step']:.1f} ms/step), ms in the cycle by state/syscall/wchan:")
+            for key, ms in w["by_state_call_wchan_ms"].items():
+                print(f"    {ms:8.1f}  {key}")
+            for key, ms in w["by_kernel_stack_ms"].items():
+                print(f"    {ms:8.1f}  stack: {key}")
+    path = os.path.join(args.out, f"first-cycle-wait-probe-{stamp}.json")
+    with open(path, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "commit": os.environ.get("HIFT_COMMIT"),
+                   "args": vars(args), "rows": rows}, fh, indent=1, default=str)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
