@@ -6,9 +6,10 @@ measured the first cycle at 1.075-1.121x later ones, and 0.974x with every buffe
 the training thread's CPU time a step no higher in the first cycle: the extra wall time is time it was blocked.
 
 This probe runs the bench's sequence (a resident run first, which compiles every kernel; the allocator's cache
-emptied before each variant; then an offloaded optimizer: one first cycle, one later cycle) for several variants
-in turn, and a second *process* samples the training thread's kernel-side state from /proc every half millisecond
-(a Python thread in this process would compete for the GIL it is measuring): its scheduler state (R running, S
+emptied before each variant; then an offloaded optimizer: one first cycle, two later cycles) for several variants
+in turn, and a second *process* samples the kernel-side state of the training thread and of torch's autograd
+thread (which runs a CUDA backward while the training thread waits for it on a futex) from /proc every half
+millisecond (a Python thread in this process would compete for the GIL it is measuring): scheduler state (R running, S
 sleeping, D uninterruptible), the system call it is in, the kernel function it sleeps in (wchan) and, where
 readable, the top of its kernel stack. Per variant and cycle it prints the host ms a step and where the thread's
 time went, so the first cycle's extra time can be placed: a driver lock (futex or ioctl), the address-space lock
@@ -20,6 +21,7 @@ Variants (environment settings are the store's diagnostics, docs/design.md):
   touch2          HIFT_TOUCH_THREADS=2 (fewer threads faulting pages in at once)
   stages1         HIFT_ALLOC_STAGES=1 (touch, then pin, one buffer at a time)
   piece64         HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations: shorter driver-lock holds)
+  piece16         HIFT_REGISTER_PIECE_MIB=16
   no-pin-context  pin_context=False (pinned from the process's own context)
 Writes first-cycle-wait-probe-<time>.json to --out.
 """
@@ -49,6 +51,7 @@ VARIANTS = {
     "touch2": ({"HIFT_TOUCH_THREADS": "2"}, {}, False),
     "stages1": ({"HIFT_ALLOC_STAGES": "1"}, {}, False),
     "piece64": ({"HIFT_REGISTER_PIECE_MIB": "64"}, {}, False),
+    "piece16": ({"HIFT_REGISTER_PIECE_MIB": "16"}, {}, False),
     "no-pin-context": ({}, {"pin_context": False}, False),
 }
 
@@ -62,33 +65,51 @@ def _read(path: str) -> str:
         return ""
 
 
+def _state(base: str, names: dict):
+    """(state, syscall, wchan, kernel stack top) of one thread, or None once it has exited."""
+    stat = _read(f"{base}/stat")
+    if not stat:
+        return None
+    state = stat[stat.rindex(")") + 2]
+    sc = _read(f"{base}/syscall").split()
+    if not sc or sc[0] == "running":
+        call = "running"
+    elif sc[0] == "-1":
+        call = "no-syscall"  # in the kernel but not in a system call: a page fault or an interrupt
+    else:
+        call = names.get(int(sc[0]), f"sys{sc[0]}")
+    wchan = _read(f"{base}/wchan").strip() or "-"
+    top = ""
+    if state != "R":
+        frames = [line.split("] ", 1)[-1].split("+")[0] for line in _read(f"{base}/stack").splitlines()]
+        top = " < ".join(frames[:4])
+    return state, call, wchan, top
+
+
 def sample(pid: int, tid: int, out_path: str, interval_s: float) -> None:
-    """Runs in its own process until stdin closes: records (monotonic time, state, syscall, wchan, stack top)."""
-    base = f"/proc/{pid}/task/{tid}"
+    """Runs in its own process until stdin closes: records (monotonic time, thread, state, syscall, wchan, stack
+    top) for the training thread and torch's autograd threads (a CUDA backward runs on the device's autograd
+    thread while the training thread waits for it on a futex)."""
     names = SYSCALLS_X86_64 if platform.machine() == "x86_64" else {}
     records, stop = [], threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stack_ok = bool(_read(f"{base}/stack"))
+    threads, found_at = {"main": f"/proc/{pid}/task/{tid}"}, 0.0
     while not stop.is_set():
         t = time.monotonic()
-        stat = _read(f"{base}/stat")
-        if not stat:
-            break
-        state = stat[stat.rindex(")") + 2]
-        sc = _read(f"{base}/syscall").split()
-        if not sc or sc[0] == "running":
-            call = "running"
-        elif sc[0] == "-1":
-            call = "no-syscall"  # in the kernel but not in a system call: a page fault or an interrupt
-        else:
-            nr = int(sc[0])
-            call = names.get(nr, f"sys{nr}")
-        wchan = _read(f"{base}/wchan").strip() or "-"
-        top = ""
-        if stack_ok and state != "R":
-            frames = [line.split("] ", 1)[-1].split("+")[0] for line in _read(f"{base}/stack").splitlines()]
-            top = " < ".join(frames[:4])
-        records.append((t, state, call, wchan, top))
+        if t - found_at > 0.1:  # torch starts its autograd threads at the first backward
+            found_at = t
+            for task in os.listdir(f"/proc/{pid}/task"):
+                comm = _read(f"/proc/{pid}/task/{task}/comm").strip()
+                if "autograd" in comm:
+                    threads.setdefault(f"{comm}", f"/proc/{pid}/task/{task}")
+        for role, base in list(threads.items()):
+            got = _state(base, names)
+            if got is None:
+                if role == "main":
+                    stop.set()
+                threads.pop(role)
+                continue
+            records.append((t, role) + got)
         time.sleep(interval_s)
     with open(out_path, "w") as fh:
         json.dump(records, fh)
@@ -107,18 +128,22 @@ class Sampler:
             return json.load(fh)
 
 
-def where(records: list, t0: float, t1: float) -> dict:
-    """Milliseconds in [t0, t1) by (state, syscall, wchan) and by kernel stack top; each sample weighs the time to
-    the next one."""
-    by_call, by_stack = collections.Counter(), collections.Counter()
-    for (t, state, call, wchan, top), nxt in zip(records, records[1:]):
-        if t < t0 or t >= t1:
+def where(records: list, t0: float, t1: float, interval_s: float) -> dict:
+    """Milliseconds in [t0, t1) per thread by (state, syscall, wchan) and by kernel stack top; each sample weighs
+    the time to the thread's next sample (at most four intervals: a gap is the sampler's, not the thread's)."""
+    by_call, by_stack, last = collections.Counter(), collections.Counter(), {}
+    for rec in records:
+        t, role = rec[0], rec[1]
+        prev = last.get(role)
+        last[role] = rec
+        if prev is None or prev[0] < t0 or prev[0] >= t1:
             continue
-        ms = 1e3 * (min(nxt[0], t1) - t)
-        by_call[f"{state} {call} {wchan}"] += ms
+        _, _, state, call, wchan, top = prev
+        ms = 1e3 * min(min(t, t1) - prev[0], 4 * interval_s)
+        by_call[f"{role}: {state} {call} {wchan}"] += ms
         if top:
-            by_stack[top] += ms
-    return {"by_state_call_wchan_ms": dict(by_call.most_common(15)), "by_kernel_stack_ms": dict(by_stack.most_common(10))}
+            by_stack[f"{role}: {top}"] += ms
+    return {"by_state_call_wchan_ms": dict(by_call.most_common(16)), "by_kernel_stack_ms": dict(by_stack.most_common(10))}
 
 
 # ----------------------------------------------------------------------------------------------- the training side
@@ -158,7 +183,7 @@ def variant(model, name, batches, precision) -> dict:
         if prepin:
             opt.store.wait_allocated()
         first = run_cycle(model, opt, batches, k)
-        later = run_cycle(model, opt, batches, k)
+        later = run_cycle(model, opt, batches, 2 * k)  # two later cycles: their steps vary by several percent
         return {"variant": name, "first": first, "later": later, "first_over_later": first["ms_per_step"] / later["ms_per_step"],
                 "alloc": opt.store.alloc_stats()}
     finally:
@@ -220,7 +245,7 @@ def main() -> None:
     print(f"{len(records)} samples of the training thread")
     for row in rows:
         for cycle in ("first", "later"):
-            row[cycle]["where"] = where(records, row[cycle]["t0"], row[cycle]["t1"])
+            row[cycle]["where"] = where(records, row[cycle]["t0"], row[cycle]["t1"], args.interval_ms / 1e3)
     for row in rows:
         print(f"\n=== {row['variant']} round {row['round']}: {row['first_over_later']:.3f}x")
         for cycle in ("first", "later"):

@@ -58,7 +58,7 @@
 #   firstprec the first cycle of 7B fp16-mixed batch 4 and tf32 batch 1 (warmed, one uncounted bf16-mixed run)
 #   tf32b1    tf32 batch 1 first cycles: default, HIFT_PIN_FIRST=-1, --prepin (is firstprec's 1.080x the machine?)
 #   waitprobe where the training thread waits in an offloaded tf32 batch-1 first cycle, by variant, sampled from /proc
-#             (benchmarks/first_cycle_wait_probe.py)
+#             (benchmarks/first_cycle_wait_probe.py; WAITPROBE_ARGS replaces its --rounds 2)
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -432,7 +432,7 @@ elif [ "$stage" = waitprobe ]; then
   # the training thread's kernel-side waits in first and later cycles, variants in turn (first_cycle_wait_probe.py)
   ensure_installed
   warm_host
-  run timeout 400 $py benchmarks/first_cycle_wait_probe.py --rounds 2 --out "$OUT"
+  run timeout 420 $py benchmarks/first_cycle_wait_probe.py ${WAITPROBE_ARGS:---rounds 2} --out "$OUT"
 elif [ "$stage" = firststep ]; then
   # where the offloaded first step waits: its phases' host times and cudaMalloc counts, a stack sample, variants
   # (benchmarks/first_step_probe.py)
