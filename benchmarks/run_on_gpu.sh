@@ -59,6 +59,7 @@
 #   tf32b1    tf32 batch 1 first cycles: default, HIFT_PIN_FIRST=-1, --prepin (is firstprec's 1.080x the machine?)
 #   waitprobe where the training thread waits in an offloaded tf32 batch-1 first cycle, by variant, sampled from /proc
 #             (benchmarks/first_cycle_wait_probe.py; WAITPROBE_ARGS replaces its --rounds 2)
+#   tf32b4    tf32 batch 4 first cycles twice (is tf32 batch 1's miss its host-bound step?), then tf32 batch 1 again
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -467,6 +468,11 @@ elif [ "$stage" = tf32b1 ]; then
     HIFT_PIN_FIRST=-1 run timeout 200 $tf32_b1 --out "$OUT"
   done
   run timeout 200 $tf32_b1 --prepin --out "$OUT"
+elif [ "$stage" = tf32b4 ]; then
+  # at batch 4 the step is GPU-bound: does the allocator's page zeroing beside it still cost the first cycle?
+  warmed_first_cycle
+  for i in 1 2; do run timeout 200 $step_7b --batch 4 --precision tf32 --out "$OUT"; done
+  run timeout 200 $step_7b --batch 1 --precision tf32 --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed
