@@ -201,6 +201,19 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """The fused path's state store (None for stateless or generic optimizers)."""
         return getattr(self.path, "store", None)
 
+    def wait_host_memory(self) -> None:
+        """Block until the host memory for every group's idle state is allocated and pinned.
+
+        The native store allocates it in the background from construction, beside the first cycle. Where the step
+        is bound by the host's CPU (small batches), the kernel's zeroing of those fresh pages slows the host's own
+        work: 7B tf32 batch 1 ran its first cycle at 1.069x later ones on average on an H200, and at 0.974x after
+        this call, which took 2.1 s. Call it after construction when a first cycle at full speed is worth those
+        seconds (measuring a run's speed); it returns at once for stores that allocate nothing in the background.
+        """
+        self._check_live()
+        if self.store is not None:
+            self.store.wait_allocated()
+
     @property
     def nonfinite_skips(self) -> int:
         """Steps skipped for non-finite gradients so far (waits for the last steps' flags)."""

@@ -428,3 +428,45 @@ def test_add_param_group_is_refused_and_close_restores_requires_grad():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
     opt.close()
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_wait_host_memory_pins_every_group_before_the_first_step():
+    """wait_host_memory(): the native store holds every host buffer after the first one's until the first update;
+    after the call all of them are pinned (a whole cycle adds none), and training matches an optimizer that did not
+    wait, bit for bit."""
+    model = tiny_llama(layers=3)
+    ref_model = twin(model)
+    opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_store="native")
+    ref = HiFTOptimizer(ref_model, "adamw", lr=1e-2, state_store="native")
+    transport = opt.store.transport
+    held = transport.host_bytes
+    opt.wait_host_memory()
+    pinned = transport.host_bytes
+    assert held < pinned, "before the call only the first write-back's buffer is pinned"
+    for s in range(2 * opt.num_groups):
+        for m, o in ((model, opt), (ref_model, ref)):
+            m(**lm_batch(seed=s)).loss.backward()
+            o.step()
+            o.zero_grad()
+    assert transport.host_bytes == pinned, "a whole cycle allocated more: the call returned before every buffer"
+    assert params_equal(model, ref_model)
+    opt.close()
+    ref.close()
+    with pytest.raises(ConfigError, match="closed"):
+        opt.wait_host_memory()
+
+
+def test_wait_host_memory_returns_at_once_without_a_background_allocator():
+    """The resident store and a generic torch optimizer allocate nothing in the background: nothing to wait for."""
+    for kwargs in ({"state_store": "resident"}, {"state_store": "torch"}):
+        model = tiny_llama(layers=2)
+        opt = HiFTOptimizer(model, "adamw", lr=1e-2, **kwargs)
+        opt.wait_host_memory()
+        model(**lm_batch()).loss.backward()
+        opt.step()
+        opt.close()
+    model = tiny_llama(layers=2)
+    opt = HiFTOptimizer(model, torch.optim.SGD, lr=1e-2)
+    assert opt.store is None
+    opt.wait_host_memory()
+    opt.close()

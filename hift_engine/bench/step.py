@@ -51,8 +51,8 @@ def add_arguments(p) -> None:
                    help="offload mode: pin host buffers in the process's own CUDA context (pin_context=False), as "
                         "before the pinning context: no extra device memory, a slower first cycle")
     p.add_argument("--prepin", action="store_true",
-                   help="offload mode: wait until every host buffer is pinned before timing the first cycle (separates "
-                        "the cost of pinning during training from the rest of the first cycle)")
+                   help="offload mode: wait until every host buffer is pinned (HiFTOptimizer.wait_host_memory()) before "
+                        "timing the first cycle (separates the cost of pinning during training from the rest of it)")
     p.add_argument("--profile", action="store_true", help="trace one cycle of each HiFT mode with torch.profiler")
     p.add_argument("--state-dtype", default="fp32",
                    help="comma-separated (fp32, bf16): the offload and resident modes are measured with each (bf16: "
@@ -152,7 +152,7 @@ def _measure(model, mode, args, dev, cycles, k_hint=None, profile_dir=None, chun
             raise SystemExit("hift bench step --prepin: needs the native store allocating in the background "
                              "(--store native, HIFT_BACKGROUND_ALLOC unset or 1); nothing would be pinned beforehand")
         t0 = time.perf_counter()
-        opt.store.wait_allocated()
+        opt.wait_host_memory()
         row["prepin_s"] = time.perf_counter() - t0
         label = row["mode"] = f"{label}-prepinned"
     # HiFT modes: per-step GPU/host timings and (native store) GPU-timed copies, first cycle against later ones

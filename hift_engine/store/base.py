@@ -60,6 +60,10 @@ class StateStore(ABC):
     def reset(self, gid: int) -> None:
         """Forget ``gid``'s state: its next activation is fresh (zero-filled) again."""
 
+    def wait_allocated(self) -> None:  # noqa: B027 - only stores that allocate in the background wait
+        """Block until every group's host memory is allocated (returns at once where nothing is allocated in the
+        background)."""
+
     def synchronize(self) -> None:  # noqa: B027
         """Wait for every copy in flight."""
 
