@@ -1,9 +1,9 @@
-"""Where does the training thread wait during an offloaded first cycle? (tf32 batch 1 missed first cycle <= 1.05x.)
+"""Where do the host threads spend an offloaded first cycle? (7B tf32 batch 1 missed first cycle <= 1.05x.)
 
-At 7B tf32 batch 1 x 512 the host thread is the bottleneck (it leads the GPU by about 1 ms), so anything that holds
-it up while the store allocates and pins its host buffers in the background shows in the step. `bench step`
-measured the first cycle at 1.075-1.121x later ones, and 0.974x with every buffer pinned first (--prepin), with
-the training thread's CPU time a step no higher in the first cycle: the extra wall time is time it was blocked.
+At 7B tf32 batch 1 x 512 the host leads the GPU by only 0.7-6.5 ms, so the step is about as long as the host's work,
+and anything that slows the host while the store allocates and pins its host buffers in the background shows in
+the step. `bench step` measured the first cycle at 0.973-1.125x later ones (mean 1.069x over 7 runs) and 0.974x with
+every buffer pinned first (--prepin).
 
 This probe runs the bench's sequence (a resident run first, which compiles every kernel; the allocator's cache
 emptied before each variant; then an offloaded optimizer: one first cycle, two later cycles) for several variants
@@ -12,8 +12,10 @@ thread (which runs a CUDA backward while the training thread waits for it on a f
 millisecond (a Python thread in this process would compete for the GIL it is measuring): scheduler state (R running, S
 sleeping, D uninterruptible), the system call it is in, the kernel function it sleeps in (wchan) and, where
 readable, the top of its kernel stack. Per variant and cycle it prints the host ms a step and where the thread's
-time went, so the first cycle's extra time can be placed: a driver lock (futex or ioctl), the address-space lock
-(mmap/munmap, page faults in D), or CPU.
+time went, so the first cycle's extra time can be placed: waiting (a futex, the driver's ioctl, the address-space
+lock: mmap/munmap or page faults in D) or running. A futex does not say whose: a thread asleep while the other
+runs is waiting for it, both asleep at once is waiting for something else. The sampler takes about one core
+itself, beside the CPU contention it measures; R counts time runnable but not running too.
 
 Variants (environment settings are the store's diagnostics, docs/design.md):
   default         as the bench runs it
@@ -72,7 +74,9 @@ def _state(base: str, names: dict):
         return None
     state = stat[stat.rindex(")") + 2]
     sc = _read(f"{base}/syscall").split()
-    if not sc or sc[0] == "running":
+    if not sc:
+        call = "unknown"  # unreadable (ptrace restrictions): not evidence of running
+    elif sc[0] == "running":
         call = "running"
     elif sc[0] == "-1":
         call = "no-syscall"  # in the kernel but not in a system call: a page fault or an interrupt
@@ -181,7 +185,7 @@ def variant(model, name, batches, precision) -> dict:
     try:
         k = opt.num_groups
         if prepin:
-            opt.store.wait_allocated()
+            opt.wait_host_memory()
         first = run_cycle(model, opt, batches, k)
         later = run_cycle(model, opt, batches, 2 * k)  # two later cycles: their steps vary by several percent
         return {"variant": name, "first": first, "later": later, "first_over_later": first["ms_per_step"] / later["ms_per_step"],

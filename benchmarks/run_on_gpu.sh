@@ -60,7 +60,8 @@
 #   waitprobe where the training thread waits in an offloaded tf32 batch-1 first cycle, by variant, sampled from /proc
 #             (benchmarks/first_cycle_wait_probe.py; WAITPROBE_ARGS replaces its --rounds 2)
 #   tf32b4    tf32 batch 4 first cycles twice (is tf32 batch 1's miss its host-bound step?), then tf32 batch 1 again
-#   verifywait the CUDA store/engine tests, wait_host_memory's tests, then 7B tf32 batch 1 with --prepin (which calls it)
+#   verifywait the CUDA store/engine tests, wait_host_memory's tests, then (VERIFY_BENCH=0: not) 7B tf32 batch 1 with
+#             --prepin (which calls it)
 #   firststep where the offloaded first step waits (benchmarks/first_step_probe.py: phase times, cudaMalloc counts, stacks)
 #   nosync    the CUDA store/engine/bench tests, then (warmed, one uncounted run) the first cycle of 7B bf16-mixed
 #             batch 4 three times with the kernel tables built at construction (no host sync in the first cycle)
@@ -477,8 +478,8 @@ elif [ "$stage" = tf32b4 ]; then
 elif [ "$stage" = verifywait ]; then
   ensure_installed
   run timeout 150 $py -m pytest -q -p no:cacheprovider tests/store tests/test_cuda_engine.py -m cuda -rs
-  run timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_optimizer.py -k wait_host_memory
-  run timeout 200 $step_7b --batch 1 --precision tf32 --prepin --out "$OUT"
+  run timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_optimizer.py tests/store/test_offload_policy.py -k "wait_host_memory or wait_allocated" -rs
+  [ "${VERIFY_BENCH:-1}" = 1 ] && run timeout 200 $step_7b --batch 1 --precision tf32 --prepin --out "$OUT"
 elif [ "$stage" = gpuprobe ]; then
   # does the allocator's work beside training slow the GPU's own kernels? (benchmarks/gpu_interference_probe.py)
   ensure_installed

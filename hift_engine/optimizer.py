@@ -205,14 +205,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """Block until the host memory for every group's idle state is allocated and pinned.
 
         The native store allocates it in the background from construction, beside the first cycle. Where the step
-        is bound by the host's CPU (small batches), the kernel's zeroing of those fresh pages slows the host's own
-        work: 7B tf32 batch 1 ran its first cycle at 1.069x later ones on average on an H200, and at 0.974x after
-        this call, which took 2.1 s. Call it after construction when a first cycle at full speed is worth those
-        seconds (measuring a run's speed); it returns at once for stores that allocate nothing in the background.
+        is bound by the host's CPU (small batches), that work slows the first cycle: 7B tf32 batch 1 ran it at
+        1.069x later ones on average on an H200 (7 runs), and at 0.974x and 1.053x after this call, which took
+        2.1 s on a warmed machine and 5.5 s on a fresh one. Call it after construction when keeping that work out
+        of training is worth those seconds (measuring a run's speed). Buffers not allocated in the background
+        (the torch transport, a failed background allocation) are allocated here, so a lack of host memory raises
+        now. Returns at once for stores that keep no state off the device.
         """
         self._check_live()
-        if self.store is not None:
-            self.store.wait_allocated()
+        wait = getattr(self.store, "wait_allocated", None)  # a custom store= factory's store may not have one
+        if wait is not None:
+            wait()
 
     @property
     def nonfinite_skips(self) -> int:

@@ -1,5 +1,7 @@
 """HiFTOptimizer on CPU: equivalence with torch.optim at k = 1, one-group-per-step semantics, and state."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -430,25 +432,38 @@ def test_add_param_group_is_refused_and_close_restores_requires_grad():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_wait_host_memory_pins_every_group_before_the_first_step():
+def _pinned_bytes(numels) -> int:
+    return sum(-(-n * 4 // 4096) * 4096 for n in numels)  # the native store's buffers are whole pages
+
+
+def _returns_within(call, seconds: float = 60) -> bool:
+    worker = threading.Thread(target=call, daemon=True)  # a hang fails the test instead of stalling it
+    worker.start()
+    worker.join(timeout=seconds)
+    return not worker.is_alive()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_wait_host_memory_pins_every_group_before_the_first_step(device, monkeypatch):
     """wait_host_memory(): the native store holds every host buffer after the first one's until the first update;
-    after the call all of them are pinned (a whole cycle adds none), and training matches an optimizer that did not
-    wait, bit for bit."""
-    model = tiny_llama(layers=3)
+    when the call returns all of them are there, and training matches an optimizer that did not wait, bit for bit
+    (on CUDA: pinned from the pinning context, copied on the side streams)."""
+    for name in ("HIFT_PIN_FIRST", "HIFT_BACKGROUND_ALLOC"):  # diagnostics that change what is pinned when
+        monkeypatch.delenv(name, raising=False)
+    model = tiny_llama(layers=3, device=device)
     ref_model = twin(model)
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_store="native")
     ref = HiFTOptimizer(ref_model, "adamw", lr=1e-2, state_store="native")
-    transport = opt.store.transport
-    held = transport.host_bytes
+    transport, everything = opt.store.transport, _pinned_bytes(opt.store.numels)
+    assert transport.host_bytes < everything, "before the call only the first write-back's buffer is pinned"
     opt.wait_host_memory()
-    pinned = transport.host_bytes
-    assert held < pinned, "before the call only the first write-back's buffer is pinned"
+    assert transport.host_bytes == everything
     for s in range(2 * opt.num_groups):
         for m, o in ((model, opt), (ref_model, ref)):
-            m(**lm_batch(seed=s)).loss.backward()
+            m(**lm_batch(seed=s, device=device)).loss.backward()
             o.step()
             o.zero_grad()
-    assert transport.host_bytes == pinned, "a whole cycle allocated more: the call returned before every buffer"
+    assert transport.host_bytes == everything
     assert params_equal(model, ref_model)
     opt.close()
     ref.close()
@@ -456,17 +471,23 @@ def test_wait_host_memory_pins_every_group_before_the_first_step():
         opt.wait_host_memory()
 
 
-def test_wait_host_memory_returns_at_once_without_a_background_allocator():
-    """The resident store and a generic torch optimizer allocate nothing in the background: nothing to wait for."""
-    for kwargs in ({"state_store": "resident"}, {"state_store": "torch"}):
-        model = tiny_llama(layers=2)
-        opt = HiFTOptimizer(model, "adamw", lr=1e-2, **kwargs)
-        opt.wait_host_memory()
-        model(**lm_batch()).loss.backward()
-        opt.step()
-        opt.close()
+@pytest.mark.parametrize("store", ["native-foreground", "torch", "resident", "generic"])
+def test_wait_host_memory_without_a_background_allocator(store, monkeypatch):
+    """Where nothing allocates in the background (the native store with HIFT_BACKGROUND_ALLOC=0, the torch
+    transport) the call allocates every buffer itself; with no state off the device it returns at once; training
+    goes on as usual afterwards."""
+    if store == "native-foreground":
+        monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")
     model = tiny_llama(layers=2)
-    opt = HiFTOptimizer(model, torch.optim.SGD, lr=1e-2)
-    assert opt.store is None
-    opt.wait_host_memory()
+    if store == "generic":
+        opt = HiFTOptimizer(model, torch.optim.SGD, lr=1e-2)
+    else:
+        opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_store=store.split("-")[0])
+    assert _returns_within(opt.wait_host_memory)
+    if store == "native-foreground":
+        assert opt.store.transport.host_bytes == _pinned_bytes(opt.store.numels)
+    elif store == "torch":
+        assert opt.store.transport.host_bytes == 4 * sum(opt.store.numels)
+    model(**lm_batch()).loss.backward()
+    opt.step()
     opt.close()

@@ -191,12 +191,16 @@ class OffloadStore(StateStore):
                 "pin_context_error": t.pin_context_error}
 
     def wait_allocated(self) -> None:
-        """Block until every group's host buffer is allocated and pinned (the native store pins them in the
-        background: the first from construction, the rest from the first update or from this call; the torch
-        transport allocates on first use, so there is nothing to wait for)."""
+        """Block until every group's host buffer is allocated and pinned. The native store pins them in the
+        background (the first from construction, the rest from the first update or from this call); what it has
+        not allocated (its background allocation off, or stopped by a failed allocation) and every buffer of the
+        torch transport (which allocates on first use) is allocated here, on the caller, so that a failure (host
+        memory, the locked-memory limit) raises now, with its reason, rather than at a write-back."""
         wait = getattr(self.transport, "wait_allocated", None)
         if wait is not None:
             wait()
+        for gid in range(len(self.numels)):
+            self.transport.host(gid)  # returns at once where the buffer exists
 
     def synchronize(self) -> None:
         self.transport.synchronize()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hift_engine.store import OffloadStore, ResidentStore
+from tests.store.test_native_store import _CAPPED, _run_limited
 
 
 @pytest.fixture(params=["torch", "native", "native-paced"])
@@ -151,3 +152,22 @@ def test_state_loaded_before_the_first_update_round_trips():
     for gid in range(len(numels)):
         assert torch.equal(store.host_state(gid), loaded[gid] + deltas[gid])
     store.close()
+
+
+def test_wait_allocated_raises_what_the_background_could_not_allocate():
+    """A buffer the native store's background thread cannot reserve (here a 1 GiB group under an address-space
+    cap) is left to the caller; wait_allocated() then allocates it itself, so the reason is raised by this call
+    (which HiFTOptimizer.wait_host_memory() makes) instead of later, at that group's write-back."""
+    result = _run_limited(_CAPPED + """
+    from hift_engine.store.offload import OffloadStore
+    small, huge = (4 << 20) // 4, (1 << 30) // 4
+    cap(2500)  # the two device slots (1 GiB each, here on the CPU) fit; the 1 GiB group's host buffer does not
+    store = OffloadStore([small, huge, small], "cpu", transport="native")
+    try:
+        store.wait_allocated()
+        raise SystemExit(f"wait_allocated() returned with {store.transport.host_bytes} host bytes and no error")
+    except RuntimeError as e:
+        assert "could not reserve" in str(e), e
+    print("OK")
+    """)
+    assert result.returncode == 0 and "OK" in result.stdout, (result.returncode, result.stdout[-500:], result.stderr[-2000:])
