@@ -20,7 +20,8 @@ itself, beside the CPU contention it measures; R counts time runnable but not ru
 Variants (environment settings are the store's diagnostics, docs/design.md):
   default         as the bench runs it
   prepin          every host buffer pinned before the first step
-  touch2          HIFT_TOUCH_THREADS=2 (fewer threads faulting pages in at once)
+  touch2          HIFT_TOUCH_THREADS=2 (fewer threads faulting pages in at once; fell behind on the H200)
+  touch3, touch4  HIFT_TOUCH_THREADS=3, 4 (the pacing runs 4-6 for most buffers, 16 for the first)
   stages1         HIFT_ALLOC_STAGES=1 (touch, then pin, one buffer at a time)
   piece64         HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations: shorter driver-lock holds)
   piece16         HIFT_REGISTER_PIECE_MIB=16
@@ -51,6 +52,8 @@ VARIANTS = {
     "default": ({}, {}, False),
     "prepin": ({}, {}, True),
     "touch2": ({"HIFT_TOUCH_THREADS": "2"}, {}, False),
+    "touch3": ({"HIFT_TOUCH_THREADS": "3"}, {}, False),
+    "touch4": ({"HIFT_TOUCH_THREADS": "4"}, {}, False),
     "stages1": ({"HIFT_ALLOC_STAGES": "1"}, {}, False),
     "piece64": ({"HIFT_REGISTER_PIECE_MIB": "64"}, {}, False),
     "piece16": ({"HIFT_REGISTER_PIECE_MIB": "16"}, {}, False),
