@@ -191,10 +191,13 @@ Tuning Tuning::from_env() {
   t.alloc_nice = env_int("HIFT_ALLOC_NICE", t.alloc_nice);
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
   t.pin_first = env_int("HIFT_PIN_FIRST", t.pin_first);
+  t.touch_queue = env_int("HIFT_TOUCH_QUEUE", t.touch_queue);
   if (const char* v = std::getenv("HIFT_TOUCH_CPUS"); v != nullptr && *v != '\0') t.touch_cpus = parse_cpu_list(v);
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.pin_first >= -1, "HIFT_PIN_FIRST must be >= -1 (-1: pin every buffer from construction), got ",
              t.pin_first);
+  HIFT_CHECK(t.touch_queue >= 1 && t.touch_queue <= 4096, "HIFT_TOUCH_QUEUE must be in [1, 4096], got ",
+             t.touch_queue);
   HIFT_CHECK(t.register_piece_mib >= 0, "HIFT_REGISTER_PIECE_MIB must be >= 0, got ", t.register_piece_mib);
   HIFT_CHECK(t.alloc_nice >= 0 && t.alloc_nice <= 19, "HIFT_ALLOC_NICE must be in [0, 19], got ", t.alloc_nice);
   HIFT_CHECK(t.alloc_mode == "register" || t.alloc_mode == "hostalloc",
@@ -552,8 +555,9 @@ void PinnedStore::allocate_one_by_one() {
 
 // One after the other, touching and pinning 75 GiB (7B bf16-mixed) take longer than a batch-4 cycle (2.2 s + 2.1 s
 // against 3.5 s on an H200 host), so the last write-backs waited 0.5-0.6 s and the first cycle ran 1.20-1.28x the
-// later ones. Here this thread touches buffers while a second pins the ones already touched (at most two wait
-// between them), so the allocator's pace is the slower stage's, not their sum: with 6 touch threads (see
+// later ones. Here this thread touches buffers while a second pins the ones already touched (at most
+// HIFT_TOUCH_QUEUE, two by default, wait between them), so the allocator's pace is the slower stage's, not their
+// sum: with 6 touch threads (see
 // touch_threads) nothing waited and the first cycle ran 1.03-1.07x in five runs on one machine (touch6*-b8c1614.log),
 // 1.10x in one on another (touchthreads2-0758dc1.log). A caller waiting for a buffer this thread has claimed waits
 // for its touch and for the pinning of at most two buffers ahead of it.
@@ -619,7 +623,9 @@ void PinnedStore::allocate_in_two_stages() {
         touch_leads_.push_back(lead);
       }
       std::unique_lock<std::mutex> lock(queue_mu);
-      queue_cv.wait(lock, [&] { return queue.size() < 2; });
+      // (HIFT_TOUCH_QUEUE, a diagnostic: a long queue touches every buffer while pinning is held, which separates
+      // the first touch's cost from the pinning's)
+      queue_cv.wait(lock, [&] { return queue.size() < static_cast<size_t>(tuning_.touch_queue); });
       queue.emplace_back(g, std::move(buf));
     } catch (const std::exception&) {
       publish(g, nullptr);  // unclaimed again: the caller who needs it allocates it (and sees the error)

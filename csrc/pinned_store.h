@@ -70,6 +70,8 @@ struct Tuning {
                                         // the last one; 1 touches then pins each buffer in turn
   int64_t pin_first = 1;                // HIFT_PIN_FIRST: buffers the background allocator pins from construction;
                                         // the rest wait for start_pinning() (-1: all from construction)
+  int64_t touch_queue = 2;              // HIFT_TOUCH_QUEUE: touched buffers the two-stage allocator lets wait for
+                                        // the pinner (1..4096); large: everything is touched while pinning is held
   static Tuning from_env();
 };
 

@@ -145,6 +145,22 @@ def test_pinning_past_the_first_buffer_waits_for_start_pinning(native, monkeypat
     store.close()
 
 
+def test_a_long_touch_queue_touches_everything_while_pinning_is_held(native, monkeypatch):
+    """HIFT_TOUCH_QUEUE (a diagnostic): with room for every touched buffer between the two stages, the background
+    thread touches all of them while pinning is held, and pins none of them past the first until start_pinning()
+    (the default queue of two stops it a few buffers ahead: the test above)."""
+    monkeypatch.setenv("HIFT_TOUCH_QUEUE", "64")
+    buf = 4 << 20
+    store = native.PinnedStore([1 << 20] * 12, [torch.empty(1 << 20)])
+    store.wait_allocated(1)
+    wait_touched(store, 12)
+    assert published_after(store, 0.3) == buf  # touched, yet only the first pinned
+    store.start_pinning()
+    assert returns_within(store.wait_allocated)
+    assert store.host_bytes == 12 * buf
+    store.close()
+
+
 @pytest.mark.parametrize("first, published", [(-1, 6), (0, 0), (2, 2)])
 def test_pin_first_setting(native, monkeypatch, first, published):
     """HIFT_PIN_FIRST: how many buffers are pinned before start_pinning() (-1: all of them, the earlier behaviour:
@@ -396,6 +412,7 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_ALLOC_NICE", "20", r"HIFT_ALLOC_NICE must be in \[0, 19\], got 20"),
         ("HIFT_ALLOC_STAGES", "3", "HIFT_ALLOC_STAGES must be 1 or 2, got 3"),
         ("HIFT_PIN_FIRST", "-2", r"HIFT_PIN_FIRST must be >= -1 \(-1: pin every buffer from construction\), got -2"),
+        ("HIFT_TOUCH_QUEUE", "0", r"HIFT_TOUCH_QUEUE must be in \[1, 4096\], got 0"),
         ("HIFT_ALLOC_STAGES", "two", "HIFT_ALLOC_STAGES must be an integer, got 'two'"),
         ("HIFT_TOUCH_CPUS", "8-", "HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' .*got '8-'"),
         ("HIFT_TOUCH_CPUS", "3-1", "HIFT_TOUCH_CPUS must be a CPU list .*got '3-1'"),
