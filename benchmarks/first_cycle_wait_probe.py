@@ -198,6 +198,9 @@ def variant(model, name, batches, precision) -> dict:
             deadline = time.monotonic() + 120
             while len(opt.store.alloc_stats()["touch_threads"]) < k and time.monotonic() < deadline:
                 time.sleep(0.01)
+            touched = len(opt.store.alloc_stats()["touch_threads"])
+            if touched < k:
+                print(f"{name}: only {touched} of {k} buffers touched before the first cycle", flush=True)
         first = run_cycle(model, opt, batches, k)
         later = run_cycle(model, opt, batches, 2 * k)  # two later cycles: their steps vary by several percent
         return {"variant": name, "first": first, "later": later, "first_over_later": first["ms_per_step"] / later["ms_per_step"],
