@@ -28,7 +28,7 @@ Variants (environment settings are the store's diagnostics, docs/design.md):
   piece64         HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations: shorter driver-lock holds)
   piece16         HIFT_REGISTER_PIECE_MIB=16
   no-pin-context  pin_context=False (pinned from the process's own context)
-Writes first-cycle-wait-probe-<time>.json to --out.
+Writes first-cycle-wait-probe-<device>-<time>.json to --out (hift_engine.bench.common.write_result).
 """
 
 from __future__ import annotations
@@ -233,6 +233,7 @@ def main() -> None:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 
     import torch
+    from hift_engine.bench.common import write_result
     from hift_engine.bench.model_factory import build_llama, random_batch
     from hift_engine.bench.step import _hift, _loop, model_dtype, set_matmul_precision
 
@@ -246,7 +247,6 @@ def main() -> None:
     opt.close()
     del opt
 
-    os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     sampler = Sampler(os.path.join("/tmp", f"wait-samples-{stamp}.json"), args.interval_ms / 1e3)
     rows = []
@@ -274,11 +274,7 @@ def main() -> None:
                 print(f"    {ms:8.1f}  {key}")
             for key, ms in w["by_kernel_stack_ms"].items():
                 print(f"    {ms:8.1f}  stack: {key}")
-    path = os.path.join(args.out, f"first-cycle-wait-probe-{stamp}.json")
-    with open(path, "w") as fh:
-        json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "commit": os.environ.get("HIFT_COMMIT"),
-                   "args": vars(args), "rows": rows}, fh, indent=1, default=str)
-    print("wrote", path)
+    write_result(args.out, "first-cycle-wait-probe", rows, args=vars(args))
 
 
 if __name__ == "__main__":

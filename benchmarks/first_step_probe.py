@@ -13,14 +13,14 @@ with how many device segments the caching allocator mapped (cudaMalloc calls) in
   no-hold       HIFT_PIN_FIRST=-1: every buffer pinned from construction (the behaviour before 'default' held all but
                 the first until the first update; at 88111c5 'default' was this)
 A thread samples the training thread's Python stack every millisecond during the default variant's first step,
-and prints where the time went. Writes first-step-probe-<time>.json to --out.
+and prints where the time went. Writes first-step-probe-<device>-<time>.json to --out
+(hift_engine.bench.common.write_result).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import threading
@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from hift_engine.bench.common import write_result
 from hift_engine.bench.model_factory import build_llama, random_batch
 from hift_engine.bench.step import _free, _hift, _loop, set_matmul_precision
 
@@ -152,12 +153,7 @@ def main() -> None:
               f"{r['rest_of_first_cycle_ms']:.1f} vs {r['rest_of_later_cycle_ms']:.1f} ms/step", flush=True)
     for key, ms in rows[0]["first_step_stacks_ms"].items():
         print(f"{ms:8.1f} ms  {key}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"first-step-probe-{time.strftime('%Y%m%dT%H%M%S')}.json")
-    with open(path, "w") as fh:
-        json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "commit": os.environ.get("HIFT_COMMIT"),
-                   "args": vars(args), "rows": rows}, fh, indent=1, default=str)
-    print("wrote", path)
+    write_result(args.out, "first-step-probe", rows, args=vars(args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -67,3 +68,16 @@ def params_equal(a, b) -> bool:
 
 def max_diff(a, b) -> float:
     return max((x.detach().double() - y.detach().double()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+def page_rounded_bytes(numels) -> int:
+    """Host bytes of the native store's fp32 buffers for ``numels``: each is whole 4 KiB pages."""
+    return sum(-(-n * 4 // 4096) * 4096 for n in numels)
+
+
+def returns_within(call, seconds: float = 30) -> bool:
+    """Whether call() returned within `seconds` (run in a thread: a hang fails the test instead of stalling it)."""
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    return not worker.is_alive()

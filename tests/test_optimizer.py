@@ -1,13 +1,12 @@
 """HiFTOptimizer on CPU: equivalence with torch.optim at k = 1, one-group-per-step semantics, and state."""
 
-import threading
-
 import pytest
 import torch
 from torch import nn
 
 from hift_engine import ConfigError, GroupingError, HiFTOptimizer, NonFiniteError
-from tests.helpers import MLPStack, lm_batch, max_diff, mlp_loss, params_equal, tiny_llama, twin
+from tests.helpers import (MLPStack, lm_batch, max_diff, mlp_loss, page_rounded_bytes, params_equal, returns_within,
+                           tiny_llama, twin)
 
 STORES = ["resident", "torch", "native"]  # offloading slot policy over the pure-torch / C++ transport
 
@@ -432,17 +431,6 @@ def test_add_param_group_is_refused_and_close_restores_requires_grad():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def _pinned_bytes(numels) -> int:
-    return sum(-(-n * 4 // 4096) * 4096 for n in numels)  # the native store's buffers are whole pages
-
-
-def _returns_within(call, seconds: float = 60) -> bool:
-    worker = threading.Thread(target=call, daemon=True)  # a hang fails the test instead of stalling it
-    worker.start()
-    worker.join(timeout=seconds)
-    return not worker.is_alive()
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_wait_host_memory_pins_every_group_before_the_first_step(device, monkeypatch):
     """wait_host_memory(): the native store holds every host buffer after the first one's until the first update;
@@ -454,7 +442,7 @@ def test_wait_host_memory_pins_every_group_before_the_first_step(device, monkeyp
     ref_model = twin(model)
     opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_store="native")
     ref = HiFTOptimizer(ref_model, "adamw", lr=1e-2, state_store="native")
-    transport, everything = opt.store.transport, _pinned_bytes(opt.store.numels)
+    transport, everything = opt.store.transport, page_rounded_bytes(opt.store.numels)
     assert transport.host_bytes < everything, "before the call only the first write-back's buffer is pinned"
     opt.wait_host_memory()
     assert transport.host_bytes == everything
@@ -483,9 +471,9 @@ def test_wait_host_memory_without_a_background_allocator(store, monkeypatch):
         opt = HiFTOptimizer(model, torch.optim.SGD, lr=1e-2)
     else:
         opt = HiFTOptimizer(model, "adamw", lr=1e-2, state_store=store.split("-")[0])
-    assert _returns_within(opt.wait_host_memory)
+    assert returns_within(opt.wait_host_memory, 60)
     if store == "native-foreground":
-        assert opt.store.transport.host_bytes == _pinned_bytes(opt.store.numels)
+        assert opt.store.transport.host_bytes == page_rounded_bytes(opt.store.numels)
     elif store == "torch":
         assert opt.store.transport.host_bytes == 4 * sum(opt.store.numels)
     model(**lm_batch()).loss.backward()

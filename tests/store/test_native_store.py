@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 import torch
 
 from hift_engine import _native
+from tests.helpers import page_rounded_bytes, returns_within
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_host_bytes_are_exact_to_the_page(native, monkeypatch):
     assert store.host_bytes == 0  # lazily: nothing before a group is put away
     for g in range(len(numels)):
         store.host(g)
-    expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
+    expected = page_rounded_bytes(numels)
     assert store.host_bytes == expected
     assert store.host_bytes <= 1.01 * sum(n * 4 for n in numels) + 4096 * len(numels)
     store.close()
@@ -78,7 +78,7 @@ def test_background_allocation_takes_every_buffer_once(native, monkeypatch, env)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     numels = [3_000_001, 7, 1_000_000, 2048, 500_000] * 4
-    expected = sum(-(-n * 4 // 4096) * 4096 for n in numels)
+    expected = page_rounded_bytes(numels)
     orders = [[], list(reversed(range(len(numels)))), [7, 3, 0, 19, 1] + [g for g in range(len(numels)) if g not in (7, 3, 0, 19, 1)]]
     for i in range(6):  # races between the thread and the caller land differently each time
         slots = [torch.empty(max(numels)), torch.empty(max(numels))]
@@ -108,14 +108,6 @@ def wait_touched(store, n: int) -> None:
     while len(store.alloc_stats()["touch_threads"]) < n and time.monotonic() < deadline:
         time.sleep(0.005)
     assert len(store.alloc_stats()["touch_threads"]) >= n, "the background thread did not get going"
-
-
-def returns_within(call, seconds: float = 30) -> bool:
-    """Whether call() returned within `seconds` (run in a thread: a hang fails the test instead of stalling it)."""
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
-    worker.join(timeout=seconds)
-    return not worker.is_alive()
 
 
 def serial(env: dict) -> bool:
