@@ -28,6 +28,14 @@ Variants (environment settings are the store's diagnostics, docs/design.md):
   piece64         HIFT_REGISTER_PIECE_MIB=64 (pinning in 64 MiB registrations: shorter driver-lock holds)
   piece16         HIFT_REGISTER_PIECE_MIB=16
   no-pin-context  pin_context=False (pinned from the process's own context)
+  no-thp          HIFT_HUGE_PAGES=0 (4 KiB pages: no huge-page faults, hence no direct compaction for them, but 512x
+                  more faults and pages to pin)
+  writer-beside   touched-first, plus a second process writing already-faulted memory at --writer-gbs (default 20,
+                  the allocator's measured zeroing rate) with 4 threads at nice 19 through the first cycle only:
+                  memory traffic like the zeroing's without page faults. Slowed like default: the zeroing's memory
+                  traffic is what costs; not slowed: the faulting itself (the kernel's work, its locks, its IPIs)
+Per cycle it also reads kernel counters (/proc/vmstat, /proc/interrupts, each thread's faults and switches)
+before and after, per step: compaction, migration and TLB-flush IPIs would show there.
 Writes first-cycle-wait-probe-<device>-<time>.json to --out (hift_engine.bench.common.write_result).
 """
 
@@ -63,6 +71,8 @@ VARIANTS = {
     "piece64": ({"HIFT_REGISTER_PIECE_MIB": "64"}, {}, ""),
     "piece16": ({"HIFT_REGISTER_PIECE_MIB": "16"}, {}, ""),
     "no-pin-context": ({}, {"pin_context": False}, ""),
+    "no-thp": ({"HIFT_HUGE_PAGES": "0"}, {}, ""),
+    "writer-beside": ({"HIFT_TOUCH_QUEUE": "4096"}, {}, "touched+writer"),
 }
 
 
@@ -127,6 +137,47 @@ def sample(pid: int, tid: int, out_path: str, interval_s: float) -> None:
         json.dump(records, fh)
 
 
+def write_memory(gbs: float, threads: int) -> None:
+    """Runs in its own process until stdin closes: writes a 4 GiB buffer, faulted in first, over and over at `gbs`
+    GB/s (256 MiB at a time, sleeping to hold the rate) with `threads` threads at nice 19, as the allocator's
+    touch threads run; prints the rate it reached."""
+    import torch
+
+    os.nice(19)
+    torch.set_num_threads(threads)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    buf = torch.empty(4 << 30, dtype=torch.uint8)
+    buf.fill_(0)
+    chunk, off, written, value = 256 << 20, 0, 0, 1
+    print("writer ready", flush=True)
+    t0 = time.monotonic()
+    while not stop.is_set():
+        buf[off:off + chunk].fill_(value)
+        written += chunk
+        off = (off + chunk) % buf.numel()
+        value = value % 255 + 1
+        ahead = written / (gbs * 1e9) - (time.monotonic() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
+    print(f"writer: {written / 1e9:.1f} GB in {time.monotonic() - t0:.2f} s", flush=True)
+
+
+class Writer:
+    def __init__(self, gbs: float):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--write", str(gbs)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()
+        if "ready" not in ready:
+            raise RuntimeError(f"the writer process did not start: {ready!r}")
+
+    def stop(self) -> str:
+        self.proc.stdin.close()
+        out = self.proc.stdout.read().strip()
+        self.proc.wait(timeout=60)
+        return out
+
+
 class Sampler:
     def __init__(self, out_path: str, interval_s: float):
         self.out_path = out_path
@@ -158,23 +209,64 @@ def where(records: list, t0: float, t1: float, interval_s: float) -> dict:
     return {"by_state_call_wchan_ms": dict(by_call.most_common(16)), "by_kernel_stack_ms": dict(by_stack.most_common(10))}
 
 
+# ------------------------------------------------------------------------------------------------- kernel counters
+# Whole-machine counters that would show the kernel working against the training threads while the allocator
+# faults pages in: huge pages taken or missed, direct compaction and page migration (which unmaps pages and flushes
+# the TLBs of every CPU the process runs on), reclaim, and the IPIs that do such flushes (TLB, CAL) or wake threads.
+VMSTAT_KEYS = ("pgfault", "thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_migrate_scanned",
+               "pgmigrate_success", "pgsteal_direct", "allocstall_normal", "numa_hint_faults", "nr_tlb_remote_flush",
+               "nr_tlb_remote_flush_received")
+IRQ_ROWS = ("TLB", "CAL", "RES", "LOC")
+
+
+def kernel_counters(pid: int) -> dict:
+    """The counters above, each thread's minor faults and involuntary switches, and its user/system CPU ticks."""
+    out = {}
+    for line in _read("/proc/vmstat").splitlines():
+        name, _, value = line.partition(" ")
+        if name in VMSTAT_KEYS:
+            out[name] = int(value)
+    for line in _read("/proc/interrupts").splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name in IRQ_ROWS:
+            out[f"irq_{name}"] = sum(int(x) for x in rest.split() if x.isdigit())
+    for task in os.listdir(f"/proc/{pid}/task"):
+        comm = _read(f"/proc/{pid}/task/{task}/comm").strip()
+        role = "main" if int(task) == threading.get_native_id() else comm if "autograd" in comm else None
+        if role is None:
+            continue
+        stat = _read(f"/proc/{pid}/task/{task}/stat")
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[f"{role}_minflt"], out[f"{role}_utime"], out[f"{role}_stime"] = int(fields[7]), int(fields[11]), int(fields[12])
+        for line in _read(f"/proc/{pid}/task/{task}/status").splitlines():
+            if line.startswith("nonvoluntary_ctxt_switches"):
+                out[f"{role}_nvcsw"] = int(line.split()[1])
+    return out
+
+
+def per_step(before: dict, after: dict, steps: int) -> dict:
+    return {k: (after[k] - before[k]) / steps for k in after if k in before}
+
+
 # ----------------------------------------------------------------------------------------------- the training side
 def run_cycle(model, opt, batches, steps) -> dict:
     import torch
     from hift_engine.bench.step import _loop
 
     torch.cuda.synchronize()
+    counters0 = kernel_counters(os.getpid())
     t0 = time.monotonic()
     cpu0 = time.thread_time()
     _loop(model, opt, batches, steps)
     host_s = time.monotonic() - t0
     torch.cuda.synchronize()
     t1 = time.monotonic()
+    counters = per_step(counters0, kernel_counters(os.getpid()), steps)
     return {"t0": t0, "t1": t1, "ms_per_step": 1e3 * (t1 - t0) / steps, "host_ms_per_step": 1e3 * host_s / steps,
-            "cpu_ms_per_step": 1e3 * (time.thread_time() - cpu0) / steps}
+            "cpu_ms_per_step": 1e3 * (time.thread_time() - cpu0) / steps, "kernel_counters_per_step": counters}
 
 
-def variant(model, name, batches, precision) -> dict:
+def variant(model, name, batches, precision, writer_gbs=20.0) -> dict:
     import torch
     from hift_engine.bench.step import _free, _hift
 
@@ -194,17 +286,21 @@ def variant(model, name, batches, precision) -> dict:
         k = opt.num_groups
         if before == "pinned":
             opt.wait_host_memory()
-        elif before == "touched":  # the two-stage allocator records each buffer's touch threads once touched
+        elif before.startswith("touched"):  # the two-stage allocator records each buffer's touch threads once touched
             deadline = time.monotonic() + 120
             while len(opt.store.alloc_stats()["touch_threads"]) < k and time.monotonic() < deadline:
                 time.sleep(0.01)
             touched = len(opt.store.alloc_stats()["touch_threads"])
             if touched < k:
                 print(f"{name}: only {touched} of {k} buffers touched before the first cycle", flush=True)
+        writer = Writer(writer_gbs) if before.endswith("+writer") else None
         first = run_cycle(model, opt, batches, k)
+        wrote = writer.stop() if writer else None
+        if wrote:
+            print(f"{name}: {wrote} (first cycle {first['t1'] - first['t0']:.2f} s)", flush=True)
         later = run_cycle(model, opt, batches, 2 * k)  # two later cycles: their steps vary by several percent
         return {"variant": name, "first": first, "later": later, "first_over_later": first["ms_per_step"] / later["ms_per_step"],
-                "alloc": opt.store.alloc_stats()}
+                "alloc": opt.store.alloc_stats(), "writer": wrote}
     finally:
         opt.close()
         del opt
@@ -221,8 +317,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--interval-ms", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--writer-gbs", type=float, default=20.0)
     ap.add_argument("--sample", nargs=4, metavar=("PID", "TID", "OUT", "INTERVAL_S"), help=argparse.SUPPRESS)
+    ap.add_argument("--write", type=float, metavar="GBS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write:
+        write_memory(args.write, 4)
+        return
     if args.sample:
         pid, tid, out, interval = args.sample
         sample(int(pid), int(tid), out, float(interval))
@@ -253,7 +354,7 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             for name in names:
-                row = variant(model, name, batches, args.precision)
+                row = variant(model, name, batches, args.precision, args.writer_gbs)
                 row["round"] = r
                 rows.append(row)
                 print(f"{name:>15} round {r}: first {row['first']['ms_per_step']:.1f} ms/step (host {row['first']['host_ms_per_step']:.1f}, "
@@ -274,6 +375,11 @@ def main() -> None:
                 print(f"    {ms:8.1f}  {key}")
             for key, ms in w["by_kernel_stack_ms"].items():
                 print(f"    {ms:8.1f}  stack: {key}")
+        first_c, later_c = row["first"]["kernel_counters_per_step"], row["later"]["kernel_counters_per_step"]
+        print("  kernel counters a step, first / later cycle (ticks are 10 ms):")
+        for key in first_c:
+            if first_c[key] or later_c.get(key):
+                print(f"    {key:>32}: {first_c[key]:12.1f} / {later_c.get(key, 0.0):12.1f}")
     write_result(args.out, "first-cycle-wait-probe", rows, args=vars(args))
 
 

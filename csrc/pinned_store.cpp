@@ -54,12 +54,14 @@ int64_t env_int(const char* name, int64_t fallback) {
 }
 
 // Reserve address space for `bytes` (whole pages) without touching it. Anonymous mmap rather than malloc so
-// that large buffers can ask for transparent huge pages: 512x fewer page faults to take and pages to pin.
-void* map_pages(size_t bytes) {
+// that large buffers can ask for transparent huge pages (`huge`): 512x fewer page faults to take and pages to pin.
+void* map_pages(size_t bytes, bool huge) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return nullptr;
 #ifdef MADV_HUGEPAGE
-  if (bytes >= kHugePage) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: ignored where THP is switched off
+  if (huge && bytes >= kHugePage) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: ignored where THP is switched off
+#else
+  (void)huge;
 #endif
   return p;
 }
@@ -192,6 +194,9 @@ Tuning Tuning::from_env() {
   t.alloc_stages = env_int("HIFT_ALLOC_STAGES", t.alloc_stages);
   t.pin_first = env_int("HIFT_PIN_FIRST", t.pin_first);
   t.touch_queue = env_int("HIFT_TOUCH_QUEUE", t.touch_queue);
+  const int64_t huge = env_int("HIFT_HUGE_PAGES", 1);
+  HIFT_CHECK(huge == 0 || huge == 1, "HIFT_HUGE_PAGES must be 0 or 1, got ", huge);
+  t.huge_pages = huge == 1;
   if (const char* v = std::getenv("HIFT_TOUCH_CPUS"); v != nullptr && *v != '\0') t.touch_cpus = parse_cpu_list(v);
   HIFT_CHECK(t.alloc_stages == 1 || t.alloc_stages == 2, "HIFT_ALLOC_STAGES must be 1 or 2, got ", t.alloc_stages);
   HIFT_CHECK(t.pin_first >= -1, "HIFT_PIN_FIRST must be >= -1 (-1: pin every buffer from construction), got ",
@@ -369,7 +374,7 @@ std::shared_ptr<HostBuffer> PinnedStore::reserve(int64_t gid) {
   }
 #endif
   const auto t0 = Clock::now();
-  buf->ptr = map_pages(buf->reserved);
+  buf->ptr = map_pages(buf->reserved, tuning_.huge_pages);
   map_ns_ += nanoseconds_since(t0);
   if (buf->ptr == nullptr)
     throw std::runtime_error(hift::cat("PinnedStore: could not reserve ", buf->reserved,

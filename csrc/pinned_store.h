@@ -72,6 +72,8 @@ struct Tuning {
                                         // the rest wait for start_pinning() (-1: all from construction)
   int64_t touch_queue = 2;              // HIFT_TOUCH_QUEUE: touched buffers the two-stage allocator lets wait for
                                         // the pinner (1..4096); large: everything is touched while pinning is held
+  bool huge_pages = true;               // HIFT_HUGE_PAGES: 1 asks for transparent huge pages (MADV_HUGEPAGE) on
+                                        // buffers of 2 MiB or more, 0 leaves them to the system's THP setting
   static Tuning from_env();
 };
 

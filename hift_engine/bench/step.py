@@ -100,8 +100,9 @@ def _loop(model, opt, batches, steps, head_chunk_tokens=0, timer=None):
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure")
 # The native store's diagnostic settings (docs/design.md, "Diagnostic settings"), read when a store is built.
-STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC", "HIFT_PACE_DEPTH",
-                     "HIFT_PIN_FIRST", "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS", "HIFT_TOUCH_QUEUE", "HIFT_TOUCH_THREADS")
+STORE_DIAGNOSTICS = ("HIFT_ALLOC_MODE", "HIFT_ALLOC_NICE", "HIFT_ALLOC_STAGES", "HIFT_BACKGROUND_ALLOC", "HIFT_HUGE_PAGES",
+                     "HIFT_PACE_DEPTH", "HIFT_PIN_FIRST", "HIFT_REGISTER_PIECE_MIB", "HIFT_TOUCH_CPUS",
+                     "HIFT_TOUCH_QUEUE", "HIFT_TOUCH_THREADS")
 
 
 def hift_precision(precision: str) -> str:

@@ -153,6 +153,37 @@ def test_a_long_touch_queue_touches_everything_while_pinning_is_held(native, mon
     store.close()
 
 
+def vma_flags(address: int) -> list:
+    """The kernel's VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("setting, huge", [(None, True), ("1", True), ("0", False)])
+def test_huge_pages_setting(native, monkeypatch, setting, huge):
+    """HIFT_HUGE_PAGES (a diagnostic): by default a buffer of 2 MiB or more is advised for transparent huge pages
+    (the kernel's `hg` flag on its mapping, set whether or not THP can serve it); 0 leaves it to the system."""
+    if setting is None:
+        monkeypatch.delenv("HIFT_HUGE_PAGES", raising=False)
+    else:
+        monkeypatch.setenv("HIFT_HUGE_PAGES", setting)
+    monkeypatch.setenv("HIFT_BACKGROUND_ALLOC", "0")
+    store = native.PinnedStore([1 << 20, 1 << 10], [torch.empty(1 << 20)])
+    big, small = store.host(0), store.host(1)
+    assert ("hg" in vma_flags(big.data_ptr())) == huge
+    assert "hg" not in vma_flags(small.data_ptr())  # 4 KiB: never advised
+    store.close()
+
+
 @pytest.mark.parametrize("first, published", [(-1, 6), (0, 0), (2, 2)])
 def test_pin_first_setting(native, monkeypatch, first, published):
     """HIFT_PIN_FIRST: how many buffers are pinned before start_pinning() (-1: all of them, the earlier behaviour:
@@ -405,6 +436,7 @@ def test_bad_construction_is_refused(native, args, match):
         ("HIFT_ALLOC_STAGES", "3", "HIFT_ALLOC_STAGES must be 1 or 2, got 3"),
         ("HIFT_PIN_FIRST", "-2", r"HIFT_PIN_FIRST must be >= -1 \(-1: pin every buffer from construction\), got -2"),
         ("HIFT_TOUCH_QUEUE", "0", r"HIFT_TOUCH_QUEUE must be in \[1, 4096\], got 0"),
+        ("HIFT_HUGE_PAGES", "2", "HIFT_HUGE_PAGES must be 0 or 1, got 2"),
         ("HIFT_ALLOC_STAGES", "two", "HIFT_ALLOC_STAGES must be an integer, got 'two'"),
         ("HIFT_TOUCH_CPUS", "8-", "HIFT_TOUCH_CPUS must be a CPU list such as '8-15' or '0,2,4-7' .*got '8-'"),
         ("HIFT_TOUCH_CPUS", "3-1", "HIFT_TOUCH_CPUS must be a CPU list .*got '3-1'"),
