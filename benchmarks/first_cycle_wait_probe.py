@@ -151,7 +151,7 @@ def write_memory(gbs: float, threads: int) -> None:
     buf.fill_(0)
     chunk, off, written, value = 256 << 20, 0, 0, 1
     print("writer ready", flush=True)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     while not stop.is_set():
         buf[off:off + chunk].fill_(value)
         written += chunk
@@ -160,14 +160,18 @@ def write_memory(gbs: float, threads: int) -> None:
         ahead = written / (gbs * 1e9) - (time.monotonic() - t0)
         if ahead > 0:
             time.sleep(ahead)
-    print(f"writer: {written / 1e9:.1f} GB in {time.monotonic() - t0:.2f} s", flush=True)
+    print(f"writer: {written / 1e9:.1f} GB in {time.monotonic() - t0:.2f} s, {time.process_time() - cpu0:.2f} CPU-s",
+          flush=True)
 
 
 class Writer:
     def __init__(self, gbs: float):
         self.proc = subprocess.Popen([sys.executable, __file__, "--write", str(gbs)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        timer = threading.Timer(120, self.proc.kill)  # a child stuck before "ready" must not hang the probe
+        timer.start()
         ready = self.proc.stdout.readline()
+        timer.cancel()
         if "ready" not in ready:
             raise RuntimeError(f"the writer process did not start: {ready!r}")
 
@@ -230,12 +234,16 @@ def kernel_counters(pid: int) -> dict:
         name, _, rest = line.strip().partition(":")
         if name in IRQ_ROWS:
             out[f"irq_{name}"] = sum(int(x) for x in rest.split() if x.isdigit())
+    stat = _read(f"/proc/{pid}/stat")  # the whole process: every thread's CPU, the allocator's among them
+    if stat:
+        fields = stat[stat.rindex(")") + 2:].split()
+        out["process_utime"], out["process_stime"] = int(fields[11]), int(fields[12])
     for task in os.listdir(f"/proc/{pid}/task"):
         comm = _read(f"/proc/{pid}/task/{task}/comm").strip()
-        role = "main" if int(task) == threading.get_native_id() else comm if "autograd" in comm else None
-        if role is None:
+        role = "main" if int(task) == threading.get_native_id() else f"{comm}_{task}" if "autograd" in comm else None
+        stat = _read(f"/proc/{pid}/task/{task}/stat") if role else ""
+        if not stat:
             continue
-        stat = _read(f"/proc/{pid}/task/{task}/stat")
         fields = stat[stat.rindex(")") + 2:].split()
         out[f"{role}_minflt"], out[f"{role}_utime"], out[f"{role}_stime"] = int(fields[7]), int(fields[11]), int(fields[12])
         for line in _read(f"/proc/{pid}/task/{task}/status").splitlines():
@@ -294,8 +302,10 @@ def variant(model, name, batches, precision, writer_gbs=20.0) -> dict:
             if touched < k:
                 print(f"{name}: only {touched} of {k} buffers touched before the first cycle", flush=True)
         writer = Writer(writer_gbs) if before.endswith("+writer") else None
-        first = run_cycle(model, opt, batches, k)
-        wrote = writer.stop() if writer else None
+        try:
+            first = run_cycle(model, opt, batches, k)
+        finally:
+            wrote = writer.stop() if writer else None
         if wrote:
             print(f"{name}: {wrote} (first cycle {first['t1'] - first['t0']:.2f} s)", flush=True)
         later = run_cycle(model, opt, batches, 2 * k)  # two later cycles: their steps vary by several percent
@@ -376,6 +386,10 @@ def main() -> None:
             for key, ms in w["by_kernel_stack_ms"].items():
                 print(f"    {ms:8.1f}  stack: {key}")
         first_c, later_c = row["first"]["kernel_counters_per_step"], row["later"]["kernel_counters_per_step"]
+        for c in (first_c, later_c):  # every other thread: the allocator's, the copy pacers, the sampler's none
+            c["other_threads_ticks"] = (c.get("process_utime", 0) + c.get("process_stime", 0)
+                                        - sum(v for k, v in c.items() if k.endswith(("_utime", "_stime"))
+                                              and not k.startswith("process")))
         print("  kernel counters a step, first / later cycle (ticks are 10 ms):")
         for key in first_c:
             if first_c[key] or later_c.get(key):
