@@ -85,12 +85,25 @@ def _read(path: str) -> str:
         return ""
 
 
+def _stat_fields(path: str) -> list:
+    """The fields of a /proc stat file after the command name (proc(5) field 3 onward: state first), [] if gone."""
+    stat = _read(path)
+    return stat[stat.rindex(")") + 2:].split() if stat else []
+
+
+def _stop_on_stdin_close() -> threading.Event:
+    """An event set once the parent closes this child process's stdin (how the parent stops it)."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    return stop
+
+
 def _state(base: str, names: dict):
     """(state, syscall, wchan, kernel stack top) of one thread, or None once it has exited."""
-    stat = _read(f"{base}/stat")
-    if not stat:
+    fields = _stat_fields(f"{base}/stat")
+    if not fields:
         return None
-    state = stat[stat.rindex(")") + 2]
+    state = fields[0]
     sc = _read(f"{base}/syscall").split()
     if not sc:
         call = "unknown"  # unreadable (ptrace restrictions): not evidence of running
@@ -113,8 +126,7 @@ def sample(pid: int, tid: int, out_path: str, interval_s: float) -> None:
     top) for the training thread and torch's autograd threads (a CUDA backward runs on the device's autograd
     thread while the training thread waits for it on a futex)."""
     names = SYSCALLS_X86_64 if platform.machine() == "x86_64" else {}
-    records, stop = [], threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    records, stop = [], _stop_on_stdin_close()
     threads, found_at = {"main": f"/proc/{pid}/task/{tid}"}, 0.0
     while not stop.is_set():
         t = time.monotonic()
@@ -145,8 +157,7 @@ def write_memory(gbs: float, threads: int) -> None:
 
     os.nice(19)
     torch.set_num_threads(threads)
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop = _stop_on_stdin_close()
     buf = torch.empty(4 << 30, dtype=torch.uint8)
     buf.fill_(0)
     chunk, off, written, value = 256 << 20, 0, 0, 1
@@ -234,17 +245,15 @@ def kernel_counters(pid: int) -> dict:
         name, _, rest = line.strip().partition(":")
         if name in IRQ_ROWS:
             out[f"irq_{name}"] = sum(int(x) for x in rest.split() if x.isdigit())
-    stat = _read(f"/proc/{pid}/stat")  # the whole process: every thread's CPU, the allocator's among them
-    if stat:
-        fields = stat[stat.rindex(")") + 2:].split()
+    fields = _stat_fields(f"/proc/{pid}/stat")  # the whole process: every thread's CPU, the allocator's among them
+    if fields:
         out["process_utime"], out["process_stime"] = int(fields[11]), int(fields[12])
     for task in os.listdir(f"/proc/{pid}/task"):
         comm = _read(f"/proc/{pid}/task/{task}/comm").strip()
         role = "main" if int(task) == threading.get_native_id() else f"{comm}_{task}" if "autograd" in comm else None
-        stat = _read(f"/proc/{pid}/task/{task}/stat") if role else ""
-        if not stat:
+        fields = _stat_fields(f"/proc/{pid}/task/{task}/stat") if role else []
+        if not fields:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
         out[f"{role}_minflt"], out[f"{role}_utime"], out[f"{role}_stime"] = int(fields[7]), int(fields[11]), int(fields[12])
         for line in _read(f"/proc/{pid}/task/{task}/status").splitlines():
             if line.startswith("nonvoluntary_ctxt_switches"):
@@ -253,7 +262,12 @@ def kernel_counters(pid: int) -> dict:
 
 
 def per_step(before: dict, after: dict, steps: int) -> dict:
-    return {k: (after[k] - before[k]) / steps for k in after if k in before}
+    """Each counter's change per step, and other_threads_ticks: the CPU ticks of every thread but the training and
+    autograd threads (the allocator's, the copy pacers'), the process's total less theirs."""
+    out = {k: (after[k] - before[k]) / steps for k in after if k in before}
+    training = sum(v for k, v in out.items() if k.endswith(("_utime", "_stime")) and not k.startswith("process"))
+    out["other_threads_ticks"] = out.get("process_utime", 0) + out.get("process_stime", 0) - training
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the training side
@@ -386,10 +400,6 @@ def main() -> None:
             for key, ms in w["by_kernel_stack_ms"].items():
                 print(f"    {ms:8.1f}  stack: {key}")
         first_c, later_c = row["first"]["kernel_counters_per_step"], row["later"]["kernel_counters_per_step"]
-        for c in (first_c, later_c):  # every other thread: the allocator's, the copy pacers, the sampler's none
-            c["other_threads_ticks"] = (c.get("process_utime", 0) + c.get("process_stime", 0)
-                                        - sum(v for k, v in c.items() if k.endswith(("_utime", "_stime"))
-                                              and not k.startswith("process")))
         print("  kernel counters a step, first / later cycle (ticks are 10 ms):")
         for key in first_c:
             if first_c[key] or later_c.get(key):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import torch
@@ -81,3 +85,20 @@ def returns_within(call, seconds: float = 30) -> bool:
     worker.start()
     worker.join(timeout=seconds)
     return not worker.is_alive()
+
+
+def run_child(script: str, **env) -> subprocess.CompletedProcess:
+    """Run ``script`` in a child process (it sets its own address-space limit, which would hurt this one)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+# The child's address space is capped just above what it has: a 1 GiB group cannot be reserved, small ones can.
+CAPPED_CHILD = """
+    import resource, torch
+    from hift_engine import _native
+    native = _native.load()
+    def cap(extra_mib):
+        vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (extra_mib << 20), resource.RLIM_INFINITY))
+"""

@@ -2,16 +2,13 @@
 
 import gc
 import os
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
 
 from hift_engine import _native
-from tests.helpers import page_rounded_bytes, returns_within
+from tests.helpers import CAPPED_CHILD, page_rounded_bytes, returns_within, run_child
 
 
 @pytest.fixture(scope="module")
@@ -314,29 +311,12 @@ def test_close_stops_background_allocation(native, monkeypatch, env):
         assert store.alloc_stats()["touch_s"] < everything / 4
 
 
-def _run_limited(script: str, **env) -> subprocess.CompletedProcess:
-    """Run ``script`` in a child process (it sets its own address-space limit, which would hurt this one)."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
-
-
-# The child's address space is capped just above what it has: a 1 GiB group cannot be reserved, small ones can.
-_CAPPED = """
-    import resource, torch
-    from hift_engine import _native
-    native = _native.load()
-    def cap(extra_mib):
-        vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
-        resource.setrlimit(resource.RLIMIT_AS, (vm + (extra_mib << 20), resource.RLIM_INFINITY))
-"""
-
-
 @pytest.mark.parametrize("stages", ["1", "2"])
 def test_a_failed_background_allocation_is_left_to_the_caller(stages):
     """When the background thread cannot reserve a buffer it stops and unclaims it: the caller who needs that group
     gets the error (no hang on a group left claimed), every other group is allocated by its caller and round-trips,
     and the store counts exactly the buffers that exist."""
-    result = _run_limited(_CAPPED + """
+    result = run_child(CAPPED_CHILD + """
     small, huge = (4 << 20) // 4, (1 << 30) // 4
     numels = [small, small, huge, small, small]
     slots = [torch.zeros(huge)]
@@ -365,7 +345,7 @@ def test_first_touch_without_threads_to_spare_still_touches(margin_mib):
     """Where first-touch threads cannot be started (here the address-space cap leaves room for the buffer and a
     few 8 MiB thread stacks), the calling thread touches the rest itself: before, the process aborted
     (std::terminate from a joinable std::thread being destroyed) instead of allocating."""
-    result = _run_limited(_CAPPED + f"""
+    result = run_child(CAPPED_CHILD + f"""
     n = (256 << 20) // 4
     store = native.PinnedStore([n], [torch.zeros(n)])
     cap(256 + {margin_mib})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hift_engine.store import OffloadStore, ResidentStore
-from tests.store.test_native_store import _CAPPED, _run_limited
+from tests.helpers import CAPPED_CHILD, run_child
 
 
 @pytest.fixture(params=["torch", "native", "native-paced"])
@@ -158,7 +158,7 @@ def test_wait_allocated_raises_what_the_background_could_not_allocate():
     """A buffer the native store's background thread cannot reserve (here a 1 GiB group under an address-space
     cap) is left to the caller; wait_allocated() then allocates it itself, so the reason is raised by this call
     (which HiFTOptimizer.wait_host_memory() makes) instead of later, at that group's write-back."""
-    result = _run_limited(_CAPPED + """
+    result = run_child(CAPPED_CHILD + """
     from hift_engine.store.offload import OffloadStore
     small, huge = (4 << 20) // 4, (1 << 30) // 4
     cap(2500)  # the two device slots (1 GiB each, here on the CPU) fit; the 1 GiB group's host buffer does not
